@@ -1,0 +1,1 @@
+"""agent-sidecar's command line: `sidecar run -- CMD` and the management commands."""

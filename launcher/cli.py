@@ -1,0 +1,118 @@
+"""`sidecar`: the command line. Each command's first docstring line is its help.
+
+Errors the user can fix end here as one line, `sidecar: ...`, and exit status
+2 (127/126 when the agent's command cannot be found or run, as shells do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from proxy.config import Config, ConfigError, load, to_toml
+from proxy.listen import ListenError
+
+from .supervise import LaunchError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    COMMANDS[func.__name__.removeprefix("cmd_")] = func
+    return func
+
+
+def effective_config(args: argparse.Namespace) -> Config:
+    flags: dict[str, dict] = {}
+    if getattr(args, "port", None) is not None:
+        flags.setdefault("proxy", {})["port"] = args.port
+    if getattr(args, "host", None) is not None:
+        flags.setdefault("proxy", {})["host"] = args.host
+    if getattr(args, "cache", None) is not None:
+        flags.setdefault("cache", {})["mode"] = args.cache
+    if getattr(args, "quiet", False):
+        flags.setdefault("launcher", {})["quiet"] = True
+    return load(args.config, flags=flags)
+
+
+@command
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run an agent command with all its API calls passing the sidecar."""
+    from .supervise import run_agent
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise ConfigError("no command given: use sidecar run -- CMD [ARGS...]")
+    return run_agent(cmd, effective_config(args), connect=args.connect)
+
+
+@command
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run one standalone proxy in the foreground for several agents to share."""
+    from proxy.listen import bind
+    from proxy.server import run
+    config = effective_config(args)
+    sock = bind(config.proxy.host, config.proxy.port, config.proxy.allow_remote)
+    host, port = sock.getsockname()[:2]
+    config = config.replace("proxy", port=port)
+
+    def ready(port: int) -> None:
+        print(f"sidecar: serving on http://{host}:{port} - attach agents with "
+              f"'sidecar run --connect http://{host}:{port} -- CMD'; Ctrl-C stops", file=sys.stderr, flush=True)
+
+    run(config, sock, on_ready=ready)
+    return 0
+
+
+@command
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the effective configuration (defaults < file < SIDECAR_* environment < flags)."""
+    sys.stdout.write(to_toml(effective_config(args)))
+    return 0
+
+
+@command
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run a small example agent through the sidecar against the built-in mock API."""
+    from .demo import run_demo
+    return run_demo(effective_config(args))
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="config file (default: $SIDECAR_CONFIG, else built-in defaults)")
+    top = argparse.ArgumentParser(prog="sidecar", description="A sidecar for LLM agents: cache, limits, timings, checkpoints.")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, **kw) -> argparse.ArgumentParser:
+        doc = (COMMANDS[name].__doc__ or "").splitlines()[0]
+        return sub.add_parser(name, parents=[common], help=doc, description=doc, **kw)
+
+    run = add("run", usage="sidecar run [--config FILE] [--port N] [--connect URL] -- CMD [ARGS...]")
+    run.add_argument("--port", type=int, help="port for the embedded proxy (default: any free port)")
+    run.add_argument("--connect", metavar="URL", help="attach to a running 'sidecar serve' instead of starting a proxy")
+    run.add_argument("--cache", choices=["read-write", "read-only", "refresh", "off", "replay"], help="cache mode for this run")
+    run.add_argument("--quiet", action="store_true", help="print no summary when the agent exits")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="the agent command, after --")
+
+    serve = add("serve")
+    serve.add_argument("--port", type=int, help="port to listen on (default: from config, else any free port)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    add("config")
+    add("demo")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, ListenError, LaunchError) as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return getattr(exc, "status", 2)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""The aiohttp application: admin routes under /_sidecar/, everything else proxied."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from . import admin
+from .config import Config
+from .handler import handle
+from .state import STATE, ProxyState
+
+
+def make_app(config: Config) -> web.Application:
+    state = ProxyState.build(config)
+    # The body limit is enforced by intake with an API-shaped error; aiohttp's own is a backstop.
+    app = web.Application(client_max_size=state.body_limit + 1)
+    app[STATE] = state
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        await state.open()
+        yield
+        await state.close()
+
+    app.cleanup_ctx.append(lifetime)
+    admin.add_routes(app)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app

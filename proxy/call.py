@@ -1,0 +1,62 @@
+"""The state of one API call as it moves through the pipeline.
+
+One `Call` is made when a request arrives and handed from stage to stage;
+stages write what they learn into it (timestamps, cache outcome, tokens), and
+the records, metrics and checkpoints are made from it at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .routes import Route
+
+
+class Refusal(Exception):
+    """A stage declines the request; the handler answers in the API's own error shape."""
+
+    def __init__(self, kind: str, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.retry_after = retry_after
+
+
+def new_request_id() -> str:
+    return os.urandom(8).hex()
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    route: Route
+    method: str
+    id: str = field(default_factory=new_request_id)
+    body: bytes = b""
+    json: Any = None              # the parsed JSON body, when it is one
+    # Monotonic timestamps (seconds); 0.0 = that phase did not happen.
+    t_received: float = field(default_factory=time.monotonic)
+    t_lookup: float = 0.0
+    t_slot: float = 0.0
+    t_sent: float = 0.0
+    t_first_byte: float = 0.0
+    t_first_token: float = 0.0
+    t_done: float = 0.0
+    status: int = 0
+    cache: str = ""               # hit | miss | bypass | coalesced | "" (not cacheable)
+    streamed: bool = False
+    input_tokens: int = 0
+    output_tokens: int = 0
+    bytes_out: int = 0
+    retries: int = 0
+    error: str = ""               # error type when the call failed
+
+    @property
+    def model(self) -> str:
+        return self.json.get("model", "") if isinstance(self.json, dict) else ""
+
+    @property
+    def wants_stream(self) -> bool:
+        return isinstance(self.json, dict) and self.json.get("stream") is True

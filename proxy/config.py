@@ -1,0 +1,221 @@
+"""Configuration: one schema, loaded once, validated, frozen.
+
+Precedence, lowest first: the defaults below < the config file < `SIDECAR_*`
+environment variables < command-line flags. The environment is read here and
+nowhere else in the proxy. Every key is documented in the top-level
+config.toml; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(Exception):
+    """A setting is missing, unknown or of the wrong type; the message says which and where."""
+
+
+def _choice(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass(frozen=True)
+class ProxySection:
+    host: str = "127.0.0.1"
+    port: int = 0
+    allow_remote: bool = False
+    agent_id: str = ""
+    max_body_mb: float = 32.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class UpstreamSection:
+    anthropic: str = "https://api.anthropic.com"
+    openai: str = "https://api.openai.com/v1"
+
+
+@dataclass(frozen=True)
+class StateSection:
+    dir: str = ""
+
+
+@dataclass(frozen=True)
+class CacheSection:
+    mode: str = field(default="read-write", metadata=_choice("read-write", "read-only", "refresh", "off", "replay"))
+    routes: tuple[str, ...] = ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/embeddings")
+    ignore_fields: tuple[str, ...] = ("metadata.user_id", "stream", "stream_options")
+    key_headers: tuple[str, ...] = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project")
+    deterministic_only: bool = False
+    max_size_mb: float = 1024.0
+    ttl_seconds: float = 0.0
+    replay_pacing: bool = False
+    single_flight: bool = True
+
+
+@dataclass(frozen=True)
+class LauncherSection:
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    proxy: ProxySection = ProxySection()
+    upstream: UpstreamSection = UpstreamSection()
+    state: StateSection = StateSection()
+    cache: CacheSection = CacheSection()
+    launcher: LauncherSection = LauncherSection()
+
+    @property
+    def state_dir(self) -> Path:
+        if self.state.dir:
+            return Path(self.state.dir).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(base) / "agent-sidecar"
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def replace(self, section: str, **values: Any) -> "Config":
+        return load_layers([self.to_dict(), {section: values}], ["flags"])
+
+
+SECTIONS: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(Config)}
+
+
+def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
+    """Check one value against its field's type; strings from the environment are parsed."""
+    want = type(f.default)
+    name = f"{where}: '{f.name}'"
+    if isinstance(value, str) and want is not str and where.startswith("environment"):
+        value = _parse_env(value, want, name)
+    if want is bool:
+        ok = isinstance(value, bool)
+    elif want is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif want is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif want is tuple:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        kind = "list of strings" if want is tuple else want.__name__
+        raise ConfigError(f"{name} must be a {kind}, not {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    if want in (int, float) and value < 0:
+        raise ConfigError(f"{name} must not be negative, not {value!r}")
+    return value
+
+
+def _parse_env(text: str, want: type, name: str) -> Any:
+    if want is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{name} must be true or false, not {text!r}")
+    if want is tuple:
+        return [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        return want(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a {want.__name__}, not {text!r}") from None
+
+
+def load_layers(layers: list[Mapping[str, Any]], names: list[str]) -> Config:
+    """Merge layers (lowest first) over the defaults, validating every key."""
+    merged: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for layer, where in zip(layers, names):
+        for section, values in layer.items():
+            cls = SECTIONS.get(section)
+            if cls is None:
+                raise ConfigError(f"{where}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"{where}: [{section}] must be a table")
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            for key, value in values.items():
+                if key not in fields:
+                    raise ConfigError(f"{where}: unknown key '{key}' in [{section}] (known: {', '.join(fields)})")
+                merged[section][key] = _coerce(value, fields[key], f"{where} [{section}]")
+    return Config(**{name: SECTIONS[name](**values) for name, values in merged.items()})
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found: give an existing file to --config") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """`SIDECAR_<SECTION>_<KEY>` variables, plus the base URLs an agent's user already set."""
+    layer: dict[str, dict[str, str]] = {}
+    # A base URL the user already points at (another gateway, a mock) becomes the upstream.
+    for var, key in (("ANTHROPIC_BASE_URL", "anthropic"), ("OPENAI_BASE_URL", "openai")):
+        if environ.get(var):
+            layer.setdefault("upstream", {})[key] = environ[var]
+    for var, value in environ.items():
+        if not var.startswith("SIDECAR_") or var in _NOT_SETTINGS:
+            continue
+        rest = var[len("SIDECAR_"):].lower()
+        section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        if section is None:
+            continue
+        layer.setdefault(section, {})[rest[len(section) + 1:]] = value
+    return layer
+
+
+# Variables the launcher itself sets for agents; they are not settings.
+_NOT_SETTINGS = {"SIDECAR_URL", "SIDECAR_CONFIG", "SIDECAR_AGENT_ID"}
+
+
+def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None,
+         flags: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
+    """The effective configuration: defaults < file < environment < flags."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("SIDECAR_CONFIG") or None
+    layers: list[Mapping[str, Any]] = []
+    names: list[str] = []
+    if path:
+        layers.append(read_file(path))
+        names.append(str(path))
+    layers.append(env_layer(environ))
+    names.append("environment")
+    layers.append(flags or {})
+    names.append("command line")
+    return load_layers(layers, names)
+
+
+def to_toml(config: Config) -> str:
+    """The effective configuration as TOML, for `sidecar config`."""
+    lines: list[str] = []
+    for section, values in config.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

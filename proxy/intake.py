@@ -1,0 +1,58 @@
+"""Receive: refuse what must not pass, read the body within its limit, parse JSON.
+
+A request that fails here never reaches the upstream; the message says what to
+do about it.
+"""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from .call import Call, Refusal
+
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
+
+
+def check_target(request: web.Request, allow_remote: bool) -> None:
+    """Only origin-form requests addressed to this machine: no open proxy, no DNS rebinding."""
+    if not request.raw_path.startswith("/"):
+        raise Refusal("invalid_request", "sidecar: absolute-form request refused: the sidecar is not an open proxy; "
+                                         "send API paths to it (base URL http://127.0.0.1:PORT)")
+    if not allow_remote:
+        host = request.headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if name.lower() not in LOCAL_HOSTS:
+            raise Refusal("invalid_request", f"sidecar: request addressed to host {host!r} refused; use "
+                                             f"http://127.0.0.1:PORT (or set [proxy] allow_remote = true)")
+
+
+async def read_body(request: web.Request, call: Call, limit: int) -> None:
+    """Read the whole body into the call and parse it when it is JSON."""
+    if not request.body_exists:
+        return
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _too_large(length, limit)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(None, limit) from None
+    call.body = body
+    if body and _is_json(request) and "content-encoding" not in request.headers:
+        try:
+            call.json = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            detail = "invalid UTF-8" if "utf-8" in str(exc).lower() else str(exc)
+            raise Refusal("invalid_request", f"sidecar: request body is not valid JSON ({detail}); "
+                                             f"send a JSON object encoded as UTF-8") from None
+
+
+def _is_json(request: web.Request) -> bool:
+    return "json" in request.headers.get("content-type", "")
+
+
+def _too_large(length: int | None, limit: int) -> Refusal:
+    size = f"{length} bytes" if length is not None else "the body"
+    return Refusal("too_large", f"sidecar: {size} exceeds the {limit}-byte request limit; "
+                                f"raise [proxy] max_body_mb in the config")

@@ -1,0 +1,67 @@
+"""Which agent sent a request, which API it speaks, and where it goes upstream.
+
+Agents sharing one sidecar are told apart by a path prefix in their base URL,
+`/a/<agent-id>`, which the official SDKs and Claude Code keep. The upstream URL
+is always built from the configured base, never from the request's Host or an
+absolute request target, so the sidecar cannot be used as an open proxy.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from yarl import URL
+
+AGENT_PREFIX = re.compile(r"^/a/([A-Za-z0-9][A-Za-z0-9._-]{0,63})(/.*|)$")
+AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# Paths only the OpenAI API has; everything else goes to Anthropic unless the
+# request plainly comes from an OpenAI client (Bearer key, no anthropic-version).
+OPENAI_PATHS = ("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/audio/",
+                "/v1/images/", "/v1/moderations", "/v1/files", "/v1/batches", "/v1/fine_tuning/",
+                "/v1/assistants", "/v1/threads", "/v1/vector_stores", "/v1/uploads")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    agent: str
+    api: str          # "anthropic" | "openai"
+    path: str         # the API path, without any agent prefix, e.g. /v1/messages
+    query: str        # raw query string, without '?'
+
+    @property
+    def path_qs(self) -> str:
+        return f"{self.path}?{self.query}" if self.query else self.path
+
+
+def api_of(path: str, headers) -> str:
+    if "anthropic-version" in headers or "x-api-key" in headers:
+        return "anthropic"
+    if path.startswith(OPENAI_PATHS) or "authorization" in headers and path != "/":
+        return "openai"
+    return "anthropic"
+
+
+def route_of(raw_path: str, query: str, headers, default_agent: str) -> Route:
+    agent = default_agent
+    match = AGENT_PREFIX.match(raw_path)
+    if match:
+        agent, raw_path = match.group(1), match.group(2) or "/"
+    return Route(agent, api_of(raw_path, headers), raw_path, query)
+
+
+class Upstreams:
+    """The configured upstream bases, one per API; the only place upstream URLs are made."""
+
+    def __init__(self, anthropic: str, openai: str):
+        self.bases = {"anthropic": anthropic.rstrip("/"), "openai": openai.rstrip("/")}
+        # OPENAI_BASE_URL conventionally ends in /v1 and so does the path the SDK appends to.
+        self._openai_has_v1 = self.bases["openai"].endswith("/v1")
+
+    def url(self, route: Route) -> URL:
+        base = self.bases[route.api]
+        path = route.path_qs
+        if route.api == "openai" and self._openai_has_v1 and (path.startswith("/v1/") or path == "/v1"):
+            path = path[3:]
+        return URL(base + path, encoded=True)

@@ -1,0 +1,71 @@
+"""The one seam to the upstream APIs: a pooled keep-alive session and header rules.
+
+Bodies pass as raw bytes both ways (no decompression, so a compressed answer
+keeps its content-encoding and gets a correct length); hop-by-hop headers stay
+on their own hop. Connection failures become `UpstreamError`, which the
+handler turns into an API-shaped error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from multidict import CIMultiDict
+
+from .config import ProxySection
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+# Recomputed per hop by aiohttp from the URL and the body.
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
+# Added by aiohttp when missing; the agent's own choice must go upstream unchanged.
+SKIP_AUTO = ("Accept-Encoding", "User-Agent", "Content-Type")
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or did not answer in time."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind  # "bad_gateway" | "timeout"
+
+
+def end_to_end(headers) -> CIMultiDict:
+    """Headers minus hop-by-hop ones, including any the Connection header names."""
+    drop = NOT_FORWARDED
+    connection = headers.get("connection")
+    if connection:
+        drop = drop | {token.strip().lower() for token in connection.split(",")}
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+class UpstreamClient:
+    def __init__(self, settings: ProxySection):
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout,
+                                              sock_read=settings.read_timeout)
+        self.session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False, timeout=self._timeout,
+                                             trust_env=True, cookie_jar=aiohttp.DummyCookieJar())
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def send(self, method: str, url, headers: CIMultiDict, body: bytes) -> aiohttp.ClientResponse:
+        """Send one request; the caller must release the response."""
+        try:
+            return await self.session.request(method, url, headers=headers, data=body or None,
+                                              skip_auto_headers=SKIP_AUTO, allow_redirects=False,
+                                              compress=None)
+        except asyncio.TimeoutError:
+            raise UpstreamError("timeout", f"sidecar: upstream {url.origin()} did not answer in time; "
+                                           f"raise [proxy] connect_timeout/read_timeout if it is slow") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError("bad_gateway", f"sidecar: upstream {url.origin()} unreachable ({exc}); check "
+                                               f"[upstream] in the config or ANTHROPIC_BASE_URL/OPENAI_BASE_URL") from exc
