@@ -46,6 +46,9 @@ class Call:
     t_done: float = 0.0
     status: int = 0
     cache: str = ""               # hit | miss | bypass | coalesced | "" (not cacheable)
+    cache_mode: str = ""
+    cache_key: bytes | None = None
+    request_hash: bytes = b""
     streamed: bool = False
     input_tokens: int = 0
     output_tokens: int = 0

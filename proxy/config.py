@@ -44,6 +44,7 @@ class UpstreamSection:
 @dataclass(frozen=True)
 class StateSection:
     dir: str = ""
+    durable: bool = False
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from aiohttp import web
 KINDS: dict[str, tuple[int, str, str, str | None]] = {
     "invalid_request": (400, "invalid_request_error", "invalid_request_error", None),
     "not_found": (404, "not_found_error", "invalid_request_error", "not_found"),
+    "replay_miss": (404, "not_found_error", "invalid_request_error", "cache_miss"),
     "too_large": (413, "request_too_large", "invalid_request_error", "request_too_large"),
     "rate_limit": (429, "rate_limit_error", "requests", "rate_limit_exceeded"),
     "overloaded": (529, "overloaded_error", "server_error", "overloaded"),

@@ -1,25 +1,26 @@
 """The request pipeline, declared once and in order.
 
-receive -> identify agent and route -> (cache lookup) -> (single-flight or
-limiter slot) -> forward -> relay while recording -> finish. Each step lives in
-its own module; this one only composes them and turns refusals into API-shaped
-errors in one place.
+receive -> identify agent and route -> cache lookup (a hit is replayed: done)
+-> join an identical call in flight, or start one (forward.fetch) -> relay the
+flight's answer to the agent. Each step lives in its own module; this one only
+composes them and turns refusals into API-shaped errors in one place.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 from aiohttp import web
 
 from . import intake
+from .cache import form_of, replay
 from .call import Call, Refusal
 from .errors import api_error
-from .relay import relay
+from .flight import Flight
+from .forward import fetch
 from .routes import route_of
 from .state import STATE, ProxyState
-from .upstream import UpstreamError, end_to_end
+from .upstream import UpstreamError
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -29,9 +30,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     try:
         intake.check_target(request, state.config.proxy.allow_remote)
         await intake.read_body(request, call, state.body_limit)
-        return await forward(request, call, state)
+        state.cache.plan(call, request.headers)
+        entry = state.cache.lookup(call)
+        if entry is not None:
+            return await replay(request, call, entry, state.config.cache.replay_pacing)
+        return await deliver(request, call, join_or_start(state, call, request.headers))
     except Refusal as refusal:
-        call.status = 0
         call.error = refusal.kind
         return api_error(route.api, refusal.kind, refusal.message, retry_after=refusal.retry_after)
     except UpstreamError as exc:
@@ -39,16 +43,44 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return api_error(route.api, exc.kind, str(exc))
 
 
-async def forward(request: web.Request, call: Call, state: ProxyState) -> web.StreamResponse:
-    url = state.upstreams.url(call.route)
-    call.t_sent = time.monotonic()
-    upstream = await state.client.send(call.method, url, end_to_end(request.headers), call.body)
+def join_or_start(state: ProxyState, call: Call, headers) -> Flight:
+    """Single-flight: an identical cacheable call already in flight is joined, not repeated."""
+    key = (call.cache_key, form_of(call)) if call.cache_key is not None and state.config.cache.single_flight else None
+    flight = state.flights.find(key) if key is not None else None
+    if flight is not None:
+        call.cache = "coalesced"
+        return flight
+    flight = Flight(key)
+    if key is not None:
+        state.flights.add(flight)
+    flight.task = asyncio.get_running_loop().create_task(fetch(state, call, flight, headers))
+    return flight
+
+
+async def deliver(request: web.Request, call: Call, flight: Flight) -> web.StreamResponse:
+    """Relay the flight's answer to this agent: whole for JSON, chunk by chunk for streams."""
+    flight.join()
     try:
-        call.t_first_byte = time.monotonic()
-        return await relay(request, call, upstream, None)
-    except asyncio.CancelledError:
-        # The agent went away: drop the upstream connection so the answer stops being generated.
-        upstream.close()
-        raise
+        head = await asyncio.shield(flight.head)
+        call.status = head.status
+        headers = head.headers.copy()
+        if call.cache:
+            headers["x-sidecar-cache"] = call.cache
+        if not head.stream:
+            body = await flight.body()
+            if flight.failed:
+                raise UpstreamError("bad_gateway", "sidecar: the upstream answer broke off; retry the call")
+            return web.Response(status=head.status, reason=head.reason, body=body, headers=headers)
+        call.streamed = True
+        response = web.StreamResponse(status=head.status, reason=head.reason, headers=headers)
+        await response.prepare(request)
+        async for chunk in flight.stream():
+            await response.write(chunk)
+        if flight.failed:
+            # Mirror the upstream: a broken stream stays broken for the agent, never looks complete.
+            request.transport.abort() if request.transport else None
+            return response
+        await response.write_eof()
+        return response
     finally:
-        upstream.release()
+        flight.leave()

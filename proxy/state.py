@@ -11,8 +11,12 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from .cache import Cache
+from .cache_key import KeyMaker, load_secret
 from .config import Config
+from .flight import Flights
 from .routes import Upstreams
+from .store import Lmdb, ResponseStore
 from .upstream import UpstreamClient
 
 
@@ -21,6 +25,9 @@ class ProxyState:
     config: Config
     client: UpstreamClient
     upstreams: Upstreams
+    cache: Cache | None = None
+    lmdb: Lmdb | None = None
+    flights: Flights = field(default_factory=Flights)
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -37,10 +44,25 @@ class ProxyState:
         return int(self.config.proxy.max_body_mb * 1024 * 1024)
 
     async def open(self) -> None:
+        settings = self.config.cache
+        self.lmdb = open_lmdb(self.config)
+        store = ResponseStore(self.lmdb, int(settings.max_size_mb * 1024 * 1024))
+        keys = KeyMaker(load_secret(self.config.state_dir), settings.ignore_fields, settings.key_headers)
+        self.cache = Cache(settings, store, keys)
         await self.client.open()
 
     async def close(self) -> None:
         await self.client.close()
+        if self.cache is not None:
+            await self.cache.drain()
+        if self.lmdb is not None:
+            self.lmdb.close()
+
+
+def open_lmdb(config: Config) -> Lmdb:
+    """The state store, with a map comfortably above the cache's size limit."""
+    max_bytes = int(config.cache.max_size_mb * 1024 * 1024)
+    return Lmdb(config.state_dir, map_size=2 * max_bytes + (256 << 20), durable=config.state.durable)
 
 
 STATE = web.AppKey("state", ProxyState)

@@ -42,6 +42,14 @@ def end_to_end(headers) -> CIMultiDict:
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 
+def request_headers(headers) -> CIMultiDict:
+    """What goes upstream: end-to-end headers, minus the sidecar's own x-sidecar-* controls."""
+    forwarded = end_to_end(headers)
+    for name in [k for k in forwarded if k.lower().startswith("x-sidecar-")]:
+        del forwarded[name]
+    return forwarded
+
+
 class UpstreamClient:
     def __init__(self, settings: ProxySection):
         self._timeout = aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout,

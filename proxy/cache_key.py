@@ -1,0 +1,87 @@
+"""The cache key: a hash of the canonical request, partitioned per credential.
+
+Canonical request = method, API path (no agent prefix), query, the headers
+that change the answer, and the JSON body with sorted keys and the ignored
+fields removed. Whether the call streams is ignored on purpose: one answer
+serves both forms. The credential partition is a keyed hash (HMAC with a
+secret kept in the state directory) of the API key: one key's answers are
+never served to another, and no key is ever stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Iterable
+
+import orjson
+
+CREDENTIAL_HEADERS = ("x-api-key", "authorization")
+# Imported recordings (`sidecar cache import`) live here: any key may read them.
+ANY_KEY = b"*"
+
+
+def load_secret(state_dir: Path) -> bytes:
+    """The per-installation HMAC secret, created 0600 on first use."""
+    path = state_dir / "partition.secret"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = secrets.token_bytes(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another sidecar made it first
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secret)
+    return secret
+
+
+def without(body: Any, dotted: Iterable[tuple[str, ...]]) -> Any:
+    """A copy of body with the ignored fields removed (only the dicts on their paths are copied)."""
+    if not isinstance(body, dict):
+        return body
+    body = dict(body)
+    for path in dotted:
+        _drop(body, path)
+    return body
+
+
+def _drop(node: dict, path: tuple[str, ...]) -> None:
+    head = path[0]
+    if len(path) == 1:
+        node.pop(head, None)
+    elif isinstance(node.get(head), dict):
+        node[head] = child = dict(node[head])
+        _drop(child, path[1:])
+
+
+class KeyMaker:
+    def __init__(self, secret: bytes, ignore_fields: Iterable[str], key_headers: Iterable[str]):
+        self._secret = secret
+        self.ignore = tuple(tuple(f.split(".")) for f in ignore_fields)
+        self.headers = tuple(h.lower() for h in key_headers)
+
+    def canonical(self, method: str, path: str, query: str, headers, body: Any) -> bytes:
+        doc = {"method": method, "path": path, "query": query,
+               "headers": {h: headers[h] for h in self.headers if h in headers},
+               "body": without(body, self.ignore)}
+        return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+
+    def partition(self, headers) -> bytes:
+        credential = "\0".join(headers.get(h, "") for h in CREDENTIAL_HEADERS)
+        return hmac.new(self._secret, credential.encode(), hashlib.sha256).digest()[:16]
+
+    @staticmethod
+    def request_hash(canonical: bytes) -> bytes:
+        """The key without a partition: what export carries."""
+        return hashlib.blake2b(canonical, digest_size=16).digest()
+
+    @staticmethod
+    def key(request_hash: bytes, partition: bytes) -> bytes:
+        return hashlib.blake2b(request_hash + partition, digest_size=16).digest()
