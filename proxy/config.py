@@ -84,7 +84,7 @@ class Config:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
     def replace(self, section: str, **values: Any) -> "Config":
-        return load_layers([self.to_dict(), {section: values}], ["flags"])
+        return load_layers([self.to_dict(), {section: values}], ["effective config", "override"])
 
 
 SECTIONS: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(Config)}

@@ -202,11 +202,24 @@ class ResponseStore:
             return freed
         return self.lmdb.write_now(remove)
 
+    def import_now(self, items: list[tuple[bytes, bytes]]) -> None:
+        """Store entries any key may read, in one transaction (for `sidecar cache import`)."""
+        def put_all(txn: lmdb.Transaction) -> None:
+            for key, blob in items:
+                self._put(txn, key, blob, {})
+            txn.put(b"shared", b"1", db=self._meta)
+        self.lmdb.write_now(put_all)
+
+    def evict_now(self) -> int:
+        def evict(txn: lmdb.Transaction) -> int:
+            total = self._total(txn)
+            freed = self._evict(txn, total - self.max_size)
+            txn.put(b"bytes", struct.pack(">Q", total - freed), db=self._meta)
+            return freed
+        return self.lmdb.write_now(evict)
+
     def shared_entries(self) -> bool:
         return self.lmdb.read(lambda txn: txn.get(b"shared", db=self._meta)) is not None
-
-    def mark_shared(self, txn: lmdb.Transaction) -> None:
-        txn.put(b"shared", b"1", db=self._meta)
 
     def stats(self) -> dict[str, int]:
         def read(txn: lmdb.Transaction) -> dict[str, int]:

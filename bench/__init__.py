@@ -1,0 +1,1 @@
+"""Benchmark helpers and the mock LLM upstream used by tests and benchmarks."""

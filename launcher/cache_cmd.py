@@ -1,0 +1,190 @@
+"""`sidecar cache ...`: look into, move and tidy the response cache.
+
+Works on the state directory directly (LMDB allows it while sidecars run).
+Export/import carry recordings to another machine: imported answers are
+readable with any API key, so a CI run can replay them with a dummy key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+import time
+
+import orjson
+
+from proxy.cache_key import ANY_KEY, KeyMaker, load_secret
+from proxy.config import Config, ConfigError
+from proxy.entry import CorruptEntry, Entry
+from proxy.record import decoded
+from proxy.sse import EventParser, assemble_anthropic, assemble_openai
+from proxy.state import open_lmdb
+from proxy.store import ResponseStore
+
+
+def open_store(config: Config) -> ResponseStore:
+    return ResponseStore(open_lmdb(config), int(config.cache.max_size_mb * 1024 * 1024))
+
+
+def human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
+def entries(store: ResponseStore):
+    for key, blob in store.items():
+        try:
+            yield key, Entry.decode(blob)
+        except CorruptEntry:
+            yield key, None
+
+
+def find(store: ResponseStore, prefix: str) -> tuple[bytes, Entry]:
+    matches = [(k, e) for k, e in entries(store) if k.hex().startswith(prefix.lower())]
+    if len(matches) != 1:
+        raise ConfigError(f"{'no' if not matches else 'more than one'} cache entry matches {prefix!r}; "
+                          f"see 'sidecar cache list'")
+    return matches[0]
+
+
+def answer_text(entry: Entry) -> dict:
+    """The stored answer as JSON, assembling a stream."""
+    if entry.stream:
+        parser = EventParser()
+        events = parser.feed(entry.body)
+        openai = entry.meta.get("path", "").startswith(("/v1/chat", "/v1/embeddings"))
+        return (assemble_openai if openai else assemble_anthropic)(events) or {}
+    return orjson.loads(decoded(entry.body, entry.header("content-encoding")))
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    if args.action == "key":
+        return show_key(args, config)
+    store = open_store(config)
+    try:
+        return ACTIONS[args.action](args, config, store)
+    finally:
+        store.lmdb.close()
+
+
+def stats(args, config, store) -> int:
+    info = store.stats()
+    ttl = config.cache.ttl_seconds
+    print(f"state dir  {config.state_dir}")
+    print(f"mode       {config.cache.mode}")
+    print(f"entries    {info['entries']}")
+    print(f"size       {human(info['bytes'])} of {human(info['max_bytes'])}")
+    print(f"ttl        {f'{ttl:g} s' if ttl else 'none'}")
+    return 0
+
+
+def list_entries(args, config, store) -> int:
+    rows = sorted(((k, e) for k, e in entries(store) if e is not None), key=lambda r: -r[1].created)
+    print(f"{'key':32}  {'created':19}  {'form':4}  {'size':>9}  {'tokens in/out':>13}  route / model")
+    for key, entry in rows[:args.limit]:
+        meta = entry.meta
+        tokens = f"{meta.get('input_tokens', 0)}/{meta.get('output_tokens', 0)}"
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.created))
+        print(f"{key.hex():32}  {created}  {'sse' if entry.stream else 'json':4}  {human(len(entry.body)):>9}  "
+              f"{tokens:>13}  {meta.get('path', '')} {meta.get('model', '')}")
+    if len(rows) > args.limit:
+        print(f"... {len(rows) - args.limit} more (--limit N)")
+    return 0
+
+
+def show(args, config, store) -> int:
+    key, entry = find(store, args.key)
+    meta = {"key": key.hex(), "created": entry.created, "status": entry.status, "stream": entry.stream,
+            "headers": dict(entry.headers), **entry.meta, "answer": answer_text(entry)}
+    sys.stdout.write(orjson.dumps(meta, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def clear(args, config, store) -> int:
+    keys = [k for k, _ in store.items()]
+    store.delete_now(keys)
+    print(f"removed {len(keys)} entries")
+    return 0
+
+
+def prune(args, config, store) -> int:
+    """Remove unreadable and expired entries, then evict down to the size limit."""
+    ttl = config.cache.ttl_seconds
+    now = time.time()
+    doomed = [k for k, e in entries(store) if e is None or ttl and now - e.created > ttl]
+    store.delete_now(doomed)
+    evicted = store.evict_now()
+    print(f"removed {len(doomed)} unreadable or expired entries; evicted {human(evicted)} over the size limit")
+    return 0
+
+
+def export(args, config, store) -> int:
+    count = 0
+    with open(args.file, "wb") as out:
+        for _, entry in entries(store):
+            if entry is not None and entry.meta.get("hash"):
+                out.write(orjson.dumps({"hash": entry.meta["hash"], "entry": base64.b64encode(entry.encode()).decode()}))
+                out.write(b"\n")
+                count += 1
+    print(f"exported {count} entries to {args.file} (no API keys are in it)")
+    return 0
+
+
+def import_entries(args, config, store) -> int:
+    try:
+        with open(args.file, "rb") as src:
+            lines = [orjson.loads(line) for line in src if line.strip()]
+        blobs = [(bytes.fromhex(line["hash"]), base64.b64decode(line["entry"])) for line in lines]
+        for _, blob in blobs:
+            Entry.decode(blob)
+    except (OSError, ValueError, KeyError, TypeError, CorruptEntry) as exc:
+        raise ConfigError(f"{args.file} is not a sidecar cache export ({exc}); make one with 'sidecar cache export'")
+
+    store.import_now([(KeyMaker.key(request_hash, ANY_KEY), blob) for request_hash, blob in blobs])
+    print(f"imported {len(blobs)} entries from {args.file}; they answer calls made with any API key")
+    return 0
+
+
+def show_key(args, config: Config) -> int:
+    """Print the key of a request read from stdin: a body, or {"method","path","headers","body"}."""
+    try:
+        doc = orjson.loads(sys.stdin.buffer.read())
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"stdin is not JSON ({exc}); pipe a request body or "
+                          '{"path": ..., "headers": {...}, "body": {...}}') from None
+    if not (isinstance(doc, dict) and "body" in doc and ("path" in doc or "headers" in doc)):
+        doc = {"body": doc}
+    headers = {k.lower(): v for k, v in (doc.get("headers") or {}).items()}
+    keys = KeyMaker(load_secret(config.state_dir), config.cache.ignore_fields, config.cache.key_headers)
+    path, _, query = doc.get("path", "/v1/messages").partition("?")
+    canonical = keys.canonical(doc.get("method", "POST"), path, query, headers, doc["body"])
+    request_hash = keys.request_hash(canonical)
+    print(f"request hash  {request_hash.hex()}   (shown as 'hash' by 'sidecar cache show')")
+    if any(h in headers for h in ("x-api-key", "authorization")):
+        print(f"key           {keys.key(request_hash, keys.partition(headers)).hex()}   (for this credential)")
+    print("canonical     " + orjson.dumps(orjson.loads(canonical), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+          .decode().replace("\n", "\n              "))
+    return 0
+
+
+ACTIONS = {"stats": stats, "list": list_entries, "show": show, "clear": clear, "prune": prune,
+           "export": export, "import": import_entries}
+
+
+def add_parser(sub, common) -> None:
+    cache = sub.add_parser("cache", parents=[common], help="inspect and manage the response cache",
+                           description="Inspect and manage the response cache.")
+    actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("stats", help="entries, size, limit")
+    listing = actions.add_parser("list", help="entries, newest first")
+    listing.add_argument("--limit", type=int, default=50)
+    actions.add_parser("show", help="one entry and its answer").add_argument("key", help="key or unique key prefix")
+    actions.add_parser("clear", help="remove every entry")
+    actions.add_parser("prune", help="remove expired/unreadable entries, evict to the size limit")
+    actions.add_parser("export", help="write all entries to FILE (JSON lines)").add_argument("file")
+    actions.add_parser("import", help="load entries from FILE; any API key may read them").add_argument("file")
+    actions.add_parser("key", help="print the key and canonical form of a request read from stdin")
