@@ -61,6 +61,24 @@ class CacheSection:
 
 
 @dataclass(frozen=True)
+class LimitsSection:
+    max_concurrency: int = 0
+    per_agent: int = 0
+    per_model: tuple[str, ...] = ()
+    max_queue: int = 1000
+    queue_timeout: float = 300.0
+    adaptive: bool = True
+
+
+@dataclass(frozen=True)
+class RetrySection:
+    max_attempts: int = 6
+    max_total: float = 120.0
+    base_delay: float = 0.5
+    max_delay: float = 20.0
+
+
+@dataclass(frozen=True)
 class LauncherSection:
     quiet: bool = False
 
@@ -71,6 +89,8 @@ class Config:
     upstream: UpstreamSection = UpstreamSection()
     state: StateSection = StateSection()
     cache: CacheSection = CacheSection()
+    limits: LimitsSection = LimitsSection()
+    retry: RetrySection = RetrySection()
     launcher: LauncherSection = LauncherSection()
 
     @property
@@ -149,7 +169,12 @@ def load_layers(layers: list[Mapping[str, Any]], names: list[str]) -> Config:
                 if key not in fields:
                     raise ConfigError(f"{where}: unknown key '{key}' in [{section}] (known: {', '.join(fields)})")
                 merged[section][key] = _coerce(value, fields[key], f"{where} [{section}]")
-    return Config(**{name: SECTIONS[name](**values) for name, values in merged.items()})
+    config = Config(**{name: SECTIONS[name](**values) for name, values in merged.items()})
+    for entry in config.limits.per_model:
+        model, sep, count = entry.rpartition("=")
+        if not (sep and model.strip() and count.strip().isdigit()):
+            raise ConfigError(f"{names[-1]} [limits]: 'per_model' entries look like \"MODEL=N\", not {entry!r}")
+    return config
 
 
 def read_file(path: str | Path) -> dict[str, Any]:

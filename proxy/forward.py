@@ -12,9 +12,10 @@ import time
 
 import aiohttp
 
-from .call import Call
+from .call import Call, Refusal
 from .flight import Flight, Head
 from .record import Recorder
+from .retry import send_with_retries
 from .upstream import UpstreamError, end_to_end, request_headers
 
 
@@ -25,15 +26,19 @@ def is_stream(response: aiohttp.ClientResponse) -> bool:
 
 
 async def fetch(state, call: Call, flight: Flight, headers) -> None:
+    """The flight's task: a limiter slot, the upstream call with retries, the answer."""
     write = None
     try:
         url = state.upstreams.url(call.route)
-        call.t_sent = time.monotonic()
-        upstream = await state.client.send(call.method, url, request_headers(headers), call.body)
-    except UpstreamError as exc:
+        upstream = await send_with_retries(state, call, url, request_headers(headers))
+    except (UpstreamError, Refusal) as exc:
         flight.abort(exc)
         state.flights.remove(flight)
         return
+    except asyncio.CancelledError:
+        flight.abort(asyncio.CancelledError())
+        state.flights.remove(flight)
+        raise
     try:
         call.t_first_byte = time.monotonic()
         stream = is_stream(upstream)
@@ -61,6 +66,7 @@ async def fetch(state, call: Call, flight: Flight, headers) -> None:
         raise
     finally:
         upstream.release()
+        state.limiter.release(call.route.agent, call.model)
         if write is None:
             state.flights.remove(flight)
         else:  # late identical requests join the finished flight until the entry is readable

@@ -7,6 +7,7 @@ never in module globals.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -15,6 +16,7 @@ from .cache import Cache
 from .cache_key import KeyMaker, load_secret
 from .config import Config
 from .flight import Flights
+from .limits import Limiter
 from .routes import Upstreams
 from .store import Lmdb, ResponseStore
 from .upstream import UpstreamClient
@@ -25,14 +27,16 @@ class ProxyState:
     config: Config
     client: UpstreamClient
     upstreams: Upstreams
+    limiter: Limiter | None = None
     cache: Cache | None = None
     lmdb: Lmdb | None = None
     flights: Flights = field(default_factory=Flights)
+    counters: Counter = field(default_factory=Counter)   # retries, ...
     started: float = field(default_factory=time.time)
 
     @classmethod
     def build(cls, config: Config) -> "ProxyState":
-        return cls(config=config, client=UpstreamClient(config.proxy),
+        return cls(config=config, client=UpstreamClient(config.proxy), limiter=Limiter(config.limits),
                    upstreams=Upstreams(config.upstream.anthropic, config.upstream.openai))
 
     @property
