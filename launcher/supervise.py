@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -28,6 +29,9 @@ import orjson
 
 from proxy.config import Config
 from proxy.listen import bind
+
+from . import client
+from .summary import format_summary
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2)
 WATCHED = {signal.SIGCHLD, signal.SIGUSR1, *FORWARDED}
@@ -75,17 +79,27 @@ class ProxyProcess:
     process: subprocess.Popen | None = None
     ready: bool = False
     deaths: list[float] | None = None
+    agent: dict | None = None       # told to every proxy process, including a restarted one
 
     def start(self) -> None:
         self.ready = False
         self.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        env = {**os.environ, "SIDECAR_PROXY_CONFIG": orjson.dumps(self.config.to_dict()).decode()}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "--fd", str(self.sock.fileno()), "--notify-parent"],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, pass_fds=(self.sock.fileno(),),
-                start_new_session=True, preexec_fn=_unblock_signals)
-        self.process.stdin.write(orjson.dumps(self.config.to_dict()) + b"\n")
-        self.process.stdin.flush()
+                start_new_session=True, preexec_fn=_unblock_signals, env=env)
+        if self.agent:
+            self.send(self.agent)
+
+    def send(self, message: dict) -> None:
+        """One control message to the proxy (it reads them once it is serving)."""
+        try:
+            self.process.stdin.write(orjson.dumps({"agent": message}) + b"\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError, AttributeError):
+            pass   # a dead proxy is restarted and told again
 
     def died(self) -> bool:
         return self.process is not None and self.process.poll() is not None
@@ -120,9 +134,23 @@ class ProxyProcess:
                 break
 
 
+def tell(proxy: ProxyProcess | None, connect: str | None, message: dict) -> None:
+    """An agent's process event, to the embedded proxy or to the shared server."""
+    if proxy is not None:
+        if message.get("event") == "started":
+            proxy.agent = message
+        proxy.send(message)
+    elif connect:
+        try:
+            client.call(connect, "/_sidecar/agents", message, timeout=1.0)
+        except client.SidecarUnreachable:
+            pass   # the agent's own calls will show the problem; its run must not fail for this
+
+
 def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int:
     """Run CMD behind the sidecar; return the exit status `sidecar run` should have."""
     agent = agent_id_for(cmd, config)
+    started = time.time()
     proxy: ProxyProcess | None = None
     if connect:
         base = f"{connect.rstrip('/')}/a/{agent}"
@@ -145,7 +173,11 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
             raise LaunchError(f"command not found: {cmd[0]}; check the name and your PATH", 127) from None
         except PermissionError:
             raise LaunchError(f"cannot execute {cmd[0]}: permission denied", 126) from None
-        status = _supervise(child, proxy)
+        tell(proxy, connect, {"id": agent, "event": "started", "pid": child.pid, "cmd": shlex.join(cmd)})
+        status, peak_rss = _supervise(child, proxy)
+        tell(proxy, connect, {"id": agent, "event": "exited", "status": status})
+        if not config.launcher.quiet and (connect or proxy and proxy.ready):
+            print_summary(proxy_url, agent, started, peak_rss)
     finally:
         if proxy:
             proxy.stop()
@@ -153,7 +185,17 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
     return status
 
 
-def _supervise(child: subprocess.Popen, proxy: ProxyProcess | None) -> int:
+def print_summary(proxy_url: str, agent: str, started: float, peak_rss: int) -> None:
+    """One short summary of the agent's calls on stderr, once it has exited."""
+    try:
+        doc = client.call(proxy_url, f"/_sidecar/stats?agent={agent}&since={started}", timeout=5.0)
+    except client.SidecarUnreachable:
+        return
+    print(format_summary(doc["summary"]["all"], doc.get("events", []), peak_rss), file=sys.stderr)
+
+
+def _supervise(child: subprocess.Popen, proxy: ProxyProcess | None) -> tuple[int, int]:
+    """Wait for the agent, forwarding signals and restarting the proxy; (exit status, peak RSS bytes)."""
     while True:
         info = signal.sigwaitinfo(WATCHED)
         sig = info.si_signo
@@ -161,8 +203,10 @@ def _supervise(child: subprocess.Popen, proxy: ProxyProcess | None) -> int:
             if proxy:
                 proxy.ready = True
         elif sig == signal.SIGCHLD:
-            if child.poll() is not None:
-                return exit_status(child.returncode)
+            pid, wait_status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                child.returncode = os.waitstatus_to_exitcode(wait_status)
+                return exit_status(child.returncode), usage.ru_maxrss * 1024
             if proxy and proxy.died():
                 if proxy.may_restart():
                     proxy.start()

@@ -1,7 +1,8 @@
 """`python -m proxy --fd N`: the proxy process that `sidecar run` supervises.
 
-It serves on the inherited listening socket N, reads the effective config as
-one JSON line from stdin, and exits when stdin reaches end of file.
+It serves on the inherited listening socket N with the effective config the
+launcher put in SIDECAR_PROXY_CONFIG (JSON), takes control messages (one JSON
+line each) on stdin, and exits when stdin reaches end of file.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        config = load_layers([orjson.loads(sys.stdin.buffer.readline())], ["launcher"])
-    except (ConfigError, orjson.JSONDecodeError) as exc:
+        config = load_layers([orjson.loads(os.environ["SIDECAR_PROXY_CONFIG"])], ["launcher"])
+    except (ConfigError, orjson.JSONDecodeError, KeyError) as exc:
         print(f"sidecar: proxy could not read its config: {exc}", file=sys.stderr)
         return 2
     sock = socket.socket(fileno=args.fd)
@@ -38,7 +39,7 @@ def main() -> int:
         if args.notify_parent:
             os.kill(parent, signal.SIGUSR1)
 
-    run(config, sock, stop_on_eof=sys.stdin.fileno(), on_ready=ready)
+    run(config, sock, control_fd=sys.stdin.fileno(), on_ready=ready)
     return 0
 
 

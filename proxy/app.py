@@ -8,7 +8,7 @@ from aiohttp import web
 
 from . import admin
 from .config import Config
-from .handler import handle
+from .handler import add_sidecar_headers, handle
 from .state import STATE, ProxyState
 
 
@@ -24,6 +24,7 @@ def make_app(config: Config) -> web.Application:
         await state.close()
 
     app.cleanup_ctx.append(lifetime)
+    app.on_response_prepare.append(add_sidecar_headers)
     admin.add_routes(app)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

@@ -139,8 +139,8 @@ async def replay(request: web.Request, call: Call, entry: Entry, pacing: bool) -
     """Answer from a stored entry in the form the request asks for."""
     want = form_of(call)
     headers = [(k, v) for k, v in entry.headers if k.lower() != "content-type"]
-    headers.append(("x-sidecar-cache", "hit"))
     call.status = entry.status
+    call.saved_s = entry.meta.get("upstream_s", 0.0)
     call.input_tokens = entry.meta.get("input_tokens", 0)
     call.output_tokens = entry.meta.get("output_tokens", 0)
     stored = ("sse", entry.meta["include_usage"]) if entry.stream and "include_usage" in entry.meta else \

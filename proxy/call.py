@@ -38,6 +38,7 @@ class Call:
     json: Any = None              # the parsed JSON body, when it is one
     # Monotonic timestamps (seconds); 0.0 = that phase did not happen.
     t_received: float = field(default_factory=time.monotonic)
+    wall_received: float = field(default_factory=time.time)
     t_lookup: float = 0.0
     t_slot: float = 0.0
     t_sent: float = 0.0
@@ -55,6 +56,8 @@ class Call:
     bytes_out: int = 0
     retries: int = 0
     error: str = ""               # error type when the call failed
+    rate_limited: bool = False    # the upstream answered 429/529 at least once
+    saved_s: float = 0.0          # upstream seconds a hit saved (the original call's duration)
 
     @property
     def model(self) -> str:

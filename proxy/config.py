@@ -79,6 +79,23 @@ class RetrySection:
 
 
 @dataclass(frozen=True)
+class StatsSection:
+    max_records: int = 200000
+
+
+@dataclass(frozen=True)
+class MonitorSection:
+    slow_ms: float = 2000.0
+    error_rate: float = 0.05
+    error_window: int = 100
+    memory_percent: float = 80.0
+    queue_saturation: float = 0.8
+    sample_interval: float = 5.0
+    hook: str = ""
+    hook_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class LauncherSection:
     quiet: bool = False
 
@@ -91,6 +108,8 @@ class Config:
     cache: CacheSection = CacheSection()
     limits: LimitsSection = LimitsSection()
     retry: RetrySection = RetrySection()
+    stats: StatsSection = StatsSection()
+    monitor: MonitorSection = MonitorSection()
     launcher: LauncherSection = LauncherSection()
 
     @property
@@ -206,7 +225,7 @@ def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
 
 
 # Variables the launcher itself sets for agents; they are not settings.
-_NOT_SETTINGS = {"SIDECAR_URL", "SIDECAR_CONFIG", "SIDECAR_AGENT_ID"}
+_NOT_SETTINGS = {"SIDECAR_URL", "SIDECAR_CONFIG", "SIDECAR_AGENT_ID", "SIDECAR_PROXY_CONFIG"}
 
 
 def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None,

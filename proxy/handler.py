@@ -20,13 +20,16 @@ from .flight import Flight
 from .forward import fetch
 from .routes import route_of
 from .state import STATE, ProxyState
+from .timing import server_timing
 from .upstream import UpstreamError
+
+CALL = web.RequestKey("call", Call)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     state: ProxyState = request.app[STATE]
     route = route_of(request.path, request.query_string, request.headers, state.agent_id)
-    call = Call(route, request.method)
+    call = request[CALL] = Call(route, request.method)
     try:
         intake.check_target(request, state.config.proxy.allow_remote)
         await intake.read_body(request, call, state.body_limit)
@@ -41,6 +44,25 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except UpstreamError as exc:
         call.error = exc.kind
         return api_error(route.api, exc.kind, str(exc))
+    except asyncio.CancelledError:
+        call.error = "client_disconnected"
+        raise
+    finally:
+        state.finish(call)
+
+
+async def add_sidecar_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every proxied answer says its id, cache outcome and timings."""
+    call = request.get(CALL)
+    if call is None:
+        return
+    if call.status == 0:
+        call.status = response.status
+    headers = response.headers
+    headers["x-sidecar-request-id"] = call.id
+    if call.cache:
+        headers["x-sidecar-cache"] = call.cache
+    headers["server-timing"] = server_timing(call)
 
 
 def join_or_start(state: ProxyState, call: Call, headers) -> Flight:
@@ -63,9 +85,7 @@ async def deliver(request: web.Request, call: Call, flight: Flight) -> web.Strea
     try:
         head = await asyncio.shield(flight.head)
         call.status = head.status
-        headers = head.headers.copy()
-        if call.cache:
-            headers["x-sidecar-cache"] = call.cache
+        headers = head.headers
         if not head.stream:
             body = await flight.body()
             if flight.failed:

@@ -93,6 +93,7 @@ async def send_with_retries(state, call: Call, url, headers) -> aiohttp.ClientRe
                 limiter.upstream_ok()
                 return response
             if response.status in RATE_LIMITED:
+                call.rate_limited = True
                 limiter.upstream_limited(sent_at)
             delay = requested_delay(response.headers)
             delay = backoff(settings, attempt) if delay is None else delay

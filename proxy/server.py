@@ -15,10 +15,12 @@ import signal
 import socket
 from typing import Callable
 
+import orjson
 from aiohttp import web
 
 from .app import make_app
 from .config import Config
+from .state import STATE
 
 log = logging.getLogger("sidecar")
 
@@ -31,25 +33,42 @@ def new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def serve(config: Config, sock: socket.socket, *, stop_on_eof: int | None = None,
+async def serve(config: Config, sock: socket.socket, *, control_fd: int | None = None,
                 on_ready: Callable[[int], None] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, or until `stop_on_eof` (a pipe fd) reaches end of file."""
+    """Serve until SIGTERM/SIGINT, or until the launcher's control pipe reaches end of file.
+
+    The control pipe carries one JSON message a line (agent started/exited);
+    its end of file means the launcher is done, or gone.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if stop_on_eof is not None:
-        def on_readable() -> None:
-            if not _drain(stop_on_eof):
-                loop.remove_reader(stop_on_eof)
-                stop.set()
-        loop.add_reader(stop_on_eof, on_readable)
-
     app = make_app(config)
+    if control_fd is not None:
+        pending = bytearray()
+
+        def on_readable() -> None:
+            try:
+                data = os.read(control_fd, 65536)
+            except BlockingIOError:
+                return
+            if not data:
+                loop.remove_reader(control_fd)
+                stop.set()
+                return
+            pending.extend(data)
+            *lines, rest = pending.split(b"\n")
+            pending[:] = rest
+            for line in lines:
+                _control(app, line)
+
     runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.SockSite(runner, sock, shutdown_timeout=5.0)
     await site.start()
+    if control_fd is not None:  # read only now: messages wait in the pipe until the state is open
+        loop.add_reader(control_fd, on_readable)
     port = sock.getsockname()[1]
     log.info("listening on %s:%d", config.proxy.host, port)
     if on_ready:
@@ -60,12 +79,13 @@ async def serve(config: Config, sock: socket.socket, *, stop_on_eof: int | None 
         await runner.cleanup()
 
 
-def _drain(fd: int) -> bool:
-    """Read what the pipe holds; False at end of file."""
+def _control(app: web.Application, line: bytes) -> None:
     try:
-        return bool(os.read(fd, 4096))
-    except BlockingIOError:
-        return True
+        message = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        log.warning("ignored a control message that is not JSON")
+        return
+    app[STATE].control(message)
 
 
 def run(config: Config, sock: socket.socket, **kwargs) -> None:

@@ -16,7 +16,12 @@ from .cache import Cache
 from .cache_key import KeyMaker, load_secret
 from .config import Config
 from .flight import Flights
+from .events import EventLog
 from .limits import Limiter
+from .monitor import Monitor, relieve_memory
+from .records import RecordLog
+from .stats import Stats
+from .timing import record_of
 from .routes import Upstreams
 from .store import Lmdb, ResponseStore
 from .upstream import UpstreamClient
@@ -32,6 +37,9 @@ class ProxyState:
     lmdb: Lmdb | None = None
     flights: Flights = field(default_factory=Flights)
     counters: Counter = field(default_factory=Counter)   # retries, ...
+    stats: Stats = field(default_factory=Stats)
+    records: RecordLog | None = None
+    monitor: Monitor | None = None
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -53,10 +61,29 @@ class ProxyState:
         store = ResponseStore(self.lmdb, int(settings.max_size_mb * 1024 * 1024))
         keys = KeyMaker(load_secret(self.config.state_dir), settings.ignore_fields, settings.key_headers)
         self.cache = Cache(settings, store, keys)
+        self.records = RecordLog(self.lmdb, self.config.stats.max_records)
+        self.monitor = Monitor(self.config.monitor, EventLog(self.config.state_dir), self.limiter,
+                               relieve=lambda: relieve_memory(self))
         await self.client.open()
+
+    def finish(self, call) -> None:
+        """A call is over: its record, the live aggregates, the thresholds."""
+        record = record_of(call)
+        self.stats.observe(record)
+        self.records.add(record)
+        self.monitor.on_call(record, call.rate_limited)
+
+    def control(self, message: dict) -> None:
+        """A message from the launcher over the control pipe."""
+        if "agent" in message:
+            self.monitor.on_agent(message["agent"])
 
     async def close(self) -> None:
         await self.client.close()
+        if self.monitor is not None:
+            await self.monitor.drain()
+        if self.records is not None:
+            await self.records.drain()
         if self.cache is not None:
             await self.cache.drain()
         if self.lmdb is not None:

@@ -1,0 +1,192 @@
+"""Event-driven monitoring: thresholds checked when something happens, never on a timer.
+
+Checks run when a call completes and when the launcher reports a process
+event. psutil samples (the agent's process tree, system memory) are taken
+then too, at most once per `sample_interval`. An event is raised when a
+threshold is crossed, not again while it stays crossed, and cleared once when
+it recovers. Each event goes to the events log and, if configured, to a hook
+command (JSON on stdin, bounded by a timeout, never awaited by a call).
+Under memory pressure the sidecar sheds what it can and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import shlex
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import psutil
+
+from .config import MonitorSection
+from .events import EventLog, make_event
+
+log = logging.getLogger("sidecar")
+
+
+@dataclass(eq=False)
+class Agent:
+    id: str
+    pid: int = 0
+    cmd: str = ""
+    started: float = field(default_factory=time.time)
+    state: str = "running"       # running | exited | restarted
+    restarts: int = 0
+    exit_status: int | None = None
+    rss: int = 0                 # bytes, the whole process tree, at the last sample
+    peak_rss: int = 0
+    cpu_percent: float = 0.0
+    process: psutil.Process | None = None
+
+    def view(self) -> dict[str, Any]:
+        return {"id": self.id, "pid": self.pid, "cmd": self.cmd, "started": self.started, "state": self.state,
+                "uptime_s": round(time.time() - self.started, 1), "restarts": self.restarts,
+                "exit_status": self.exit_status, "rss": self.rss, "peak_rss": self.peak_rss,
+                "cpu_percent": self.cpu_percent}
+
+
+class Monitor:
+    def __init__(self, settings: MonitorSection, events: EventLog, limiter, relieve=None):
+        self.settings = settings
+        self.events = events
+        self.limiter = limiter
+        self.relieve = relieve or (lambda: {})
+        self.active: set[str] = set()
+        self.errors: deque[bool] = deque(maxlen=settings.error_window)
+        self.agents: dict[str, Agent] = {}
+        self.recent_events: deque[dict] = deque(maxlen=100)
+        self.system_memory = 0.0
+        self._last_sample = 0.0
+        self._hooks: set[asyncio.Task] = set()
+        self.listeners: list = []            # called with each event (the live page)
+
+    # -- inputs --
+    def on_call(self, record: dict, rate_limited: bool) -> None:
+        s = self.settings
+        response_ms = record["ttfb_ms"] if record["stream"] and record["ttfb_ms"] is not None else record["total_ms"]
+        self._set("slow_response", response_ms > s.slow_ms, response_ms=response_ms, threshold_ms=s.slow_ms,
+                  route=record["route"], model=record["model"], agent=record["agent"])
+        self.errors.append(record["status"] >= 500 or record["status"] == 429 or bool(record["error"]))
+        rate = sum(self.errors) / len(self.errors)
+        self._set("error_rate_high", len(self.errors) >= min(20, s.error_window) and rate > s.error_rate,
+                  error_rate=round(rate, 4), threshold=s.error_rate, window=len(self.errors))
+        if rate_limited:
+            self._set("upstream_rate_limited", True, agent=record["agent"], model=record["model"],
+                      effective_limit=self.limiter.snapshot()["effective_limit"])
+        elif record["status"] < 400:
+            self._set("upstream_rate_limited", False)
+        self.check_queue()
+        self.sample()
+
+    def check_queue(self) -> None:
+        limit = self.limiter.settings.max_queue
+        queued = self.limiter.queued
+        crossed = queued >= limit * self.settings.queue_saturation
+        if crossed or queued <= limit * self.settings.queue_saturation / 2:
+            self._set("queue_saturated", crossed, queued=queued, max_queue=limit)
+
+    def on_agent(self, message: dict) -> None:
+        """A process event from the launcher: an agent started, exited or was restarted."""
+        agent = self.agents.get(message["id"]) or self.agents.setdefault(message["id"], Agent(message["id"]))
+        kind = message.get("event", "started")
+        if kind in ("started", "restarted"):
+            agent.pid, agent.cmd = message.get("pid", 0), message.get("cmd", agent.cmd)
+            agent.process = None
+            agent.state = "running" if kind == "started" else "restarted"
+            if kind == "restarted":
+                agent.restarts += 1
+                self.emit(make_event("agent_restarted", agent=agent.id, pid=agent.pid, restarts=agent.restarts))
+        elif kind == "exited":
+            agent.state, agent.exit_status = "exited", message.get("status")
+            self.emit(make_event("agent_exited", agent=agent.id, pid=agent.pid, status=agent.exit_status,
+                                 peak_rss=agent.peak_rss))
+        self.sample(force=True)
+
+    # -- psutil, at most once per interval, only when something happened --
+    def sample(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_sample < self.settings.sample_interval:
+            return
+        self._last_sample = now
+        memory = psutil.virtual_memory().percent
+        self.system_memory = memory
+        for agent in self.agents.values():
+            if agent.state != "exited" and agent.pid:
+                self._sample_agent(agent)
+        crossed = memory > self.settings.memory_percent
+        if crossed and "memory_pressure" not in self.active:
+            self._set("memory_pressure", True, memory_percent=memory, threshold=self.settings.memory_percent,
+                      relieved=self.relieve())
+        else:
+            self._set("memory_pressure", crossed, memory_percent=memory, threshold=self.settings.memory_percent)
+
+    def _sample_agent(self, agent: Agent) -> None:
+        try:
+            if agent.process is None:
+                agent.process = psutil.Process(agent.pid)
+                agent.process.cpu_percent(None)
+            tree = [agent.process, *agent.process.children(recursive=True)]
+            rss = cpu = 0.0
+            for proc in tree:
+                try:
+                    rss += proc.memory_info().rss
+                    cpu += proc.cpu_percent(None) if proc is agent.process else 0.0
+                except psutil.Error:
+                    continue
+            agent.rss, agent.cpu_percent = int(rss), round(cpu, 1)
+            agent.peak_rss = max(agent.peak_rss, agent.rss)
+        except psutil.Error:
+            agent.process = None
+
+    # -- output --
+    def _set(self, kind: str, crossed: bool, **detail: Any) -> None:
+        if crossed and kind not in self.active:
+            self.active.add(kind)
+            self.emit(make_event(kind, "raised", **detail))
+        elif not crossed and kind in self.active:
+            self.active.discard(kind)
+            self.emit(make_event(kind, "cleared", **{k: v for k, v in detail.items() if k != "relieved"}))
+
+    def emit(self, event: dict) -> None:
+        self.recent_events.append(event)
+        try:
+            self.events.append(event)
+        except OSError as exc:
+            log.error("could not write event %s: %s", event["kind"], exc)
+        for listener in self.listeners:
+            listener(event)
+        if self.settings.hook:
+            task = asyncio.get_running_loop().create_task(self._run_hook(event))
+            self._hooks.add(task)
+            task.add_done_callback(self._hooks.discard)
+
+    async def _run_hook(self, event: dict) -> None:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *shlex.split(self.settings.hook), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        except OSError as exc:
+            log.error("event hook %r could not start: %s", self.settings.hook, exc)
+            return
+        try:
+            await asyncio.wait_for(proc.communicate(orjson.dumps(event)), self.settings.hook_timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            log.warning("event hook %r took over %gs: killed", self.settings.hook, self.settings.hook_timeout)
+
+    async def drain(self) -> None:
+        if self._hooks:
+            await asyncio.gather(*self._hooks, return_exceptions=True)
+
+
+def relieve_memory(state) -> dict[str, int]:
+    """Shed in-memory state under memory pressure: recent-call windows, then a full collection."""
+    dropped = len(state.stats.recent)
+    state.stats.recent.clear()
+    return {"dropped_recent_records": dropped, "gc_collected": gc.collect()}

@@ -1,0 +1,91 @@
+"""Every call's record, kept in the state directory for `sidecar stats`.
+
+Records go to LMDB in batches on the writer thread: a call only appends to a
+list, and one write transaction takes whatever has piled up meanwhile, so the
+cost per call stays flat under load and nothing runs while nothing happens.
+The log is bounded: beyond `max_records` the oldest are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from typing import Iterator
+
+import lmdb
+import orjson
+
+from .store import Lmdb
+
+log = logging.getLogger("sidecar")
+
+
+def record_key(record: dict, seq: int) -> bytes:
+    return struct.pack(">dI", record["ts"], seq & 0xFFFFFFFF) + record["id"].encode()
+
+
+class RecordLog:
+    def __init__(self, lmdb_env: Lmdb, max_records: int):
+        self.lmdb = lmdb_env
+        self.max_records = max_records
+        self._db = lmdb_env.db["records"]
+        self._pending: list[dict] = []
+        self._flushing: asyncio.Task | None = None
+        self._seq = 0
+
+    def add(self, record: dict) -> None:
+        self._pending.append(record)
+        if self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self.lmdb.write(lambda txn: self._write(txn, batch))
+        except Exception as exc:  # a full disk must not stop the proxy; the records are lost, the calls are not
+            log.error("could not store %d call records: %s", len(self._pending), exc)
+        finally:
+            self._flushing = None
+
+    def _write(self, txn: lmdb.Transaction, batch: list[dict]) -> None:
+        for record in batch:
+            self._seq += 1
+            txn.put(record_key(record, self._seq), orjson.dumps(record), db=self._db)
+        excess = txn.stat(self._db)["entries"] - self.max_records
+        if excess > 0:
+            with txn.cursor(db=self._db) as cursor:
+                cursor.first()
+                for _ in range(excess):
+                    if not cursor.delete():
+                        break
+
+    async def drain(self) -> None:
+        while self._flushing is not None:
+            await self._flushing
+
+    def read(self, since: float = 0.0) -> Iterator[dict]:
+        """Records from `since` (epoch seconds) on, oldest first."""
+        with self.lmdb.env.begin(db=self._db) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(struct.pack(">d", since)):
+                return
+            for _, value in cursor:
+                try:
+                    yield orjson.loads(value)
+                except orjson.JSONDecodeError:
+                    continue
+
+
+def since_seconds(text: str) -> float:
+    """'90s', '15m', '1h', '2d' -> an epoch time that far back; '' -> 0 (everything)."""
+    if not text:
+        return 0.0
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        amount, unit = (float(text[:-1]), units[text[-1]]) if text[-1] in units else (float(text), 1)
+    except (ValueError, KeyError):
+        raise ValueError(f"--since takes a duration like 90s, 15m, 1h or 2d, not {text!r}") from None
+    return time.time() - amount * unit

@@ -1,0 +1,150 @@
+"""Aggregates over call records: summaries with percentiles, and Prometheus metrics.
+
+`summarize` is shared by `GET /_sidecar/stats` (recent calls in memory) and
+`sidecar stats` (records read back from the state directory), so both say the
+same thing. `Stats` keeps counters and histograms updated per call in O(1).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import Counter, defaultdict, deque
+from typing import Any, Iterable
+
+# LLM calls take from a millisecond (a hit) to minutes (a long generation).
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+HISTOGRAMS = {  # record field -> (metric, help, buckets)
+    "total_ms": ("sidecar_call_duration_seconds", "Time from request to last byte.", LATENCY_BUCKETS),
+    "ttft_ms": ("sidecar_time_to_first_token_seconds", "Time from request to the first content token.", LATENCY_BUCKETS),
+    "queue_ms": ("sidecar_queue_wait_seconds", "Time waiting for a concurrency slot.", LATENCY_BUCKETS),
+    "overhead_ms": ("sidecar_overhead_seconds", "Time the sidecar itself added.", OVERHEAD_BUCKETS),
+}
+PHASES = ("total_ms", "ttft_ms", "queue_ms", "overhead_ms")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default); values need not be sorted."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def is_error(record: dict) -> bool:
+    return bool(record.get("error")) or record.get("status", 0) >= 400
+
+
+def summarize(records: Iterable[dict], by: str | None = None) -> dict[str, Any]:
+    """Totals, and per group when `by` names a record field (model, agent, route)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    everything: list[dict] = []
+    for record in records:
+        everything.append(record)
+        if by:
+            groups[record.get(by) or "-"].append(record)
+    result = {"all": _summary(everything)}
+    if by:
+        result["by"] = by
+        result["groups"] = {name: _summary(rows) for name, rows in sorted(groups.items())}
+    return result
+
+
+def _summary(records: list[dict]) -> dict[str, Any]:
+    cacheable = [r for r in records if r.get("cache") in ("hit", "miss", "coalesced")]
+    hits = [r for r in records if r.get("cache") in ("hit", "coalesced")]
+    errors = Counter(r.get("error") or f"http_{r.get('status')}" for r in records if is_error(r))
+    out: dict[str, Any] = {
+        "calls": len(records), "hits": len(hits),
+        "hit_rate": round(len(hits) / len(cacheable), 4) if cacheable else None,
+        "input_tokens": sum(r.get("input_tokens", 0) for r in records),
+        "output_tokens": sum(r.get("output_tokens", 0) for r in records),
+        "saved_tokens": sum(r.get("input_tokens", 0) + r.get("output_tokens", 0) for r in hits),
+        "saved_upstream_s": round(sum(r.get("saved_s") or 0 for r in hits), 3),
+        "errors": dict(errors), "retries": sum(r.get("retries", 0) for r in records),
+    }
+    for phase in PHASES:
+        values = [r[phase] for r in records if r.get(phase) is not None]
+        out[phase.removesuffix("_ms")] = {f"p{q}": _round(percentile(values, q)) for q in (50, 90, 95, 99)}
+    return out
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _labels(pairs: Iterable[tuple[str, str]]) -> str:
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs)
+    return "{" + inner + "}" if inner else ""
+
+
+def _escape(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Stats:
+    """Live counters and histograms, plus the most recent records for summaries."""
+
+    def __init__(self, window: int = 5000):
+        self.recent: deque[dict] = deque(maxlen=window)
+        self.calls: Counter[tuple] = Counter()
+        self.tokens: Counter[tuple] = Counter()
+        self.saved_tokens = 0
+        self.saved_seconds = 0.0
+        self.errors: Counter[str] = Counter()
+        self.histograms: dict[str, dict[tuple, list]] = {field: {} for field in HISTOGRAMS}
+
+    def observe(self, record: dict) -> None:
+        self.recent.append(record)
+        labels = (("agent", record["agent"]), ("route", record["route"]), ("model", record["model"] or "-"))
+        self.calls[labels + (("cache", record["cache"] or "none"), ("status", str(record["status"])))] += 1
+        self.tokens[labels[:1] + labels[2:] + (("direction", "input"),)] += record["input_tokens"]
+        self.tokens[labels[:1] + labels[2:] + (("direction", "output"),)] += record["output_tokens"]
+        if record["cache"] in ("hit", "coalesced"):
+            self.saved_tokens += record["input_tokens"] + record["output_tokens"]
+            self.saved_seconds += record.get("saved_s") or 0.0
+        if is_error(record):
+            self.errors[record["error"] or f"http_{record['status']}"] += 1
+        for field, (_, _, buckets) in HISTOGRAMS.items():
+            value = record.get(field)
+            if value is None:
+                continue
+            series = self.histograms[field].setdefault(labels[2:], [0] * (len(buckets) + 1) + [0.0])
+            series[bisect.bisect_left(buckets, value / 1000)] += 1
+            series[-1] += value / 1000
+
+    def prometheus(self, gauges: dict[str, tuple[str, float]]) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+
+        family("sidecar_calls_total", "counter", "API calls by agent, route, model, cache outcome and status.")
+        lines += [f"sidecar_calls_total{_labels(k)} {v}" for k, v in sorted(self.calls.items())]
+        family("sidecar_tokens_total", "counter", "Tokens in and out, as reported by the API's usage.")
+        lines += [f"sidecar_tokens_total{_labels(k)} {v}" for k, v in sorted(self.tokens.items())]
+        family("sidecar_cache_saved_tokens_total", "counter", "Tokens not spent thanks to cache hits.")
+        lines.append(f"sidecar_cache_saved_tokens_total {self.saved_tokens}")
+        family("sidecar_cache_saved_seconds_total", "counter", "Upstream seconds not waited thanks to cache hits.")
+        lines.append(f"sidecar_cache_saved_seconds_total {self.saved_seconds:.6f}")
+        family("sidecar_errors_total", "counter", "Failed calls by error type.")
+        lines += [f"sidecar_errors_total{_labels([('type', k)])} {v}" for k, v in sorted(self.errors.items())]
+        for field, (name, help_text, buckets) in HISTOGRAMS.items():
+            family(name, "histogram", help_text)
+            for labels, series in sorted(self.histograms[field].items()):
+                running = 0
+                for bound, count in zip([*buckets, "+Inf"], series[:-1]):
+                    running += count
+                    lines.append(f"{name}_bucket{_labels([*labels, ('le', str(bound))])} {running}")
+                lines.append(f"{name}_sum{_labels(labels)} {series[-1]:.6f}")
+                lines.append(f"{name}_count{_labels(labels)} {running}")
+        for name, (help_text, value) in gauges.items():
+            family(name, "gauge", help_text)
+            lines.append(f"{name} {value}")
+        return "\n".join(lines) + "\n"
