@@ -72,6 +72,27 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 @command
+def cmd_cache(args: argparse.Namespace) -> int:
+    """Inspect and manage the response cache."""
+    from . import cache_cmd
+    return cache_cmd.run(args, effective_config(args))
+
+
+@command
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Calls, hit rate, latency percentiles, tokens and savings from the stored records."""
+    from . import stats_cmd
+    return stats_cmd.run_stats(args, effective_config(args))
+
+
+@command
+def cmd_events(args: argparse.Namespace) -> int:
+    """Threshold crossings and agent events from the events log."""
+    from . import stats_cmd
+    return stats_cmd.run_events(args, effective_config(args))
+
+
+@command
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run a small example agent through the sidecar against the built-in mock API."""
     from .demo import run_demo
@@ -98,8 +119,14 @@ def parser() -> argparse.ArgumentParser:
     serve = add("serve")
     serve.add_argument("--port", type=int, help="port to listen on (default: from config, else any free port)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    add("config")
+    config = add("config")  # the flags run/serve take, so their effect on the config can be seen
+    config.add_argument("--port", type=int, help="as for run/serve")
+    config.add_argument("--host", help="as for serve")
+    config.add_argument("--cache", choices=["read-write", "read-only", "refresh", "off", "replay"], help="as for run")
     add("demo")
+    from . import cache_cmd, stats_cmd
+    cache_cmd.add_parser(sub, common)
+    stats_cmd.add_parsers(sub, common)
     return top
 
 
