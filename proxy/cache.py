@@ -60,6 +60,10 @@ class Cache:
                 or not isinstance(call.json, dict)):
             return
         if mode == "off" or self.settings.deterministic_only and call.json.get("temperature") != 0:
+            if mode == "replay":  # replay never reaches the upstream
+                raise Refusal("replay_miss", "sidecar: cache miss in replay mode: calls without temperature 0 "
+                                             "are never cached ([cache] deterministic_only = true); set it to "
+                                             "false to record and replay them")
             call.cache = "bypass"
             return
         call.cache_mode = mode

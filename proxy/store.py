@@ -130,6 +130,8 @@ class ResponseStore:
         return blob
 
     async def put(self, key: bytes, blob: bytes) -> None:
+        if len(blob) > self.max_size:
+            return   # an answer larger than the whole cache would only evict everything else
         touched, self._touched = self._touched, {}
         await self.lmdb.write(lambda txn: self._put(txn, key, blob, touched))
 
