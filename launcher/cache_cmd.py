@@ -19,8 +19,7 @@ from proxy.config import Config, ConfigError
 from proxy.entry import CorruptEntry, Entry
 from proxy.record import decoded
 from proxy.sse import EventParser, assemble_anthropic, assemble_openai
-from proxy.state import open_lmdb
-from proxy.store import ResponseStore
+from proxy.store import ResponseStore, open_lmdb
 
 
 def open_store(config: Config) -> ResponseStore:

@@ -33,6 +33,8 @@ def effective_config(args: argparse.Namespace) -> Config:
         flags.setdefault("cache", {})["mode"] = args.cache
     if getattr(args, "quiet", False):
         flags.setdefault("launcher", {})["quiet"] = True
+    if getattr(args, "restore", None):
+        flags.setdefault("launcher", {})["restore"] = args.restore
     return load(args.config, flags=flags)
 
 
@@ -93,6 +95,13 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 @command
+def cmd_sessions(args: argparse.Namespace) -> int:
+    """The checkpointed conversations: list, show, export, delete, prune."""
+    from . import sessions_cmd
+    return sessions_cmd.run(args, effective_config(args))
+
+
+@command
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run a small example agent through the sidecar against the built-in mock API."""
     from .demo import run_demo
@@ -109,11 +118,13 @@ def parser() -> argparse.ArgumentParser:
         doc = (COMMANDS[name].__doc__ or "").splitlines()[0]
         return sub.add_parser(name, parents=[common], help=doc, description=doc, **kw)
 
-    run = add("run", usage="sidecar run [--config FILE] [--port N] [--connect URL] -- CMD [ARGS...]")
+    run = add("run", usage="sidecar run [--config FILE] [--port N] [--connect URL] [--restore [SESSION]] -- CMD [ARGS...]")
     run.add_argument("--port", type=int, help="port for the embedded proxy (default: any free port)")
     run.add_argument("--connect", metavar="URL", help="attach to a running 'sidecar serve' instead of starting a proxy")
     run.add_argument("--cache", choices=["read-write", "read-only", "refresh", "off", "replay"], help="cache mode for this run")
     run.add_argument("--quiet", action="store_true", help="print no summary when the agent exits")
+    run.add_argument("--restore", metavar="SESSION", nargs="?", const="last",
+                     help="continue a checkpointed conversation (an id from 'sidecar sessions list', or last)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the agent command, after --")
 
     serve = add("serve")
@@ -124,8 +135,9 @@ def parser() -> argparse.ArgumentParser:
     config.add_argument("--host", help="as for serve")
     config.add_argument("--cache", choices=["read-write", "read-only", "refresh", "off", "replay"], help="as for run")
     add("demo")
-    from . import cache_cmd, stats_cmd
+    from . import cache_cmd, sessions_cmd, stats_cmd
     cache_cmd.add_parser(sub, common)
+    sessions_cmd.add_parser(sub, common)
     stats_cmd.add_parsers(sub, common)
     return top
 

@@ -13,8 +13,8 @@ import time
 from proxy.config import Config, ConfigError
 from proxy.events import EventLog, format_event
 from proxy.records import RecordLog, since_seconds
-from proxy.state import open_lmdb
 from proxy.stats import summarize
+from proxy.store import open_lmdb
 
 from .summary import ms
 

@@ -57,7 +57,10 @@ class Call:
     retries: int = 0
     error: str = ""               # error type when the call failed
     rate_limited: bool = False    # the upstream answered 429/529 at least once
-    saved_s: float = 0.0          # upstream seconds a hit saved (the original call's duration)
+    saved_s: float = 0.0
+    session: str = ""             # conversation id, once checkpointed
+    restored: bool = False        # a checkpointed conversation was put in front of this call's messages
+    forwarded_messages: list | None = None          # upstream seconds a hit saved (the original call's duration)
 
     @property
     def model(self) -> str:

@@ -98,6 +98,11 @@ class MonitorSection:
 @dataclass(frozen=True)
 class LauncherSection:
     quiet: bool = False
+    restart: str = field(default="no", metadata=_choice("no", "on-failure", "always"))
+    max_restarts: int = 3
+    restart_backoff: float = 1.0
+    restart_args: tuple[str, ...] = ()
+    restore: str = ""
 
 
 @dataclass(frozen=True)

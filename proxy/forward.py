@@ -46,14 +46,17 @@ async def fetch(state, call: Call, flight: Flight, headers) -> None:
         encoding = upstream.headers.get("content-encoding", "")
         keep = state.cache.should_store(call) and 200 <= upstream.status < 300
         recorder = Recorder(call, stream, encoding, keep)
+        checkpoint = 200 <= upstream.status < 300 and state.sessions.applies(call)
         flight.start_head(head)
         if stream:
             async for chunk in upstream.content.iter_any():
-                recorder.feed(chunk)
+                if recorder.feed(chunk) and checkpoint:
+                    await state.sessions.checkpoint(call, recorder.message(), headers)
                 flight.append(chunk)
         else:
             body = await upstream.read()
-            recorder.feed(body)
+            if recorder.feed(body) and checkpoint:
+                await state.sessions.checkpoint(call, recorder.message(), headers)
             flight.append(body)
         call.t_done = time.monotonic()
         write = state.cache.save(call, head, recorder)

@@ -33,6 +33,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     try:
         intake.check_target(request, state.config.proxy.allow_remote)
         await intake.read_body(request, call, state.body_limit)
+        state.sessions.restore(call)
         state.cache.plan(call, request.headers)
         entry = state.cache.lookup(call)
         if entry is not None:

@@ -16,14 +16,15 @@ from .cache import Cache
 from .cache_key import KeyMaker, load_secret
 from .config import Config
 from .flight import Flights
-from .events import EventLog
+from .events import EventLog, make_event
 from .limits import Limiter
 from .monitor import Monitor, relieve_memory
 from .records import RecordLog
+from .sessions import Sessions
 from .stats import Stats
 from .timing import record_of
 from .routes import Upstreams
-from .store import Lmdb, ResponseStore
+from .store import Lmdb, ResponseStore, open_lmdb
 from .upstream import UpstreamClient
 
 
@@ -40,6 +41,7 @@ class ProxyState:
     stats: Stats = field(default_factory=Stats)
     records: RecordLog | None = None
     monitor: Monitor | None = None
+    sessions: Sessions | None = None
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -62,6 +64,7 @@ class ProxyState:
         keys = KeyMaker(load_secret(self.config.state_dir), settings.ignore_fields, settings.key_headers)
         self.cache = Cache(settings, store, keys)
         self.records = RecordLog(self.lmdb, self.config.stats.max_records)
+        self.sessions = Sessions(self.lmdb)
         self.monitor = Monitor(self.config.monitor, EventLog(self.config.state_dir), self.limiter,
                                relieve=lambda: relieve_memory(self))
         await self.client.open()
@@ -77,6 +80,10 @@ class ProxyState:
         """A message from the launcher over the control pipe."""
         if "agent" in message:
             self.monitor.on_agent(message["agent"])
+        if "restore" in message:
+            found = self.sessions.arm(message["restore"])
+            self.monitor.emit(make_event("session_restore", "info", session=message["restore"],
+                                         found=bool(found), messages=len(self.sessions.restore_messages)))
 
     async def close(self) -> None:
         await self.client.close()
@@ -89,11 +96,6 @@ class ProxyState:
         if self.lmdb is not None:
             self.lmdb.close()
 
-
-def open_lmdb(config: Config) -> Lmdb:
-    """The state store, with a map comfortably above the cache's size limit."""
-    max_bytes = int(config.cache.max_size_mb * 1024 * 1024)
-    return Lmdb(config.state_dir, map_size=2 * max_bytes + (256 << 20), durable=config.state.durable)
 
 
 STATE = web.AppKey("state", ProxyState)

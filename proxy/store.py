@@ -109,6 +109,12 @@ class Lmdb:
         self.env.close()
 
 
+def open_lmdb(config) -> Lmdb:
+    """The state store of a config, with a map comfortably above the cache's size limit."""
+    max_bytes = int(config.cache.max_size_mb * 1024 * 1024)
+    return Lmdb(config.state_dir, map_size=2 * max_bytes + (256 << 20), durable=config.state.durable)
+
+
 def _stamp(t: float) -> bytes:
     return struct.pack(">d", t)
 
