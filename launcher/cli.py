@@ -13,6 +13,7 @@ from typing import Callable
 from proxy.config import Config, ConfigError, load, to_toml
 from proxy.listen import ListenError
 
+from .shared import SharedError
 from .supervise import LaunchError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -35,6 +36,8 @@ def effective_config(args: argparse.Namespace) -> Config:
         flags.setdefault("launcher", {})["quiet"] = True
     if getattr(args, "restore", None):
         flags.setdefault("launcher", {})["restore"] = args.restore
+    if getattr(args, "shared", False):
+        flags.setdefault("launcher", {})["shared"] = True
     return load(args.config, flags=flags)
 
 
@@ -45,7 +48,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         raise ConfigError("no command given: use sidecar run -- CMD [ARGS...]")
-    return run_agent(cmd, effective_config(args), connect=args.connect)
+    config = effective_config(args)
+    connect = args.connect
+    if config.launcher.shared and not connect:
+        from .shared import ensure_server
+        connect = ensure_server(config)
+    return run_agent(cmd, config, connect=connect)
 
 
 @command
@@ -53,6 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run one standalone proxy in the foreground for several agents to share."""
     from proxy.listen import bind
     from proxy.server import run
+    if args.shared_server is not None:
+        return _serve_shared(args.shared_server)
     config = effective_config(args)
     sock = bind(config.proxy.host, config.proxy.port, config.proxy.allow_remote)
     host, port = sock.getsockname()[:2]
@@ -64,6 +74,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     run(config, sock, on_ready=ready)
     return 0
+
+
+def _serve_shared(ready_fd: int) -> int:
+    """The background server `sidecar run --shared` starts, with the launcher's exact config."""
+    import json
+    import os
+    from proxy.config import load_layers
+    from proxy.listen import bind
+    from proxy.server import run
+    from . import shared
+    config = load_layers([json.loads(os.environ.pop("SIDECAR_PROXY_CONFIG"))], ["launcher"])
+    sock = bind(config.proxy.host, 0, config.proxy.allow_remote)
+    host, port = sock.getsockname()[:2]
+    try:
+        run(config, sock, idle_timeout=config.shared.idle_timeout,
+            on_ready=lambda port: shared.announce(config, f"http://{host}:{port}", ready_fd, port))
+    finally:
+        shared.forget(config)
+    return 0
+
+
+@command
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop the shared sidecar (the one `sidecar run --shared` starts)."""
+    from . import shared
+    return shared.stop(effective_config(args))
+
+
+@command
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show the shared sidecar: where it listens, its agents and calls."""
+    from . import shared
+    return shared.status(effective_config(args))
 
 
 @command
@@ -123,6 +166,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--connect", metavar="URL", help="attach to a running 'sidecar serve' instead of starting a proxy")
     run.add_argument("--cache", choices=["read-write", "read-only", "refresh", "off", "replay"], help="cache mode for this run")
     run.add_argument("--quiet", action="store_true", help="print no summary when the agent exits")
+    run.add_argument("--shared", action="store_true",
+                     help="join the user's shared sidecar (started in the background if none runs)")
     run.add_argument("--restore", metavar="SESSION", nargs="?", const="last",
                      help="continue a checkpointed conversation (an id from 'sidecar sessions list', or last)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the agent command, after --")
@@ -130,11 +175,14 @@ def parser() -> argparse.ArgumentParser:
     serve = add("serve")
     serve.add_argument("--port", type=int, help="port to listen on (default: from config, else any free port)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--shared-server", type=int, metavar="FD", help=argparse.SUPPRESS)
     config = add("config")  # the flags run/serve take, so their effect on the config can be seen
     config.add_argument("--port", type=int, help="as for run/serve")
     config.add_argument("--host", help="as for serve")
     config.add_argument("--cache", choices=["read-write", "read-only", "refresh", "off", "replay"], help="as for run")
     add("demo")
+    add("stop")
+    add("status")
     from . import cache_cmd, sessions_cmd, stats_cmd
     cache_cmd.add_parser(sub, common)
     sessions_cmd.add_parser(sub, common)
@@ -146,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ListenError, LaunchError) as exc:
+    except (ConfigError, ListenError, LaunchError, SharedError) as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return getattr(exc, "status", 2)
     except KeyboardInterrupt:

@@ -96,8 +96,14 @@ class MonitorSection:
 
 
 @dataclass(frozen=True)
+class SharedSection:
+    idle_timeout: float = 900.0
+
+
+@dataclass(frozen=True)
 class LauncherSection:
     quiet: bool = False
+    shared: bool = False
     restart: str = field(default="no", metadata=_choice("no", "on-failure", "always"))
     max_restarts: int = 3
     restart_backoff: float = 1.0
@@ -115,6 +121,7 @@ class Config:
     retry: RetrySection = RetrySection()
     stats: StatsSection = StatsSection()
     monitor: MonitorSection = MonitorSection()
+    shared: SharedSection = SharedSection()
     launcher: LauncherSection = LauncherSection()
 
     @property

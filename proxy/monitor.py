@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import shlex
 import time
 from collections import deque
@@ -64,6 +65,7 @@ class Monitor:
         self._last_sample = 0.0
         self._hooks: set[asyncio.Task] = set()
         self.listeners: list = []            # called with each event (the live page)
+        self.on_agents_changed = None        # called when an agent starts or exits (the shared server's idle stop)
 
     # -- inputs --
     def on_call(self, record: dict, rate_limited: bool) -> None:
@@ -98,14 +100,42 @@ class Monitor:
             agent.pid, agent.cmd = message.get("pid", 0), message.get("cmd", agent.cmd)
             agent.process = None
             agent.state = "running" if kind == "started" else "restarted"
+            self._watch(agent)
             if kind == "restarted":
                 agent.restarts += 1
                 self.emit(make_event("agent_restarted", agent=agent.id, pid=agent.pid, restarts=agent.restarts))
-        elif kind == "exited":
-            agent.state, agent.exit_status = "exited", message.get("status")
-            self.emit(make_event("agent_exited", agent=agent.id, pid=agent.pid, status=agent.exit_status,
-                                 peak_rss=agent.peak_rss))
+        elif kind == "exited" and agent.state != "exited":
+            self._exited(agent, message.get("status"))
         self.sample(force=True)
+        if self.on_agents_changed:
+            self.on_agents_changed()
+
+    def _exited(self, agent: Agent, status: int | None) -> None:
+        agent.state, agent.exit_status = "exited", status
+        self.emit(make_event("agent_exited", agent=agent.id, pid=agent.pid, status=status, peak_rss=agent.peak_rss))
+
+    def _watch(self, agent: Agent) -> None:
+        """Learn of the agent's exit from the kernel (a pidfd), even if its launcher is killed."""
+        if not agent.pid or not hasattr(os, "pidfd_open"):
+            return
+        try:
+            fd = os.pidfd_open(agent.pid)
+        except OSError:
+            return
+        loop = asyncio.get_running_loop()
+        pid = agent.pid
+
+        def gone() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            if agent.pid == pid and agent.state != "exited":
+                self._exited(agent, None)
+                if self.on_agents_changed:
+                    self.on_agents_changed()
+        loop.add_reader(fd, gone)
+
+    def running_agents(self) -> int:
+        return sum(1 for a in self.agents.values() if a.state != "exited")
 
     # -- psutil, at most once per interval, only when something happened --
     def sample(self, force: bool = False) -> None:

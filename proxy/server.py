@@ -34,7 +34,7 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 
 async def serve(config: Config, sock: socket.socket, *, control_fd: int | None = None,
-                on_ready: Callable[[int], None] | None = None) -> None:
+                on_ready: Callable[[int], None] | None = None, idle_timeout: float = 0.0) -> None:
     """Serve until SIGTERM/SIGINT, or until the launcher's control pipe reaches end of file.
 
     The control pipe carries one JSON message a line (agent started/exited);
@@ -69,6 +69,8 @@ async def serve(config: Config, sock: socket.socket, *, control_fd: int | None =
     await site.start()
     if control_fd is not None:  # read only now: messages wait in the pipe until the state is open
         loop.add_reader(control_fd, on_readable)
+    if idle_timeout:
+        _stop_when_idle(app[STATE], idle_timeout, stop)
     port = sock.getsockname()[1]
     log.info("listening on %s:%d", config.proxy.host, port)
     if on_ready:
@@ -77,6 +79,20 @@ async def serve(config: Config, sock: socket.socket, *, control_fd: int | None =
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+def _stop_when_idle(state, idle_timeout: float, stop: asyncio.Event) -> None:
+    """Stop once no agent has been attached for idle_timeout seconds: one timer, armed only while idle."""
+    loop = asyncio.get_running_loop()
+    timer: list[asyncio.TimerHandle] = []
+
+    def changed() -> None:
+        if timer:
+            timer.pop().cancel()
+        if state.monitor.running_agents() == 0:
+            timer.append(loop.call_later(idle_timeout, stop.set))
+    state.monitor.on_agents_changed = changed
+    changed()
 
 
 def _control(app: web.Application, line: bytes) -> None:

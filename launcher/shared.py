@@ -1,0 +1,169 @@
+"""The user's shared sidecar: one background server that every `sidecar run --shared` joins.
+
+Like sccache: a state file in the state directory (shared.json) says where it
+listens, with its pid, version and config fingerprint. A launcher takes a file
+lock, reuses a live server, replaces a stale file from a dead one, or starts a
+new server and waits until it is ready; two launchers starting at the same
+moment therefore end up with one server. A server of another version or with
+another config is explained, not silently used. The server stops by itself
+after `[shared] idle_timeout` seconds without agents.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from proxy import __version__
+from proxy.config import Config
+
+from . import client
+from .proxy_process import unblock_signals
+
+STATE_FILE = "shared.json"
+
+
+class SharedError(Exception):
+    """The shared sidecar cannot be used; the message says why and what to do."""
+
+    status = 2
+
+
+def fingerprint(config: Config) -> str:
+    """The settings that must agree between a launcher and the server it joins."""
+    doc = config.to_dict()
+    doc.pop("launcher")
+    doc.pop("shared")
+    doc["proxy"] = {k: v for k, v in doc["proxy"].items() if k not in ("port", "agent_id")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def state_path(config: Config) -> Path:
+    return config.state_dir / STATE_FILE
+
+
+def read_state(config: Config) -> dict | None:
+    try:
+        return json.loads(state_path(config).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def live(info: dict | None) -> dict | None:
+    """The server's health if the one the file names answers; None for a stale file."""
+    if not info:
+        return None
+    try:
+        health = client.call(info["url"], "/_sidecar/health", timeout=2.0)
+    except client.SidecarUnreachable:
+        return None
+    return health if health.get("pid") == info.get("pid") else None
+
+
+def ensure_server(config: Config) -> str:
+    """The URL of a running shared sidecar that matches this config, starting one if needed."""
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(config.state_dir / "shared.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # one launcher at a time decides; the others then find its server
+        info = read_state(config)
+        health = live(info)
+        if health is not None:
+            if health.get("version") != __version__:
+                raise SharedError(f"the shared sidecar (pid {info['pid']}) runs version {health.get('version')}, "
+                                  f"this launcher is {__version__}; stop it with 'sidecar stop' and run again")
+            if info.get("fingerprint") != fingerprint(config):
+                raise SharedError(f"the shared sidecar (pid {info['pid']}) runs with another configuration; "
+                                  f"stop it with 'sidecar stop' to restart it with this one, or drop --shared")
+            return info["url"]
+        state_path(config).unlink(missing_ok=True)   # stale: its server is gone
+        return _start(config)
+
+
+def _start(config: Config) -> str:
+    read_fd, write_fd = os.pipe()
+    log_path = config.state_dir / "logs" / "shared.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    env = {**os.environ, "SIDECAR_PROXY_CONFIG": json.dumps(config.to_dict())}
+    with open(log_path, "ab") as log:
+        subprocess.Popen([sys.executable, "-m", "launcher", "serve", "--shared-server", str(write_fd)],
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,), env=env,
+                         start_new_session=True, preexec_fn=unblock_signals)
+    os.close(write_fd)
+    try:
+        ready, _, _ = select.select([read_fd], [], [], 30)
+        line = os.read(read_fd, 4096).decode() if ready else ""
+    finally:
+        os.close(read_fd)
+    if not line.startswith("http"):
+        raise SharedError(f"the shared sidecar did not start; see {log_path}")
+    return line.strip()
+
+
+def announce(config: Config, url: str, ready_fd: int, port: int) -> None:
+    """Server side, once listening: write the state file, then tell the waiting launcher."""
+    info = {"pid": os.getpid(), "url": url, "port": port, "version": __version__,
+            "fingerprint": fingerprint(config), "started": time.time()}
+    path = state_path(config)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(info))
+    os.replace(temporary, path)
+    os.write(ready_fd, url.encode() + b"\n")
+    os.close(ready_fd)
+
+
+def forget(config: Config) -> None:
+    """Server side, on exit: remove the state file if it is still ours."""
+    info = read_state(config)
+    if info and info.get("pid") == os.getpid():
+        state_path(config).unlink(missing_ok=True)
+
+
+def stop(config: Config) -> int:
+    """`sidecar stop`: stop the shared sidecar and wait for it to finish its writes."""
+    info = read_state(config)
+    if live(info) is None:
+        state_path(config).unlink(missing_ok=True)
+        print("sidecar: no shared sidecar is running")
+        return 0
+    os.kill(info["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:   # a CLI waiting for another process: a short poll is fine here
+        try:
+            os.kill(info["pid"], 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(info["pid"], signal.SIGKILL)
+    state_path(config).unlink(missing_ok=True)
+    print(f"sidecar: stopped the shared sidecar (pid {info['pid']})")
+    return 0
+
+
+def status(config: Config) -> int:
+    """`sidecar status`: where the shared sidecar listens, its agents and calls."""
+    info = read_state(config)
+    if live(info) is None:
+        print("sidecar: no shared sidecar is running" + (" (removed a stale state file)" if info else ""))
+        state_path(config).unlink(missing_ok=True)
+        return 1
+    doc = client.call(info["url"], "/_sidecar/stats")
+    total = doc["summary"]["all"]
+    running = [a for a in doc["agents"] if a["state"] != "exited"]
+    print(f"shared sidecar  {info['url']}  pid {info['pid']}  version {info['version']}  "
+          f"up {time.time() - info['started']:.0f} s")
+    print(f"agents          {len(running)} running, {len(doc['agents'])} seen")
+    for agent in doc["agents"]:
+        print(f"  {agent['id']:28} {agent['state']:9} pid {agent['pid']:<8} {agent['cmd'][:60]}")
+    rate = total["hit_rate"]
+    print(f"calls           {total['calls']}  (cache hits {total['hits']}{f', {rate:.0%}' if rate is not None else ''})"
+          f"  in flight {doc['limits']['in_flight']}  queued {doc['limits']['queued']}")
+    return 0
