@@ -72,12 +72,12 @@ class Cache:
         call.cache_key = self.keys.key(call.request_hash, self.keys.partition(headers))
         call.cache = "miss"
 
-    def lookup(self, call: Call) -> Entry | None:
+    async def lookup(self, call: Call) -> Entry | None:
         if call.cache_key is None or call.cache_mode not in READS:
             return None
-        entry = self._get(call.cache_key)
+        entry = await self._get(call.cache_key)
         if entry is None and self.has_shared_entries:
-            entry = self._get(self.keys.key(call.request_hash, ANY_KEY))
+            entry = await self._get(self.keys.key(call.request_hash, ANY_KEY))
         call.t_lookup = time.monotonic()
         if entry is not None:
             call.cache = "hit"
@@ -88,8 +88,8 @@ class Cache:
                                          f"or compare requests with 'sidecar cache key < request.json'")
         return None
 
-    def _get(self, key: bytes) -> Entry | None:
-        blob = self.store.get(key)
+    async def _get(self, key: bytes) -> Entry | None:
+        blob = await self.store.get(key)
         if blob is None:
             return None
         try:

@@ -60,7 +60,8 @@ class Call:
     saved_s: float = 0.0
     session: str = ""             # conversation id, once checkpointed
     restored: bool = False        # a checkpointed conversation was put in front of this call's messages
-    forwarded_messages: list | None = None          # upstream seconds a hit saved (the original call's duration)
+    forwarded_messages: list | None = None
+    slot_token: object = None     # what the limiter needs back on release (a fleet-wide lease)          # upstream seconds a hit saved (the original call's duration)
 
     @property
     def model(self) -> str:

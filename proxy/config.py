@@ -48,6 +48,14 @@ class StateSection:
 
 
 @dataclass(frozen=True)
+class StoreSection:
+    backend: str = field(default="lmdb", metadata=_choice("lmdb", "redis"))
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "sidecar:"
+    lease_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class CacheSection:
     mode: str = field(default="read-write", metadata=_choice("read-write", "read-only", "refresh", "off", "replay"))
     routes: tuple[str, ...] = ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/embeddings")
@@ -116,6 +124,7 @@ class Config:
     proxy: ProxySection = ProxySection()
     upstream: UpstreamSection = UpstreamSection()
     state: StateSection = StateSection()
+    store: StoreSection = StoreSection()
     cache: CacheSection = CacheSection()
     limits: LimitsSection = LimitsSection()
     retry: RetrySection = RetrySection()

@@ -69,7 +69,7 @@ async def fetch(state, call: Call, flight: Flight, headers) -> None:
         raise
     finally:
         upstream.release()
-        state.limiter.release(call.route.agent, call.model)
+        state.limiter.release(call.route.agent, call.model, call.slot_token)
         if write is None:
             state.flights.remove(flight)
         else:  # late identical requests join the finished flight until the entry is readable

@@ -35,7 +35,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         await intake.read_body(request, call, state.body_limit)
         state.sessions.restore(call)
         state.cache.plan(call, request.headers)
-        entry = state.cache.lookup(call)
+        entry = await state.cache.lookup(call)
         if entry is not None:
             return await replay(request, call, entry, state.config.cache.replay_pacing)
         return await deliver(request, call, join_or_start(state, call, request.headers))

@@ -40,8 +40,9 @@ class Waiter:
 
 
 class Limiter:
-    def __init__(self, settings: LimitsSection):
+    def __init__(self, settings: LimitsSection, global_slots=None):
         self.settings = settings
+        self.global_slots = global_slots   # a fleet-wide semaphore (Redis) on top of the local limits
         self.maximum = settings.max_concurrency or math.inf
         self.effective = float(self.maximum)
         self.per_model = parse_model_limits(settings.per_model)
@@ -99,14 +100,25 @@ class Limiter:
                 if queue:
                     self.queues[agent] = queue
 
-    async def acquire(self, agent: str, model: str, retrying: bool = False) -> None:
-        """Take a slot, waiting in line if needed; a retrying call waits at the front of its agent's line."""
+    async def acquire(self, agent: str, model: str, retrying: bool = False):
+        """Take a slot, waiting in line if needed; a retrying call waits at the front of its agent's line.
+
+        Returns the token `release` needs (a global lease, when a fleet-wide limit is configured)."""
         if not self.queued and self._fits(agent, model):
             self._take(agent, model)
         else:
             await self._wait(agent, model, retrying)
+        if self.global_slots is None:
+            return None
+        try:
+            return await self.global_slots.acquire()
+        except BaseException:
+            self._give_back(agent, model)
+            raise
 
-    def release(self, agent: str, model: str) -> None:
+    def release(self, agent: str, model: str, token=None) -> None:
+        if token is not None:
+            self.global_slots.release(token)
         self._give_back(agent, model)
 
     async def _wait(self, agent: str, model: str, retrying: bool) -> None:

@@ -73,7 +73,7 @@ async def send_with_retries(state, call: Call, url, headers) -> aiohttp.ClientRe
     agent, model = call.route.agent, call.model
     deadline = time.monotonic() + settings.max_total
     for attempt in range(max(1, settings.max_attempts)):
-        await limiter.acquire(agent, model, retrying=attempt > 0)
+        call.slot_token = await limiter.acquire(agent, model, retrying=attempt > 0)
         if not call.t_slot:
             call.t_slot = time.monotonic()
         last = attempt + 1 >= settings.max_attempts
@@ -81,12 +81,12 @@ async def send_with_retries(state, call: Call, url, headers) -> aiohttp.ClientRe
         try:
             response = await state.client.send(call.method, url, headers, call.body)
         except UpstreamError as exc:
-            limiter.release(agent, model)
+            limiter.release(agent, model, call.slot_token)
             delay = backoff(settings, attempt)
             if exc.kind != "bad_gateway" or last or time.monotonic() + delay > deadline:
                 raise
         except BaseException:
-            limiter.release(agent, model)
+            limiter.release(agent, model, call.slot_token)
             raise
         else:
             if response.status not in RETRY_STATUSES:
@@ -100,7 +100,7 @@ async def send_with_retries(state, call: Call, url, headers) -> aiohttp.ClientRe
             if last or time.monotonic() + delay > deadline:
                 return response          # the agent gets the upstream's own answer
             response.release()
-            limiter.release(agent, model)
+            limiter.release(agent, model, call.slot_token)
         call.retries += 1
         state.counters["retries"] += 1
         await asyncio.sleep(delay)

@@ -95,8 +95,9 @@ def trim_for_api(messages: list[dict]) -> list[dict]:
 class Sessions:
     """Checkpoints in the `sessions` database: a meta row per session and one row per message."""
 
-    def __init__(self, lmdb_env: Lmdb):
+    def __init__(self, lmdb_env: Lmdb, mirror=None):
         self.lmdb = lmdb_env
+        self.mirror = mirror     # RedisCheckpoints for a fleet, or None
         self._db = lmdb_env.db["sessions"]
         self.restore_from: str | None = None    # session to restore into the next new conversation
         self._restored_root: str | None = None  # that conversation, once chosen
@@ -119,6 +120,8 @@ class Sessions:
         meta = {"id": sid, "agent": call.route.agent, "api": call.route.api, "model": call.model,
                 "system": call.json.get("system"), "client_session": client_session(call.json, headers)}
         await self.lmdb.write(lambda txn: self._append(txn, sid, messages, meta))
+        if self.mirror is not None:
+            await self.mirror.append(sid, messages, meta)
 
     def _append(self, txn: lmdb.Transaction, sid: str, messages: list[dict], meta: dict) -> None:
         key = f"s:{sid}".encode()

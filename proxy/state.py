@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from .cache import Cache
-from .cache_key import KeyMaker, load_secret
+from .backends import Backends, open_backends
+from .cache_key import KeyMaker
 from .config import Config
 from .flight import Flights
 from .events import EventLog, make_event
@@ -24,7 +25,7 @@ from .sessions import Sessions
 from .stats import Stats
 from .timing import record_of
 from .routes import Upstreams
-from .store import Lmdb, ResponseStore, open_lmdb
+from .store import Lmdb, open_lmdb
 from .upstream import UpstreamClient
 
 
@@ -42,6 +43,7 @@ class ProxyState:
     records: RecordLog | None = None
     monitor: Monitor | None = None
     sessions: Sessions | None = None
+    backends: Backends | None = None
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -60,13 +62,15 @@ class ProxyState:
     async def open(self) -> None:
         settings = self.config.cache
         self.lmdb = open_lmdb(self.config)
-        store = ResponseStore(self.lmdb, int(settings.max_size_mb * 1024 * 1024))
-        keys = KeyMaker(load_secret(self.config.state_dir), settings.ignore_fields, settings.key_headers)
-        self.cache = Cache(settings, store, keys)
-        self.records = RecordLog(self.lmdb, self.config.stats.max_records)
-        self.sessions = Sessions(self.lmdb)
         self.monitor = Monitor(self.config.monitor, EventLog(self.config.state_dir), self.limiter,
                                relieve=lambda: relieve_memory(self))
+        self.backends = await open_backends(self.config, self.lmdb,
+                                            lambda kind, state, **detail: self.monitor.emit(make_event(kind, state, **detail)))
+        self.limiter.global_slots = self.backends.global_slots
+        keys = KeyMaker(self.backends.secret, settings.ignore_fields, settings.key_headers)
+        self.cache = Cache(settings, self.backends.store, keys)
+        self.records = RecordLog(self.lmdb, self.config.stats.max_records)
+        self.sessions = Sessions(self.lmdb, mirror=self.backends.mirror)
         await self.client.open()
 
     def finish(self, call) -> None:
@@ -93,6 +97,8 @@ class ProxyState:
             await self.records.drain()
         if self.cache is not None:
             await self.cache.drain()
+        if self.backends is not None:
+            await self.backends.close()
         if self.lmdb is not None:
             self.lmdb.close()
 

@@ -1,0 +1,54 @@
+"""Choosing the shared state's home: LMDB on this machine, or Redis for a fleet.
+
+The only place that knows which backend is configured; the rest of the proxy
+talks to a response store, a limiter and the sessions through one interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .cache_key import load_secret
+from .config import Config
+from .store import Lmdb, ResponseStore
+
+
+@dataclass
+class Backends:
+    store: Any                 # get/put/delete/flush_touches/stats/shared_entries
+    secret: bytes              # the partition HMAC secret: shared by the fleet with Redis
+    global_slots: Any = None   # RedisSlots, or None: the local limiter alone
+    mirror: Any = None         # RedisCheckpoints, or None
+    link: Any = None
+
+    async def close(self) -> None:
+        if self.global_slots is not None:
+            await self.global_slots.close()
+        if self.link is not None:
+            await self.link.close()
+
+
+async def open_backends(config: Config, lmdb_env: Lmdb, emit: Callable[..., None]) -> Backends:
+    max_bytes = int(config.cache.max_size_mb * 1024 * 1024)
+    if config.store.backend == "lmdb":
+        return Backends(ResponseStore(lmdb_env, max_bytes), load_secret(config.state_dir))
+    from .redis_backend import RedisCheckpoints, RedisLink, RedisResponseStore, RedisSlots
+    link = RedisLink(config.store.redis_url, config.store.redis_prefix, emit)
+    secret = await _fleet_secret(link, load_secret(config.state_dir))
+    limit = config.limits.max_concurrency
+    return Backends(RedisResponseStore(link, max_bytes, config.cache.ttl_seconds), secret,
+                    global_slots=RedisSlots(link, limit, config.store.lease_seconds) if limit else None,
+                    mirror=RedisCheckpoints(link), link=link)
+
+
+async def _fleet_secret(link, local: bytes) -> bytes:
+    """One partition secret for every sidecar on this Redis, so the same key hits on any machine."""
+    from redis.exceptions import RedisError
+    name = link.key("partition-secret")
+    try:
+        await link.redis.set(name, local, nx=True)
+        return await link.redis.get(name) or local
+    except (RedisError, OSError) as exc:
+        link.failed(exc)
+        return local
