@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .cache_key import load_secret
-from .config import Config
+from .config import Config, ConfigError
 from .store import Lmdb, ResponseStore
 
 
@@ -33,7 +33,10 @@ async def open_backends(config: Config, lmdb_env: Lmdb, emit: Callable[..., None
     max_bytes = int(config.cache.max_size_mb * 1024 * 1024)
     if config.store.backend == "lmdb":
         return Backends(ResponseStore(lmdb_env, max_bytes), load_secret(config.state_dir))
-    from .redis_backend import RedisCheckpoints, RedisLink, RedisResponseStore, RedisSlots
+    try:
+        from .redis_backend import RedisCheckpoints, RedisLink, RedisResponseStore, RedisSlots
+    except ImportError:
+        raise ConfigError("[store] backend = \"redis\" needs the Redis client: pip install 'agent-sidecar[redis]'") from None
     link = RedisLink(config.store.redis_url, config.store.redis_prefix, emit)
     secret = await _fleet_secret(link, load_secret(config.state_dir))
     limit = config.limits.max_concurrency
