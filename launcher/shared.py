@@ -136,9 +136,7 @@ def stop(config: Config) -> int:
     os.kill(info["pid"], signal.SIGTERM)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:   # a CLI waiting for another process: a short poll is fine here
-        try:
-            os.kill(info["pid"], 0)
-        except ProcessLookupError:
+        if not _running(info["pid"]):
             break
         time.sleep(0.05)
     else:
@@ -146,6 +144,15 @@ def stop(config: Config) -> int:
     state_path(config).unlink(missing_ok=True)
     print(f"sidecar: stopped the shared sidecar (pid {info['pid']})")
     return 0
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped (in a container without an init, it may never be)."""
+    import psutil
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def status(config: Config) -> int:

@@ -169,6 +169,7 @@ class RedisSlots:
         """A lease id once a global slot is ours; None when Redis is out (the local limit then rules)."""
         holder = f"{self._owner}-{uuid.uuid4().hex[:8]}"
         while self.link.up:
+            self._freed.clear()   # before asking: a release announced meanwhile must still wake us
             try:
                 now = time.time()
                 granted = await self._acquire(keys=[self._slots], args=[now, self.limit, now + self.lease, holder])
@@ -181,7 +182,6 @@ class RedisSlots:
                 self._keep_renewing()
                 return holder
             self._listen()
-            self._freed.clear()
             try:   # woken by a release anywhere; a dead holder's lease frees its slot by expiring
                 await asyncio.wait_for(self._freed.wait(), self.lease)
             except asyncio.TimeoutError:
