@@ -67,7 +67,7 @@ def tell(proxy: ProxyProcess | None, connect: str | None, message: dict) -> None
         proxy.send({"agent": message}, standing="agent" if message.get("event") != "exited" else None)
     elif connect:
         try:
-            client.call(connect, "/_sidecar/agents", message, timeout=1.0)
+            client.call(connect, "/_sidecar/agents", {**message, "watch": True}, timeout=1.0)
         except client.SidecarUnreachable:
             pass   # the agent's own calls will show the problem; its run must not fail for this
 

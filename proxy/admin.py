@@ -66,7 +66,7 @@ async def metrics(request: web.Request) -> web.Response:
         "sidecar_cache_entries": ("Entries in the response cache.", cache["entries"]),
         "sidecar_cache_bytes": ("Bytes in the response cache.", cache["bytes"]),
     }
-    return web.Response(text=state.stats.prometheus(gauges), content_type="text/plain",
+    return web.Response(body=state.stats.prometheus(gauges).encode(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
@@ -94,3 +94,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/_sidecar/metrics", metrics)
     app.router.add_get("/_sidecar/limits", limits)
     app.router.add_route("*", "/_sidecar/agents", agents)
+    from . import dashboard   # the live page under /_sidecar/ (imported late: it builds on this module)
+    dashboard.add_routes(app)

@@ -88,10 +88,11 @@ class Limiter:
                 if not queue:
                     del self.queues[agent]
                     continue
-                head = queue[0]
-                if not self._fits(agent, head.model):
+                # The agent's oldest call that fits: one at its model's limit does not block the others.
+                head = next((w for w in queue if not w.future.done() and self._fits(agent, w.model)), None)
+                if head is None:
                     continue
-                queue.popleft()
+                queue.remove(head)
                 self.queued -= 1
                 self._take(agent, head.model)
                 head.future.set_result(None)
@@ -103,8 +104,10 @@ class Limiter:
     async def acquire(self, agent: str, model: str, retrying: bool = False):
         """Take a slot, waiting in line if needed; a retrying call waits at the front of its agent's line.
 
-        Returns the token `release` needs (a global lease, when a fleet-wide limit is configured)."""
-        if not self.queued and self._fits(agent, model):
+        Returns the token `release` needs (a global lease, when a fleet-wide limit is configured).
+        Every change dispatches the queue at once, so a waiting call is one that cannot run: a new call
+        that fits takes nothing from them."""
+        if self._fits(agent, model):
             self._take(agent, model)
         else:
             await self._wait(agent, model, retrying)

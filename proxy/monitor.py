@@ -100,12 +100,15 @@ class Monitor:
             agent.pid, agent.cmd = message.get("pid", 0), message.get("cmd", agent.cmd)
             agent.process = None
             agent.state = "running" if kind == "started" else "restarted"
-            self._watch(agent)
+            if message.get("watch"):   # no launcher pipe to report its exit (--connect, --shared)
+                self._watch(agent)
             if kind == "restarted":
                 agent.restarts += 1
                 self.emit(make_event("agent_restarted", agent=agent.id, pid=agent.pid, restarts=agent.restarts))
         elif kind == "exited" and agent.state != "exited":
             self._exited(agent, message.get("status"))
+        elif kind == "exited" and agent.exit_status is None:   # the kernel told first; the launcher knows the status
+            agent.exit_status = message.get("status")
         self.sample(force=True)
         if self.on_agents_changed:
             self.on_agents_changed()
