@@ -145,6 +145,13 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 
 @command
+def cmd_top(args: argparse.Namespace) -> int:
+    """Live overview of a running sidecar in the terminal, redrawn as it pushes updates (q quits)."""
+    from . import top
+    return top.run(args, effective_config(args))
+
+
+@command
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run a small example agent through the sidecar against the built-in mock API."""
     from .demo import run_demo
@@ -183,6 +190,9 @@ def parser() -> argparse.ArgumentParser:
     add("demo")
     add("stop")
     add("status")
+    watch = add("top")
+    watch.add_argument("--url", help="the sidecar's URL (default: the shared sidecar, else the newest 'sidecar run')")
+    watch.add_argument("--once", action="store_true", help="print the overview once, as plain text, and exit")
     from . import cache_cmd, sessions_cmd, stats_cmd
     cache_cmd.add_parser(sub, common)
     sessions_cmd.add_parser(sub, common)

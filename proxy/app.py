@@ -6,7 +6,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from . import admin
+from . import admin, dashboard
 from .config import Config
 from .handler import add_sidecar_headers, handle
 from .state import STATE, ProxyState
@@ -25,6 +25,7 @@ def make_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(lifetime)
     app.on_response_prepare.append(add_sidecar_headers)
+    app.middlewares.append(dashboard.guard)   # /_sidecar/ only for 127.0.0.1; pushes the live view
     admin.add_routes(app)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from .app import make_app
 from .config import Config
+from .dashboard import register_run
 from .state import STATE
 
 log = logging.getLogger("sidecar")
@@ -75,9 +76,16 @@ async def serve(config: Config, sock: socket.socket, *, control_fd: int | None =
     log.info("listening on %s:%d", config.proxy.host, port)
     if on_ready:
         on_ready(port)
+    run_file = None
+    if control_fd is not None:   # `sidecar run`'s embedded proxy: findable by `sidecar top` while it serves
+        host = sock.getsockname()[0]
+        run_file = register_run(config.state_dir, f"http://{f'[{host}]' if ':' in host else host}:{port}",
+                                config.proxy.agent_id)
     try:
         await stop.wait()
     finally:
+        if run_file is not None:
+            run_file.unlink(missing_ok=True)
         await runner.cleanup()
 
 
