@@ -1,0 +1,235 @@
+"""The processes a benchmark runs: the mock API, sidecars, the load worker.
+
+Each is its own OS process on 127.0.0.1 with a log file in the run's temp
+directory. All are registered in one `Procs` and stopped at the end, on errors
+and on Ctrl-C (SIGTERM, then SIGKILL); on Linux they also get SIGTERM if the
+bench itself dies (PR_SET_PDEATHSIG), so nothing outlives a run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+_READY = re.compile(rb"(http://127\.0\.0\.1:\d+)")
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # never through an HTTP proxy
+
+
+class BenchError(Exception):
+    """A server crashed, did not start, or a job failed: the scenario reports it instead of numbers."""
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The bench's environment without proxies, API keys, base URLs or sidecar settings, plus `extra`."""
+    drop = ("ANTHROPIC_", "OPENAI_", "SIDECAR_")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(drop) and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    env.update(NO_PROXY="127.0.0.1,localhost", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def http(method: str, url: str, body: dict | None = None, timeout: float = 5.0) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    with _opener.open(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+class Proc:
+    """One child process whose stderr goes to a log file; `url` once it said where it listens."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, logdir: Path, stdin=subprocess.DEVNULL, stdout=None):
+        self.name = name
+        self.log = logdir / f"{name}.log"
+        self._log_fh = open(self.log, "wb")
+        self.popen = subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=stdin, stdout=stdout or subprocess.DEVNULL,
+                                      stderr=self._log_fh, start_new_session=True, preexec_fn=_die_with_parent)
+        self.ps = psutil.Process(self.popen.pid)
+        self.url = ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 6) -> str:
+        try:
+            text = self.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+    def check(self) -> None:
+        if not self.alive():
+            raise BenchError(f"{self.name} exited with status {self.popen.returncode}: {self.tail()}")
+
+    def wait_url(self, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = _READY.search(self.log.read_bytes())
+            if found:
+                self.url = found.group(1).decode()
+                return self.url
+            self.check()
+            time.sleep(0.02)
+        raise BenchError(f"{self.name} did not start within {timeout:g} s: {self.tail()}")
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log_fh.close()
+
+
+class LoadWorker(Proc):
+    """`python -m bench.load --serve`: send a job, get its JSON result."""
+
+    def __init__(self, logdir: Path, name: str = "load"):
+        super().__init__(name, [sys.executable, "-m", "bench.load", "--serve"], clean_env(), logdir,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.popen.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def run(self, job: dict, timeout: float = 300.0) -> dict:
+        self.check()
+        self.popen.stdin.write(json.dumps(job).encode() + b"\n")
+        self.popen.stdin.flush()
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            self.stop(grace=1)
+            raise BenchError(f"load job {job.get('kind')} took over {timeout:g} s") from None
+        if line is None:
+            raise BenchError(f"load worker exited: {self.tail()}")
+        result = json.loads(line)
+        if "fatal" in result:
+            raise BenchError(f"load job failed: {result['fatal']}")
+        return result
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.alive():
+            try:
+                self.popen.stdin.close()   # it exits at end of input
+                self.popen.wait(grace)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        super().stop(grace=1)
+
+
+class Sampler:
+    """Peak RSS of a process, sampled on a thread every `every` seconds while running."""
+
+    def __init__(self, ps: psutil.Process, every: float = 0.02):
+        self.ps, self.every, self.peak = ps, every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.ps.memory_info().rss)
+            except psutil.Error:
+                return
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Procs:
+    """Every process of a run, stopped together; a temp dir for logs and state."""
+
+    def __init__(self, keep: bool = False):
+        self.tmp = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+        self.keep = keep
+        self.all: list[Proc] = []
+        self._n = 0
+
+    def _name(self, base: str) -> str:
+        self._n += 1
+        return f"{self._n:02d}-{base}"
+
+    def mock(self, ttft: float = 0.0, tps: float = 0.0, output_tokens: int = 12, max_concurrency: int = 0,
+             retry_after: float = 1.0) -> Proc:
+        cmd = [sys.executable, "-m", "bench.mock_upstream", "--host", "127.0.0.1", "--port", "0",
+               "--ttft", str(ttft), "--tps", str(tps), "--output-tokens", str(output_tokens),
+               "--max-concurrency", str(max_concurrency), "--retry-after", str(retry_after)]
+        proc = Proc(self._name("mock"), cmd, clean_env(), self.tmp)
+        self.all.append(proc)
+        return proc
+
+    def sidecar(self, upstream: str, state: Path | None = None, **settings: str) -> Proc:
+        """`python -m launcher serve --port 0`; `settings` like cache_mode="off" become SIDECAR_CACHE_MODE."""
+        name = self._name("sidecar")
+        state = state or self.tmp / f"{name}-state"
+        env = clean_env(ANTHROPIC_BASE_URL=upstream, OPENAI_BASE_URL=upstream + "/v1", SIDECAR_STATE_DIR=str(state),
+                        **{f"SIDECAR_{k.upper()}": str(v) for k, v in settings.items()})
+        proc = Proc(name, [sys.executable, "-m", "launcher", "serve", "--port", "0"], env, self.tmp)
+        proc.state = state
+        self.all.append(proc)
+        return proc
+
+    def load(self) -> LoadWorker:
+        proc = LoadWorker(self.tmp, self._name("load"))
+        self.all.append(proc)
+        return proc
+
+    def ready(self, *procs: Proc) -> None:
+        """Wait until each (started in parallel) listens and answers."""
+        for proc in procs:
+            url = proc.wait_url()
+            probe = "/_sidecar/health" if "sidecar" in proc.name else "/_mock/stats"
+            for _ in range(100):
+                try:
+                    http("GET", url + probe)
+                    break
+                except OSError:
+                    proc.check()
+                    time.sleep(0.05)
+            else:
+                raise BenchError(f"{proc.name} does not answer on {url}: {proc.tail()}")
+
+    def stop(self, *procs: Proc) -> None:
+        for proc in procs or list(self.all):
+            proc.stop()
+            if proc in self.all:
+                self.all.remove(proc)
+
+    def close(self) -> None:
+        self.stop()
+        if not self.keep:
+            import shutil
+            shutil.rmtree(self.tmp, ignore_errors=True)
