@@ -249,6 +249,15 @@ def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
 _NOT_SETTINGS = {"SIDECAR_URL", "SIDECAR_CONFIG", "SIDECAR_AGENT_ID", "SIDECAR_PROXY_CONFIG"}
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
+
+
+def env_proxy_configured(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether an HTTP(S) proxy is set for outgoing calls (then the upstream session honours it)."""
+    environ = os.environ if environ is None else environ
+    return any(environ.get(name) for name in PROXY_VARIABLES)
+
+
 def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None,
          flags: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
     """The effective configuration: defaults < file < environment < flags."""

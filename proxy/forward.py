@@ -59,8 +59,8 @@ async def fetch(state, call: Call, flight: Flight, headers) -> None:
                 await state.sessions.checkpoint(call, recorder.message(), headers)
             flight.append(body)
         call.t_done = time.monotonic()
+        flight.finish()   # first: the subscribers' wake-ups are queued before the cache write
         write = state.cache.save(call, head, recorder)
-        flight.finish()
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         flight.abort(UpstreamError("bad_gateway", f"sidecar: upstream answer broke off ({exc!r})"))
     except asyncio.CancelledError:

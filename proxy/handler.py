@@ -49,7 +49,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         call.error = "client_disconnected"
         raise
     finally:
-        state.finish(call)
+        # After the answer has gone out: aiohttp writes a returned response before the loop turns.
+        asyncio.get_running_loop().call_soon(state.finish, call)
 
 
 async def add_sidecar_headers(request: web.Request, response: web.StreamResponse) -> None:

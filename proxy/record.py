@@ -32,7 +32,7 @@ def decoded(body: bytes, encoding: str) -> bytes:
 
 class Recorder:
     __slots__ = ("call", "api", "stream", "encoding", "keep", "chunks", "offsets", "events",
-                 "complete", "_parser", "_t0")
+                 "complete", "_parser", "_t0", "_parsed")
 
     def __init__(self, call: Call, stream: bool, encoding: str, keep: bool):
         self.call = call
@@ -44,6 +44,7 @@ class Recorder:
         self.offsets: list[tuple[float, int]] = []
         self.events: list[tuple[str, bytes]] = []
         self.complete = False
+        self._parsed: dict | None = None   # a JSON answer, parsed once for tokens and checkpoint
         self._parser = EventParser() if stream and not encoding else None
         self._t0 = 0.0
 
@@ -91,9 +92,11 @@ class Recorder:
 
     def _json_usage(self, body: bytes) -> None:
         try:
-            usage = orjson.loads(decoded(body, self.encoding)).get("usage") or {}
+            parsed = orjson.loads(decoded(body, self.encoding))
+            usage = parsed.get("usage") or {}
         except (ValueError, AttributeError, OSError, zlib.error):
             return
+        self._parsed = parsed
         if self.api == "anthropic":
             self.call.input_tokens = usage.get("input_tokens", 0) or 0
             self.call.output_tokens = usage.get("output_tokens", 0) or 0
@@ -114,6 +117,8 @@ class Recorder:
             return None
         if self.stream:
             return assemble_anthropic(self.events) if self.api == "anthropic" else assemble_openai(self.events)
+        if self._parsed is not None:
+            return self._parsed
         try:
             return orjson.loads(decoded(self.body, self.encoding))
         except (ValueError, OSError, zlib.error):

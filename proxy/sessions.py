@@ -30,7 +30,21 @@ CHAT_ROUTES = {"/v1/messages": "anthropic", "/v1/chat/completions": "openai"}
 
 
 def _digest(value: Any) -> str:
-    return hashlib.blake2b(orjson.dumps(value, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
+    return hashlib.blake2b(orjson.dumps(value), digest_size=8).hexdigest()
+
+
+def _common_prefix(hashes: list[str], messages: list[dict]) -> int:
+    """How many leading messages are already stored. Agents append, so checking the boundary message
+    is enough (each turn hashes only what is new); a rewritten history gets the full comparison."""
+    n = min(len(hashes), len(messages))
+    if n == 0:
+        return 0
+    if _digest(messages[n - 1]) == hashes[n - 1] and _digest(messages[0]) == hashes[0]:
+        return n
+    common = 0
+    while common < n and hashes[common] == _digest(messages[common]):
+        common += 1
+    return common
 
 
 def client_session(body: dict, headers) -> str | None:
@@ -52,7 +66,9 @@ def session_id(agent: str, body: dict, headers) -> str:
         return "c" + _digest(["client", own])[:15]
     messages = body.get("messages") or []
     first_user = next((m for m in messages if m.get("role") == "user"), None)
-    return "r" + _digest([agent, body.get("system"), first_user])[:15]
+    system = body.get("system")
+    head = system[:4096] if isinstance(system, str) else orjson.dumps(system)[:4096].decode("utf-8", "ignore")
+    return "r" + _digest([agent, head, first_user])[:15]
 
 
 def answer_message(api: str, answer: dict | None) -> dict | None:
@@ -126,17 +142,21 @@ class Sessions:
     def _append(self, txn: lmdb.Transaction, sid: str, messages: list[dict], meta: dict) -> None:
         key = f"s:{sid}".encode()
         old = txn.get(key, db=self._db)
+        meta = dict(meta)
+        system = meta.pop("system")
         stored = orjson.loads(old) if old else {**meta, "created": time.time(), "hashes": []}
         hashes: list[str] = stored["hashes"]
-        new_hashes = [_digest(m) for m in messages]
-        common = 0
-        while common < min(len(hashes), len(new_hashes)) and hashes[common] == new_hashes[common]:
-            common += 1
+        common = _common_prefix(hashes, messages)
+        new_hashes = hashes[:common] + [_digest(m) for m in messages[common:]]
         for index in range(common, len(hashes)):   # history the agent rewrote (e.g. compacted)
             txn.delete(self._message_key(sid, index), db=self._db)
         for index in range(common, len(messages)):
             txn.put(self._message_key(sid, index), orjson.dumps(messages[index]), db=self._db)
-        stored.update(model=meta["model"] or stored.get("model"), system=meta["system"], updated=time.time(),
+        system_digest = _digest(system)
+        if stored.get("system_digest") != system_digest:   # its own row, rewritten only when it changes: it can be large
+            txn.put(f"y:{sid}".encode(), orjson.dumps(system), db=self._db)
+            stored["system_digest"] = system_digest
+        stored.update(model=meta["model"] or stored.get("model"), updated=time.time(),
                       hashes=new_hashes, turns=stored.get("turns", 0) + 1, messages=len(messages))
         txn.put(key, orjson.dumps(stored), db=self._db)
 
@@ -155,6 +175,7 @@ class Sessions:
                         break
                     meta = orjson.loads(value)
                     meta.pop("hashes", None)
+                    meta.pop("system_digest", None)
                     rows.append(meta)
         return sorted(rows, key=lambda m: m.get("updated", 0), reverse=True)
 
@@ -165,9 +186,14 @@ class Sessions:
             rows = [m for m in rows if m.get("agent") == ref[6:]]
             ref = "last"
         if ref == "last":
-            return rows[0] if rows else None
+            return self._with_system(rows[0]) if rows else None
         matches = [m for m in rows if m["id"] == ref] or [m for m in rows if m["id"].startswith(ref)]
-        return matches[0] if len(matches) == 1 else None
+        return self._with_system(matches[0]) if len(matches) == 1 else None
+
+    def _with_system(self, meta: dict) -> dict:
+        with self.lmdb.env.begin(db=self._db) as txn:
+            raw = txn.get(f"y:{meta['id']}".encode())
+        return {**meta, "system": orjson.loads(raw) if raw else None}
 
     def messages(self, sid: str) -> list[dict]:
         prefix = f"m:{sid}:".encode()
@@ -186,6 +212,7 @@ class Sessions:
 
         def remove(txn: lmdb.Transaction) -> None:
             txn.delete(f"s:{sid}".encode(), db=self._db)
+            txn.delete(f"y:{sid}".encode(), db=self._db)
             cursor = txn.cursor(db=self._db)
             if cursor.set_range(prefix):
                 while cursor.key().startswith(prefix):

@@ -13,7 +13,7 @@ import asyncio
 import aiohttp
 from multidict import CIMultiDict
 
-from .config import ProxySection
+from .config import ProxySection, env_proxy_configured
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -45,8 +45,9 @@ def end_to_end(headers) -> CIMultiDict:
 def request_headers(headers) -> CIMultiDict:
     """What goes upstream: end-to-end headers, minus the sidecar's own x-sidecar-* controls."""
     forwarded = end_to_end(headers)
-    for name in [k for k in forwarded if k.lower().startswith("x-sidecar-")]:
-        del forwarded[name]
+    if "x-sidecar-cache" in forwarded or any(k[:10].lower() == "x-sidecar-" for k in forwarded):
+        for name in [k for k in forwarded if k.lower().startswith("x-sidecar-")]:
+            del forwarded[name]
     return forwarded
 
 
@@ -58,8 +59,9 @@ class UpstreamClient:
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        # trust_env makes aiohttp look up proxies and netrc on every request (in a thread): only when needed.
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False, timeout=self._timeout,
-                                             trust_env=True, cookie_jar=aiohttp.DummyCookieJar())
+                                             trust_env=env_proxy_configured(), cookie_jar=aiohttp.DummyCookieJar())
 
     async def close(self) -> None:
         if self.session is not None:
