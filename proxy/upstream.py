@@ -45,9 +45,8 @@ def end_to_end(headers) -> CIMultiDict:
 def request_headers(headers) -> CIMultiDict:
     """What goes upstream: end-to-end headers, minus the sidecar's own x-sidecar-* controls."""
     forwarded = end_to_end(headers)
-    if "x-sidecar-cache" in forwarded or any(k[:10].lower() == "x-sidecar-" for k in forwarded):
-        for name in [k for k in forwarded if k.lower().startswith("x-sidecar-")]:
-            del forwarded[name]
+    for name in [k for k in forwarded if k.lower().startswith("x-sidecar-")]:
+        del forwarded[name]
     return forwarded
 
 
