@@ -152,6 +152,13 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 @command
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmark direct vs through the sidecar (python -m bench; --quick, --json FILE, --plot FILE)."""
+    import os
+    os.execv(sys.executable, [sys.executable, "-m", "bench", *args.bench_args])   # its options are its own
+
+
+@command
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run a small example agent through the sidecar against the built-in mock API."""
     from .demo import run_demo
@@ -190,6 +197,8 @@ def parser() -> argparse.ArgumentParser:
     add("demo")
     add("stop")
     add("status")
+    add("bench", add_help=False).add_argument("bench_args", nargs=argparse.REMAINDER,
+                                              help="options of python -m bench (sidecar bench --help)")
     watch = add("top")
     watch.add_argument("--url", help="the sidecar's URL (default: the shared sidecar, else the newest 'sidecar run')")
     watch.add_argument("--once", action="store_true", help="print the overview once, as plain text, and exit")
@@ -201,6 +210,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:   # every option after it belongs to python -m bench
+        return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
