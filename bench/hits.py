@@ -1,9 +1,9 @@
 """Scenarios 3 and 4: what the cache gives back.
 
 3. hits: a zero-delay mock with ~1 KB answers. The same request repeated
-   after a warm-up (every answer a hit) against direct calls and cache misses
-   (unique requests through the sidecar): latency at concurrency 1,
-   throughput at 1, 8 and 32.
+   after a warm-up (every answer a hit) against direct calls, the bare proxy
+   (bench/bare_proxy.py) and cache misses (unique requests through the
+   sidecar): latency at concurrency 1, throughput at 1, 8 and 32.
 4. session: a scripted 10-turn agent (each turn resends the conversation,
    previous answers included; a new session id in metadata.user_id each run,
    as Claude Code does) against a realistic mock, run twice through
@@ -34,8 +34,8 @@ def hits(ctx: Ctx) -> Result:
     load = procs.load()
     mock = procs.mock(output_tokens=plan.hit_tokens)
     procs.ready(mock)
-    side = procs.sidecar(mock.url)
-    procs.ready(side)
+    bare, side = procs.bare(mock.url), procs.sidecar(mock.url)
+    procs.ready(bare, side)
     for stream in (False, True):   # store the two answers the hit rounds repeat
         load.run(_job(side.url, 1, 1, stream, f"s3-hit-{stream}", same=True))
     workloads = [("json_c1", False, 1, plan.n_c1), ("stream_c1", True, 1, plan.n_c1),
@@ -45,9 +45,10 @@ def hits(ctx: Ctx) -> Result:
         def job(url: str, kind: str, same: bool = False, stream=stream, c=c, n=n, w=w):
             tag = f"s3-hit-{stream}" if same else f"s3-{w}-{kind}"
             return lambda r: load.run(_job(url, n, c, stream, tag if same else f"{tag}-r{r}", same=same))
-        data[w] = alternate(plan, {"direct": job(mock.url, "direct"), "miss": job(side.url, "miss"),
-                                   "hit": job(side.url, "hit", same=True)},
+        data[w] = alternate(plan, {"direct": job(mock.url, "direct"), "bare": job(bare.url, "bare"),
+                                   "miss": job(side.url, "miss"), "hit": job(side.url, "hit", same=True)},
                             expect={"miss": "miss", "hit": "hit"})
+        bare.check()
         side.check()
     res.series = {f"{w}.{t}": s for w, d in data.items() for t, s in d.items()}
 
@@ -56,10 +57,13 @@ def hits(ctx: Ctx) -> Result:
     def row(w: str, label: str, measure: str, key: str, fn, unit: str, target=None) -> None:
         d = data[w]
         cells = [label, measure, res.put(f"{w}.{key}.direct", d["direct"].fig(fn, unit)),
+                 res.put(f"{w}.{key}.bare", d["bare"].fig(fn, unit)),
                  res.put(f"{w}.{key}.miss", d["miss"].fig(fn, unit)), vs(d["direct"], d["miss"], fn, unit),
+                 vs(d["bare"], d["miss"], fn, unit),
                  res.put(f"{w}.{key}.hit", d["hit"].fig(fn, unit)), vs(d["direct"], d["hit"], fn, unit),
-                 vs(d["miss"], d["hit"], fn, unit)]
-        for a, b in (("direct", "hit"), ("miss", "hit"), ("direct", "miss")):
+                 vs(d["bare"], d["hit"], fn, unit), vs(d["miss"], d["hit"], fn, unit)]
+        for a, b in (("direct", "hit"), ("miss", "hit"), ("direct", "miss"), ("direct", "bare"), ("bare", "miss"),
+                     ("bare", "hit")):
             res.put(f"{w}.{key}.{b}_vs_{a}", paired(d[a], d[b], fn, "ratio", "x"))
         if target is None:
             cells += ["", ""]
@@ -84,12 +88,14 @@ def hits(ctx: Ctx) -> Result:
     row("json_c1", "JSON, c=1", "throughput", "rps", rps, "req/s")
     row("json_c8", "JSON, c=8", "throughput", "rps", rps, "req/s")
     row("json_c32", "JSON, c=32", "throughput", "rps", rps, "req/s", hit_speedup)
-    res.table(["workload", "measure", "direct", "sidecar miss", "miss vs direct", "sidecar hit",
-               "hit vs direct", "hit vs miss", "target", "met?"], rows)
+    res.table(["workload", "measure", "direct", "bare proxy", "sidecar miss", "miss vs direct", "miss vs bare",
+               "sidecar hit", "hit vs direct", "hit vs bare", "hit vs miss", "target", "met?"], rows)
     sizes = [r["avg_bytes"] for r in data["json_c1"]["hit"].rounds]
     if sizes:
         res.put("answer_bytes", Fig(statistics.mean(sizes), "B"))
         res.notes.append(f"answer size {statistics.mean(sizes):,.0f} bytes (JSON).")
+    res.notes.append("bare proxy = bench/bare_proxy.py (a ~50-line aiohttp+uvloop reverse proxy) with unique "
+                     "requests, alternated in each round with the other three.")
     return res
 
 

@@ -145,17 +145,20 @@ class LoadWorker(Proc):
 
 
 class Sampler:
-    """Peak RSS of a process, sampled on a thread every `every` seconds while running."""
+    """Peak RSS of a process, and peak anonymous memory (RSS minus file-backed and shared pages, i.e.
+    RssAnon: psutil's `shared` is RssFile + RssShmem), sampled on a thread every `every` seconds."""
 
     def __init__(self, ps: psutil.Process, every: float = 0.02):
-        self.ps, self.every, self.peak = ps, every, 0
+        self.ps, self.every, self.peak, self.peak_anon = ps, every, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.peak = max(self.peak, self.ps.memory_info().rss)
+                mem = self.ps.memory_info()
+                self.peak = max(self.peak, mem.rss)
+                self.peak_anon = max(self.peak_anon, mem.rss - getattr(mem, "shared", 0))
             except psutil.Error:
                 return
             self._stop.wait(self.every)
@@ -188,6 +191,13 @@ class Procs:
                "--ttft", str(ttft), "--tps", str(tps), "--output-tokens", str(output_tokens),
                "--max-concurrency", str(max_concurrency), "--retry-after", str(retry_after)]
         proc = Proc(self._name("mock"), cmd, clean_env(), self.tmp)
+        self.all.append(proc)
+        return proc
+
+    def bare(self, upstream: str) -> Proc:
+        """`python -m bench.bare_proxy`: the yardstick, a bare aiohttp+uvloop reverse proxy to `upstream`."""
+        cmd = [sys.executable, "-m", "bench.bare_proxy", "--upstream", upstream, "--host", "127.0.0.1", "--port", "0"]
+        proc = Proc(self._name("bare"), cmd, clean_env(), self.tmp)
         self.all.append(proc)
         return proc
 

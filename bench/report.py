@@ -113,10 +113,11 @@ def plot(path: str, results: list[Result]) -> str | None:
     hits, over = by.get("hits"), by.get("overhead")
     curves = []
     if hits:
-        curves = [("direct", hits.series.get("json_c1.direct")), ("sidecar miss", hits.series.get("json_c1.miss")),
-                  ("sidecar hit", hits.series.get("json_c1.hit"))]
+        curves = [("direct", hits.series.get("json_c1.direct")), ("bare proxy", hits.series.get("json_c1.bare")),
+                  ("sidecar miss", hits.series.get("json_c1.miss")), ("sidecar hit", hits.series.get("json_c1.hit"))]
     elif over:
-        curves = [("direct", over.series.get("json_c1.direct")), ("sidecar miss", over.series.get("json_c1.sidecar"))]
+        curves = [("direct", over.series.get("json_c1.direct")), ("bare proxy", over.series.get("json_c1.bare")),
+                  ("sidecar miss", over.series.get("json_c1.sidecar"))]
     for label, series in curves:
         values = sorted(series.pooled("latency_ms")) if series and not series.failed else []
         if values:
@@ -133,7 +134,8 @@ def plot(path: str, results: list[Result]) -> str | None:
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend()
     if hits:
-        for label, kind in (("direct", "direct"), ("sidecar miss", "miss"), ("sidecar hit", "hit")):
+        for label, kind in (("direct", "direct"), ("bare proxy", "bare"), ("sidecar miss", "miss"),
+                            ("sidecar hit", "hit")):
             xs, ys = [], []
             for c in (1, 8, 32):
                 fig_ = hits.figures.get(f"json_c{c}.rps.{kind}")
