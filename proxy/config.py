@@ -88,6 +88,7 @@ class RetrySection:
 
 @dataclass(frozen=True)
 class StatsSection:
+    record: bool = True
     max_records: int = 200000
 
 
