@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 
-from . import footprint, hits, overhead, report, storm
+from . import fleet, footprint, hits, overhead, recording, report, storm
 from .plan import Ctx, make_plan
 from .procs import BenchError, Procs
 from .stats import Result
@@ -29,6 +29,8 @@ SCENARIOS = {
     "session": ("4. Replayed agent session", hits.session),
     "storm": ("5. Rate-limit storm", storm.storm),
     "footprint": ("6. Footprint", footprint.footprint),
+    "recording": ("7. Recording cost", recording.recording),
+    "redis": ("8. Two sidecars on one Redis", fleet.redis),
 }
 
 

@@ -1,4 +1,4 @@
-"""The processes a benchmark runs: the mock API, sidecars, the load worker.
+"""The processes a benchmark runs: the mock API, sidecars, the bare proxy, redis-server, the load worker.
 
 Each is its own OS process on 127.0.0.1 with a log file in the run's temp
 directory. All are registered in one `Procs` and stopped at the end, on errors
@@ -14,6 +14,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -56,14 +57,22 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 5.0) 
         return json.loads(resp.read())
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class Proc:
     """One child process whose stderr goes to a log file; `url` once it said where it listens."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict, logdir: Path, stdin=subprocess.DEVNULL, stdout=None):
+    def __init__(self, name: str, cmd: list[str], env: dict, logdir: Path, stdin=subprocess.DEVNULL, stdout=None,
+                 stdout_to_log: bool = False):
         self.name = name
         self.log = logdir / f"{name}.log"
         self._log_fh = open(self.log, "wb")
-        self.popen = subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=stdin, stdout=stdout or subprocess.DEVNULL,
+        stdout = self._log_fh if stdout_to_log else stdout or subprocess.DEVNULL
+        self.popen = subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=stdin, stdout=stdout,
                                       stderr=self._log_fh, start_new_session=True, preexec_fn=_die_with_parent)
         self.ps = psutil.Process(self.popen.pid)
         self.url = ""
@@ -211,6 +220,27 @@ class Procs:
         proc.state = state
         self.all.append(proc)
         return proc
+
+    def redis(self, server: str) -> Proc:
+        """`redis-server` on a free 127.0.0.1 port, nothing saved to disk; `url` is its redis:// URL once ready."""
+        port = free_port()
+        cmd = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", str(self.tmp), "--daemonize", "no"]
+        proc = Proc(self._name("redis"), cmd, clean_env(), self.tmp, stdout_to_log=True)
+        self.all.append(proc)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        proc.url = f"redis://127.0.0.1:{port}/0"
+                        return proc
+            except OSError:
+                pass
+            proc.check()
+            time.sleep(0.05)
+        raise BenchError(f"{proc.name} does not answer PING on port {port}: {proc.tail()}")
 
     def load(self) -> LoadWorker:
         proc = LoadWorker(self.tmp, self._name("load"))

@@ -51,6 +51,8 @@ def markdown(res: Result) -> str:
         out += [f"_{res.setup}_", ""]
     if res.error:
         out += [f"**FAILED**: {res.error}", ""]
+    elif res.skipped:
+        out += [f"**SKIPPED**: {res.skipped}", ""]
     for header, rows in res.tables:
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join("---" for _ in header) + "|")

@@ -131,6 +131,7 @@ class Result:
         self.tables: list[tuple[list[str], list[list[str]]]] = []
         self.notes: list[str] = []
         self.error: str | None = None
+        self.skipped: str | None = None   # could not run here (e.g. no redis-server): said, not a failure
         self.seconds = 0.0
         self.series: dict[str, Series] = {}   # raw data kept for --plot
 
@@ -151,8 +152,8 @@ class Result:
         self.tables.append((header, rows))
 
     def to_json(self) -> dict:
-        return {"title": self.title, "setup": self.setup, "status": "failed" if self.error else "ok",
-                "error": self.error, "seconds": round(self.seconds, 2), "figures": self.figures, "notes": self.notes}
+        return {"title": self.title, "setup": self.setup, "status": "failed" if self.error else "skipped" if self.skipped else "ok",
+                "error": self.error or self.skipped, "seconds": round(self.seconds, 2), "figures": self.figures, "notes": self.notes}
 
 
 def met_text(met: bool | None) -> str:
