@@ -1,9 +1,11 @@
 """Every call's record, kept in the state directory for `sidecar stats`.
 
-Records go to LMDB in batches on the writer thread: a call only appends to a
-list, and one write transaction takes whatever has piled up meanwhile, so the
-cost per call stays flat under load and nothing runs while nothing happens.
-The log is bounded: beyond `max_records` the oldest are dropped.
+Records go to LMDB in batches: a call only appends to a list, and one write
+transaction takes up to a batch at a time, when the batch is full or a second
+after the first pending record (the one timer, armed only while records wait),
+so the cost per call stays small and nothing runs while nothing happens. A
+reader (`/_sidecar/stats`, shutdown) flushes first. The log is bounded:
+beyond `max_records` the oldest are dropped.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import orjson
 from .store import Lmdb
 
 log = logging.getLogger("sidecar")
+BATCH = 64          # records per write transaction at most
+FLUSH_DELAY = 1.0   # seconds a record may wait for its batch to fill
 
 
 def record_key(record: dict, seq: int) -> bytes:
@@ -33,11 +37,21 @@ class RecordLog:
         self._db = lmdb_env.db["records"]
         self._pending: list[dict] = []
         self._flushing: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._seq = 0
 
     def add(self, record: dict) -> None:
         self._pending.append(record)
-        if self._flushing is None:
+        if len(self._pending) >= BATCH:
+            self._start_flush()
+        elif self._timer is None and self._flushing is None:
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_DELAY, self._start_flush)
+
+    def _start_flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flushing is None and self._pending:
             self._flushing = asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:
@@ -63,6 +77,8 @@ class RecordLog:
                         break
 
     async def drain(self) -> None:
+        """Write every pending record now."""
+        self._start_flush()
         while self._flushing is not None:
             await self._flushing
 
