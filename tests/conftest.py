@@ -7,9 +7,11 @@ proxy serves on an ephemeral port, `sidecar run` runs as a real process tree.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,3 +163,20 @@ def script(tmp_path: Path):
         return path
 
     return write
+
+
+async def until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    """Bounded polling, for what no awaitable announces (state other processes or tasks change)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+_prompts = itertools.count()
+
+
+def unique_prompt(tag: str = "") -> list[dict]:
+    """A request no other call makes, so neither the cache nor single flight merges calls."""
+    return [{"role": "user", "content": f"Question {next(_prompts)} {tag} {time.monotonic_ns()}"}]

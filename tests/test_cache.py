@@ -26,7 +26,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from bench.mock_upstream import MockUpstream
-from conftest import upstream_env
+from conftest import until, upstream_env
 from proxy.app import make_app
 from proxy.config import load_layers
 from proxy.entry import Entry
@@ -110,13 +110,6 @@ def lmdb_store(state_dir: Path, max_size_mb: float = 1024.0) -> ResponseStore:
     return ResponseStore(open_lmdb(config), int(max_size_mb * 1024 * 1024))
 
 
-async def until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    """Bounded polling, for what no awaitable announces."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 # ---- SDK calls: (x-sidecar-cache, answer) ------------------------------------------------------

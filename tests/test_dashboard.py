@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 import pytest
 
-from conftest import proxy_config, upstream_env
+from conftest import proxy_config, until, upstream_env
 from proxy.app import make_app
 from proxy.dashboard import LIVE, PUSH_INTERVAL
 from proxy.events import make_event
@@ -49,13 +49,6 @@ async def ask(session: aiohttp.ClientSession, url: str, text: str, stream: bool 
         return r.headers["x-sidecar-cache"]
 
 
-async def until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    """Bounded polling, for what no awaitable announces."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

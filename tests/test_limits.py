@@ -31,16 +31,13 @@ from bench.mock_upstream import MockUpstream, Profile
 from proxy.app import make_app
 from proxy.config import load_layers
 from proxy.state import STATE, ProxyState
+from conftest import until, unique_prompt
 
 MODEL = "claude-mock-1"
 KEY = "sk-ant-test"
 HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01", "content-type": "application/json"}
-_counter = itertools.count()
 
 
-def unique_prompt(tag: str = "") -> list[dict]:
-    """A request no other call makes, so neither the cache nor single flight merges calls."""
-    return [{"role": "user", "content": f"Question {next(_counter)} {tag} {time.monotonic_ns()}"}]
 
 
 # ---- the proxy in-process with chosen settings ----------------------------------------------
@@ -82,13 +79,6 @@ def start(aiohttp_server, tmp_path: Path):
     return go
 
 
-async def until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    """Bounded polling, for what no awaitable announces."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def client(base: str, max_retries: int = 0, timeout: float = 30) -> anthropic.AsyncAnthropic:

@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.mock_upstream import MockUpstream, Profile
-from conftest import upstream_env
+from conftest import unique_prompt, until, upstream_env
 from proxy.app import make_app
 from proxy.config import Config, load_layers
 from proxy.events import EventLog, make_event
@@ -41,11 +41,8 @@ OPENAI_MODEL = "gpt-4o-mini"
 KEY = "sk-ant-test"
 OPENAI_KEY = "sk-test"
 HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01", "content-type": "application/json"}
-_counter = itertools.count()
 
 
-def unique_prompt(tag: str = "") -> list[dict]:
-    return [{"role": "user", "content": f"Question {next(_counter)} {tag} {time.monotonic_ns()}"}]
 
 
 # ---- the proxy in-process ----------------------------------------------------------------------
@@ -98,13 +95,6 @@ def start(aiohttp_server, tmp_path: Path, mock: MockUpstream):
     return go
 
 
-async def until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    """Bounded polling, for what no awaitable announces (files other processes write)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def a_client(base: str) -> anthropic.AsyncAnthropic:
