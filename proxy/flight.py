@@ -26,22 +26,25 @@ class Head:
 
 
 class Flight:
-    __slots__ = ("key", "head", "chunks", "done", "failed", "subscribers", "task", "_waiter")
+    __slots__ = ("key", "head", "error", "chunks", "done", "failed", "subscribers", "task", "_waiters")
 
     def __init__(self, key: Hashable | None):
         self.key = key
-        self.head: asyncio.Future[Head] = asyncio.get_running_loop().create_future()
+        self.head: Head | None = None
+        self.error: BaseException | None = None   # the call failed before any answer
         self.chunks: list[bytes] = []
         self.done = False
         self.failed = False          # ended without a proper end: subscribers drop their connection
         self.subscribers = 0
         self.task: asyncio.Task | None = None
-        self._waiter: asyncio.Future | None = None
+        # One future per waiting subscriber: a subscriber that goes away cancels only its own.
+        self._waiters: list[asyncio.Future] = []
 
     # -- producer side --
     def start_head(self, head: Head) -> None:
-        if not self.head.done():
-            self.head.set_result(head)
+        if self.head is None:
+            self.head = head
+            self._wake()
 
     def append(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
@@ -54,16 +57,20 @@ class Flight:
 
     def abort(self, exc: BaseException) -> None:
         """The call failed before any answer: every subscriber gets `exc`."""
-        if not self.head.done():
-            self.head.set_exception(exc)
-            self.head.exception()  # retrieved: no "never retrieved" warning when nobody waits
+        if self.head is None:
+            self.error = exc
         self.finish(failed=True)
 
     def _wake(self) -> None:
-        if self._waiter is not None:
-            if not self._waiter.done():
-                self._waiter.set_result(None)
-            self._waiter = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _changed(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
 
     # -- subscriber side --
     def join(self) -> None:
@@ -74,6 +81,14 @@ class Flight:
         if self.subscribers <= 0 and not self.done and self.task is not None:
             self.task.cancel()
 
+    async def wait_head(self) -> Head:
+        """The answer's status and headers, once the upstream sent them (or the call's error)."""
+        while self.head is None and self.error is None:
+            await self._changed()
+        if self.head is None:
+            raise self.error
+        return self.head
+
     async def stream(self) -> AsyncIterator[bytes]:
         """Every chunk, from the first, as it becomes available."""
         sent = 0
@@ -83,9 +98,7 @@ class Flight:
                 sent += 1
             if self.done:
                 return
-            if self._waiter is None:
-                self._waiter = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._waiter)
+            await self._changed()
 
     async def body(self) -> bytes:
         async for _ in self.stream():

@@ -85,7 +85,7 @@ async def deliver(request: web.Request, call: Call, flight: Flight) -> web.Strea
     """Relay the flight's answer to this agent: whole for JSON, chunk by chunk for streams."""
     flight.join()
     try:
-        head = await asyncio.shield(flight.head)
+        head = await flight.wait_head()
         call.status = head.status
         headers = head.headers
         if not head.stream:
