@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import sys
@@ -16,11 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from bench.mock_upstream import MockUpstream
 from proxy.app import make_app
+from proxy.events import EventLog
 from proxy.config import load_layers
+from proxy.state import STATE
 
 ENV_PREFIXES = ("ANTHROPIC_", "OPENAI_", "SIDECAR_")
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
@@ -180,3 +184,58 @@ _prompts = itertools.count()
 def unique_prompt(tag: str = "") -> list[dict]:
     """A request no other call makes, so neither the cache nor single flight merges calls."""
     return [{"role": "user", "content": f"Question {next(_prompts)} {tag} {time.monotonic_ns()}"}]
+
+
+# ---- the proxy in-process, any settings, its own state dir --------------------------------------
+
+
+@dataclass
+class AppProxy:
+    server: Any           # aiohttp TestServer
+    config: Any           # proxy.config.Config
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def state(self):
+        return self.server.app[STATE]
+
+    @property
+    def state_dir(self) -> Path:
+        return self.config.state_dir
+
+    def agent(self, agent: str) -> str:
+        return f"{self.url}/a/{agent}"
+
+    async def get(self, path: str) -> tuple[int, Any, bytes]:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(self.url + path) as resp:
+                return resp.status, resp.headers, await resp.read()
+
+    async def limits(self) -> dict:
+        status, _, body = await self.get("/_sidecar/limits")
+        assert status == 200
+        return json.loads(body)
+
+    async def records(self) -> list[dict]:
+        await self.state.records.drain()
+        return list(self.state.records.read(0))
+
+    def events(self) -> list[dict]:
+        return list(EventLog(self.state_dir).read())
+
+
+@pytest.fixture
+def start_app(aiohttp_server, tmp_path: Path):
+    """start_app(upstream_url, limits={...}, monitor={...}, ...) -> AppProxy with a state dir of its own."""
+    count = itertools.count()
+
+    async def start(upstream: str, **sections: dict[str, Any]) -> AppProxy:
+        layer = {"upstream": {"anthropic": upstream, "openai": upstream + "/v1"},
+                 "state": {"dir": str(tmp_path / f"app-state-{next(count)}")}, **sections}
+        config = load_layers([layer], ["test"])
+        return AppProxy(await aiohttp_server(make_app(config), access_log=None), config)
+
+    return start

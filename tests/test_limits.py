@@ -9,10 +9,7 @@ starts its own proxy with the [limits]/[retry] settings it is about.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,13 +22,9 @@ except ImportError:  # pragma: no cover
     import httpx
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from bench.mock_upstream import MockUpstream, Profile
-from proxy.app import make_app
-from proxy.config import load_layers
-from proxy.state import STATE, ProxyState
-from conftest import until, unique_prompt
+from conftest import AppProxy, until, unique_prompt
 
 MODEL = "claude-mock-1"
 KEY = "sk-ant-test"
@@ -43,40 +36,13 @@ HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01", "content-type": 
 # ---- the proxy in-process with chosen settings ----------------------------------------------
 
 
-@dataclass
-class Proxy:
-    server: TestServer
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.port}"
-
-    @property
-    def state(self) -> ProxyState:
-        return self.server.app[STATE]
-
-    def agent(self, agent: str) -> str:
-        return f"{self.url}/a/{agent}"
-
-    async def limits(self) -> dict:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(self.url + "/_sidecar/limits") as resp:
-                assert resp.status == 200
-                return await resp.json()
+Proxy = AppProxy
 
 
 @pytest.fixture
-def start(aiohttp_server, tmp_path: Path):
-    """start(upstream_url, limits={...}, retry={...}, ...) -> Proxy in front of `upstream_url`."""
-    count = itertools.count()
-
-    async def go(upstream: str, **sections: dict[str, Any]) -> Proxy:
-        layer = {"upstream": {"anthropic": upstream, "openai": upstream + "/v1"},
-                 "state": {"dir": str(tmp_path / f"limits-state-{next(count)}")}, **sections}
-        app = make_app(load_layers([layer], ["test"]))
-        return Proxy(await aiohttp_server(app, access_log=None))
-
-    return go
+def start(start_app):
+    """start(upstream_url, limits={...}, retry={...}, ...) -> a proxy in front of `upstream_url`."""
+    return start_app
 
 
 

@@ -8,15 +8,12 @@ where the behaviour is about processes (idle CPU, the summary, agent exits).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import math
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import anthropic
@@ -24,16 +21,14 @@ import openai
 import orjson
 import psutil
 import pytest
-from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.mock_upstream import MockUpstream, Profile
-from conftest import unique_prompt, until, upstream_env
-from proxy.app import make_app
-from proxy.config import Config, load_layers
+from conftest import AppProxy, unique_prompt, until, upstream_env
+from proxy.config import load_layers
 from proxy.events import EventLog, make_event
 from proxy.records import RecordLog
-from proxy.state import STATE, ProxyState, open_lmdb
+from proxy.state import open_lmdb
 from proxy.stats import percentile, summarize
 
 MODEL = "claude-mock-1"
@@ -48,51 +43,13 @@ HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01", "content-type": 
 # ---- the proxy in-process ----------------------------------------------------------------------
 
 
-@dataclass
-class Proxy:
-    server: TestServer
-    config: Config
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.port}"
-
-    @property
-    def state(self) -> ProxyState:
-        return self.server.app[STATE]
-
-    @property
-    def state_dir(self) -> Path:
-        return self.config.state_dir
-
-    def agent(self, agent: str) -> str:
-        return f"{self.url}/a/{agent}"
-
-    async def get(self, path: str) -> tuple[int, Any, bytes]:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(self.url + path) as resp:
-                return resp.status, resp.headers, await resp.read()
-
-    async def records(self) -> list[dict]:
-        await self.state.records.drain()
-        return list(self.state.records.read(0))
-
-    def events(self) -> list[dict]:
-        return list(EventLog(self.state_dir).read())
+Proxy = AppProxy
 
 
 @pytest.fixture
-def start(aiohttp_server, tmp_path: Path, mock: MockUpstream):
-    """start(monitor={...}, ...) -> Proxy in front of the mock, with its own state dir."""
-    count = itertools.count()
-
-    async def go(**sections: dict[str, Any]) -> Proxy:
-        layer = {"upstream": {"anthropic": mock.url, "openai": mock.url + "/v1"},
-                 "state": {"dir": str(tmp_path / f"observe-state-{next(count)}")}, **sections}
-        config = load_layers([layer], ["test"])
-        return Proxy(await aiohttp_server(make_app(config), access_log=None), config)
-
-    return go
+def start(start_app, mock: MockUpstream):
+    """start(monitor={...}, ...) -> a proxy in front of the mock, with its own state dir."""
+    return lambda **sections: start_app(mock.url, **sections)
 
 
 
