@@ -164,26 +164,27 @@ class Live:
 LIVE = web.AppKey("live", Live)
 
 
-# ---- the Host check, and noticing that a call completed -------------------------------
+# ---- the Host check ----------------------------------------------------------------------
 
 
 @web.middleware
 async def guard(request: web.Request, handler) -> web.StreamResponse:
-    """/_sidecar/ only for requests addressed to this machine; any other request ending may change the view."""
-    admin = request.path.startswith("/_sidecar")
-    if admin:
-        try:
-            check_target(request, request.app[STATE].config.proxy.allow_remote)
-        except Refusal as refusal:
-            return web.Response(status=403, text=refusal.message + "\n")
-        if request.method in ("GET", "HEAD"):
-            return await handler(request)
+    """/_sidecar/ only for requests addressed to this machine (proxied calls check it in intake).
+
+    Completed calls reach the live page through ProxyState.after_call; here only the sidecar's own
+    POSTs (an agent attaching or leaving) may change the view."""
+    if not request.path.startswith("/_sidecar"):
+        return await handler(request)
+    try:
+        check_target(request, request.app[STATE].config.proxy.allow_remote)
+    except Refusal as refusal:
+        return web.Response(status=403, text=refusal.message + "\n")
+    if request.method in ("GET", "HEAD"):
+        return await handler(request)
     try:
         return await handler(request)
     finally:
-        live = request.app.get(LIVE)
-        if live is not None:
-            live.changed()
+        request.app[LIVE].changed()
 
 
 # ---- routes ----------------------------------------------------------------------------
@@ -216,6 +217,7 @@ async def session_messages(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app[LIVE] = live_hub = Live(app[STATE])
+    app[STATE].after_call = live_hub.changed
     app.on_shutdown.append(live_hub.close)
     router = app.router
     router.add_get("/_sidecar/", _static("index.html", "text/html"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from typing import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -44,6 +45,7 @@ class ProxyState:
     monitor: Monitor | None = None
     sessions: Sessions | None = None
     backends: Backends | None = None
+    after_call: Callable[[], None] | None = None   # the live page's push, when it is served
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -81,6 +83,8 @@ class ProxyState:
         self.stats.observe(record)
         self.records.add(record)
         self.monitor.on_call(record, call.rate_limited)
+        if self.after_call is not None:
+            self.after_call()
 
     def control(self, message: dict) -> None:
         """A message from the launcher over the control pipe."""

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,9 @@ import anthropic
 import openai
 import orjson
 import pytest
-from aiohttp.test_utils import TestServer
 
 from bench.mock_upstream import MockUpstream
-from conftest import until, upstream_env
+from conftest import AppProxy, until, upstream_env
 from proxy.app import make_app
 from proxy.config import load_layers
 from proxy.entry import Entry
@@ -53,18 +51,7 @@ def prompt(text: str) -> list[dict]:
 # ---- the proxy in-process, with [cache] settings ---------------------------------------------
 
 
-@dataclass
-class Proxy:
-    server: TestServer
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.port}"
-
-    @property
-    def state(self):
-        return self.server.app[STATE]
-
+class Proxy(AppProxy):
     @property
     def store(self) -> ResponseStore:
         return self.state.cache.store
@@ -94,7 +81,7 @@ def start_cache(aiohttp_server, mock: MockUpstream, isolated_env: Path):
 
     async def start(state_dir: Path | None = None, sections: dict | None = None, **cache: Any) -> Proxy:
         app = make_app(config_for(mock, state_dir or isolated_env, cache, **(sections or {})))
-        return Proxy(await aiohttp_server(app, access_log=None))
+        return Proxy(await aiohttp_server(app, access_log=None), app[STATE].config)
 
     return start
 
