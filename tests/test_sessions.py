@@ -132,7 +132,6 @@ if "--continue" in sys.argv:      # the restarted life: open a new conversation
     call([{"role": "user", "content": f"Where were we? ({run_id})"}], False)
     sys.exit(0)
 random.seed(run_id)
-threading.Timer(random.uniform(0.0, 0.35), lambda: os.kill(os.getpid(), 9)).start()
 messages = []
 with open(log, "a") as seen:
     for turn in range(20):
@@ -140,6 +139,8 @@ with open(log, "a") as seen:
         text = call(messages, stream=turn % 2 == 1)
         seen.write(json.dumps(text) + "\n")
         seen.flush()
+        if turn == 0:   # the kill lands at a random point after the first answer, however slow the start
+            threading.Timer(random.uniform(0.0, 0.3), lambda: os.kill(os.getpid(), 9)).start()
         messages.append({"role": "assistant", "content": text})
 os.kill(os.getpid(), 9)
 '''
