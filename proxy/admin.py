@@ -1,4 +1,7 @@
-"""The sidecar's own endpoints under /_sidecar/: health, stats, metrics, limits, agents."""
+"""The sidecar's admin JSON endpoints under /_sidecar/: health, stats, metrics, limits, agents.
+
+The live page's routes are live_page's; both are registered by app.py.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ import orjson
 from aiohttp import web
 
 from . import __version__
-from .state import STATE, ProxyState
+from .overview import overview
+from .state import STATE
 from .stats import summarize
 
 
@@ -21,17 +25,6 @@ async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     return _json({"status": "ok", "version": __version__, "pid": os.getpid(), "agent": state.agent_id,
                   "uptime_s": round(time.time() - state.started, 3)})
-
-
-def overview(state: ProxyState) -> dict:
-    """Everything at a glance: what the live page, `sidecar top` and /stats show."""
-    return {"version": __version__, "pid": os.getpid(), "started": state.started,
-            "summary": summarize(state.stats.recent, by="model"), "limits": state.limiter.snapshot(),
-            "retries": state.counters["retries"], "cache": {**state.cache.store.stats(), "mode": state.cache.settings.mode,
-                                                            "write_errors": state.cache.write_errors},
-            "agents": [a.view() for a in state.monitor.agents.values()],
-            "active_events": sorted(state.monitor.active), "events": list(state.monitor.recent_events)[-20:],
-            "system_memory_percent": state.monitor.system_memory}
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -94,5 +87,3 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/_sidecar/metrics", metrics)
     app.router.add_get("/_sidecar/limits", limits)
     app.router.add_route("*", "/_sidecar/agents", agents)
-    from . import dashboard   # the live page under /_sidecar/ (imported late: it builds on this module)
-    dashboard.add_routes(app)

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from .app import make_app
 from .config import Config
-from .dashboard import register_run
+from .run_file import register_run
 from .state import STATE
 
 log = logging.getLogger("sidecar")

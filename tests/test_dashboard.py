@@ -23,8 +23,8 @@ import pytest
 
 from conftest import proxy_config, until, upstream_env
 from proxy.app import make_app
-from proxy.dashboard import LIVE, PUSH_INTERVAL
 from proxy.events import make_event
+from proxy.live_push import PUSH_HUB, PUSH_INTERVAL
 from proxy.state import STATE
 
 MODEL = "claude-mock-1"
@@ -209,7 +209,7 @@ async def test_live_pushes_after_calls_and_events_at_most_every_half_second(px, 
 
 
 async def test_nothing_runs_for_an_absent_viewer(px, http):
-    hub, monitor = px.app[LIVE], px.app[STATE].monitor
+    hub, monitor = px.app[PUSH_HUB], px.app[STATE].monitor
     await ask(http, px.url, "nobody watches")
     assert hub.timer is None and hub.changed not in monitor.listeners and not hub.viewers
     async with http.get(px.url + "/_sidecar/live") as r:

@@ -1,0 +1,92 @@
+"""The live push: the viewers of /_sidecar/live and the one coalesced snapshot they share.
+
+Why push and not poll: the page (and `sidecar top`) should cost nothing while
+nobody looks. Nothing here runs on a timer of its own. After a call completes
+(ProxyState.after_call), the sidecar's own state changes (an agent attaching
+or leaving) or the monitor emits an event, `PushHub.changed` arms one timer,
+and only while a viewer is connected; the timer builds one snapshot and wakes
+every viewer, at most once per PUSH_INTERVAL. The hub makes the SSE frames;
+the live page's route writes them to each viewer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import orjson
+from aiohttp import web
+
+from .live_snapshot import snapshot
+from .redact import redact
+from .state import ProxyState
+
+PUSH_INTERVAL = 0.5          # seconds: at most two pushes a second, however busy the sidecar
+
+
+class PushHub:
+    """The viewers of /_sidecar/live and the one coalesced push they share."""
+
+    def __init__(self, state: ProxyState):
+        self.state = state
+        self.viewers: set[asyncio.Event] = set()
+        self.payload = b""
+        self.timer: asyncio.TimerHandle | None = None
+        self.last = 0.0
+        self.closing = False
+
+    def changed(self, _event: dict | None = None) -> None:
+        """Something happened: push soon, if anyone is watching and no push is already due."""
+        if not self.viewers or self.timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(max(0.0, self.last + PUSH_INTERVAL - loop.time()), self._push)
+
+    def _push(self) -> None:
+        self.timer = None
+        self.last = asyncio.get_running_loop().time()
+        self.payload = self._frame()
+        for viewer in self.viewers:
+            viewer.set()
+
+    def _frame(self) -> bytes:
+        return b"data: " + redact(orjson.dumps(snapshot(self.state), option=orjson.OPT_NON_STR_KEYS)) + b"\n\n"
+
+    def _join(self, viewer: asyncio.Event) -> None:
+        if not self.viewers:
+            self.state.monitor.listeners.append(self.changed)
+        self.viewers.add(viewer)
+
+    def _leave(self, viewer: asyncio.Event) -> None:
+        self.viewers.discard(viewer)
+        if not self.viewers:
+            self.state.monitor.listeners.remove(self.changed)
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        """One viewer's SSE frames: the current state at once, then every push, until shutdown.
+
+        Close it (contextlib.aclosing) when the viewer leaves: that is what makes it leave the hub."""
+        viewer = asyncio.Event()
+        self._join(viewer)
+        try:
+            yield b"retry: 2000\n" + self._frame()
+            while True:
+                await viewer.wait()
+                viewer.clear()
+                if self.closing:
+                    return
+                yield self.payload
+        finally:
+            self._leave(viewer)
+
+    async def close(self, _app: web.Application) -> None:
+        """on_shutdown: end the open streams, so stopping the sidecar does not wait for viewers."""
+        self.closing = True
+        for viewer in self.viewers:
+            viewer.set()
+
+
+PUSH_HUB = web.AppKey("push_hub", PushHub)

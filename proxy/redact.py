@@ -1,0 +1,18 @@
+"""Secret redaction: mask what looks like an API key or a credential in bytes about to leave the sidecar.
+
+An agent's command line (shown by the monitor) may carry a key; the pattern
+replaces only token characters, so a redacted JSON document stays valid JSON.
+"""
+
+from __future__ import annotations
+
+import re
+
+SECRETS = re.compile(rb"(?<![A-Za-z0-9])(sk-[A-Za-z0-9]{0,12})[A-Za-z0-9_\-]{8,}"           # sk-ant-..., sk-proj-...
+                     rb"|(?i:((?:(?:api|access|auth|secret)[_-]?(?:key|token)|password|bearer)"  # name=, name: , name
+                     rb"(?:\"?\s*[:=]\s*\"?|\s+)))[A-Za-z0-9._~+/=\-]{4,}")   # only token characters: JSON stays valid
+
+
+def redact(data: bytes) -> bytes:
+    """Mask what looks like a credential (an agent's command line may carry one)."""
+    return SECRETS.sub(lambda m: (m.group(1) or m.group(2)) + b"***", data)
