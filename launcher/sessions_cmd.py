@@ -13,7 +13,8 @@ import time
 import orjson
 
 from proxy.config import Config, ConfigError
-from proxy.sessions import Sessions, trim_for_api
+from proxy.restore import trim_for_api
+from proxy.sessions import Sessions
 from proxy.store import open_lmdb
 
 

@@ -1,111 +1,32 @@
-"""Conversation checkpoints, and restoring one into a restarted agent.
+"""Conversation checkpoints in the `sessions` database, and the restore armed for a restarted agent.
 
-Each conversation gets a stable id: the client's own session id where it sends
-one (Claude Code: `metadata.user_id`'s session_id), else a hash of the agent
-and the conversation's root (system prompt and first user message). On every
-completed turn the messages the conversation added since the last checkpoint
-and the assistant's answer are appended, in one LMDB transaction that commits
-before the answer's last byte is relayed: whatever the agent saw is on disk.
+On every completed turn the conversation's messages and the assistant's answer
+are merged into its checkpoint, in one LMDB transaction that commits before the
+answer's last byte is relayed: whatever the agent saw is on disk. Rows:
+`s:{id}` the meta, `y:{id}` the system prompt (its own row, rewritten only when
+it changes: it can be large), `m:{id}:{index}` one per message.
 
-Restoring: when a restored agent opens a conversation that is not a replay of
-the checkpointed one (a different first message), the checkpointed messages,
-trimmed back to a point the API accepts, are put in front of its messages. An
-agent that replays its old conversation passes unchanged, so its repeated
-calls are cache hits (fast-forward, no tokens spent).
+The merge is exact: each message is serialised once, its bytes compared with
+its stored row (read in one cursor walk; several times cheaper than hashing
+them), and only rows that differ are written; a message the agent rewrote in the
+middle (compacted, edited) replaces the stored one. A request that repeats an
+earlier turn unchanged (a replay through the cache) leaves the later turns.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
-from typing import Any, Iterator
 
 import lmdb
 import orjson
 
 from .call import Call
+from .conversation import CHAT_ROUTES, answer_message, client_session, digest, session_id, tools_digest
+from .restore import Restore
 from .store import Lmdb
 
-CHAT_ROUTES = {"/v1/messages": "anthropic", "/v1/chat/completions": "openai"}
-
-
-def _digest(value: Any) -> str:
-    return hashlib.blake2b(orjson.dumps(value), digest_size=8).hexdigest()
-
-
-def _common_prefix(hashes: list[str], messages: list[dict]) -> int:
-    """How many leading messages are already stored. Agents append, so checking the boundary message
-    is enough (each turn hashes only what is new); a rewritten history gets the full comparison."""
-    n = min(len(hashes), len(messages))
-    if n == 0:
-        return 0
-    if _digest(messages[n - 1]) == hashes[n - 1] and _digest(messages[0]) == hashes[0]:
-        return n
-    common = 0
-    while common < n and hashes[common] == _digest(messages[common]):
-        common += 1
-    return common
-
-
-def client_session(body: dict, headers) -> str | None:
-    """The session id a client sends itself, if any (Claude Code does, two ways)."""
-    user_id = (body.get("metadata") or {}).get("user_id")
-    if isinstance(user_id, str) and user_id.startswith("{"):
-        try:
-            session = orjson.loads(user_id).get("session_id")
-        except (orjson.JSONDecodeError, AttributeError):
-            session = None
-        if session:
-            return str(session)
-    return headers.get("x-claude-code-session-id")
-
-
-def session_id(agent: str, body: dict, headers) -> str:
-    own = client_session(body, headers)
-    if own:
-        return "c" + _digest(["client", own])[:15]
-    messages = body.get("messages") or []
-    first_user = next((m for m in messages if m.get("role") == "user"), None)
-    system = body.get("system")
-    head = system[:4096] if isinstance(system, str) else orjson.dumps(system)[:4096].decode("utf-8", "ignore")
-    return "r" + _digest([agent, head, first_user])[:15]
-
-
-def answer_message(api: str, answer: dict | None) -> dict | None:
-    """The assistant's turn as it would appear in the next request's messages."""
-    if not answer:
-        return None
-    if api == "anthropic":
-        return {"role": "assistant", "content": answer.get("content") or []}
-    choice = (answer.get("choices") or [{}])[0]
-    message = choice.get("message") or {}
-    turn = {"role": "assistant", "content": message.get("content")}
-    if message.get("tool_calls"):
-        turn["tool_calls"] = message["tool_calls"]
-    return turn
-
-
-def _tool_uses(message: dict) -> set[str]:
-    content = message.get("content")
-    ids = {b.get("id") for b in content if isinstance(b, dict) and b.get("type") == "tool_use"} \
-        if isinstance(content, list) else set()
-    ids |= {c.get("id") for c in message.get("tool_calls") or []}
-    return ids
-
-
-def trim_for_api(messages: list[dict]) -> list[dict]:
-    """The longest prefix the API accepts as history: it ends with an assistant turn that asks for no
-    tool result (so the agent's own next user message can follow), with no tool call left unanswered."""
-    end = len(messages)
-    while end > 0:
-        last = messages[end - 1]
-        if last.get("role") == "assistant" and not _tool_uses(last):
-            break
-        end -= 1
-    prefix = messages[:end]
-    while prefix and prefix[0].get("role") not in ("user", "system"):
-        prefix = prefix[1:]
-    return prefix
+# Meta fields for the store's own use, not shown; `hashes` were per-message digests earlier versions kept.
+PRIVATE = ("hashes", "system_digest", "tools_digest")
 
 
 class Sessions:
@@ -115,9 +36,7 @@ class Sessions:
         self.lmdb = lmdb_env
         self.mirror = mirror     # RedisCheckpoints for a fleet, or None
         self._db = lmdb_env.db["sessions"]
-        self.restore_from: str | None = None    # session to restore into the next new conversation
-        self._restored_root: str | None = None  # that conversation, once chosen
-        self.restore_messages: list[dict] = []
+        self.armed: Restore | None = None    # for the next conversation that continues a checkpoint
 
     # -- checkpoints --
     @staticmethod
@@ -126,39 +45,56 @@ class Sessions:
             and isinstance(call.json.get("messages"), list)
 
     async def checkpoint(self, call: Call, answer: dict | None, headers) -> None:
-        """Append what this turn added; committed when this returns."""
+        """Merge this turn into the conversation's checkpoint; committed when this returns."""
         reply = answer_message(call.route.api, answer)
         if reply is None:
             return
         sid = call.session or session_id(call.route.agent, call.json, headers)
         call.session = sid
-        messages = list(call.forwarded_messages or call.json["messages"]) + [reply]
+        messages = [*(call.forwarded_messages or call.json["messages"]), reply]
+        rows = [orjson.dumps(m) for m in messages]
+        system = call.json.get("system")
         meta = {"id": sid, "agent": call.route.agent, "api": call.route.api, "model": call.model,
-                "system": call.json.get("system"), "client_session": client_session(call.json, headers)}
-        await self.lmdb.write(lambda txn: self._append(txn, sid, messages, meta))
+                "client_session": client_session(call.json, headers), "tools_digest": tools_digest(call.json)}
+        await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system))
         if self.mirror is not None:
-            await self.mirror.append(sid, messages, meta)
+            await self.mirror.append(sid, messages, {**meta, "system": system})
 
-    def _append(self, txn: lmdb.Transaction, sid: str, messages: list[dict], meta: dict) -> None:
+    def _merge(self, txn: lmdb.Transaction, sid: str, rows: list[bytes], meta: dict, system) -> None:
         key = f"s:{sid}".encode()
         old = txn.get(key, db=self._db)
-        meta = dict(meta)
-        system = meta.pop("system")
-        stored = orjson.loads(old) if old else {**meta, "created": time.time(), "hashes": []}
-        hashes: list[str] = stored["hashes"]
-        common = _common_prefix(hashes, messages)
-        new_hashes = hashes[:common] + [_digest(m) for m in messages[common:]]
-        for index in range(common, len(hashes)):   # history the agent rewrote (e.g. compacted)
+        stored = orjson.loads(old) if old else {**meta, "created": time.time()}
+        count = stored.get("messages", 0)
+        differ = self._differing(txn, sid, rows)
+        if count > len(rows) and (not differ or differ[0] == len(rows) - 1):
+            return   # an earlier turn sent again, unchanged up to its answer: the later turns stay
+        if count == len(rows) and not differ:
+            return   # the same turn again (a cache hit, a coalesced call): nothing new to keep
+        for index in [*differ, *range(count, len(rows))]:
+            txn.put(self._message_key(sid, index), rows[index], db=self._db)
+        for index in range(len(rows), count):
             txn.delete(self._message_key(sid, index), db=self._db)
-        for index in range(common, len(messages)):
-            txn.put(self._message_key(sid, index), orjson.dumps(messages[index]), db=self._db)
-        system_digest = _digest(system)
-        if stored.get("system_digest") != system_digest:   # its own row, rewritten only when it changes: it can be large
+        system_digest = digest(system)
+        if stored.get("system_digest") != system_digest:
             txn.put(f"y:{sid}".encode(), orjson.dumps(system), db=self._db)
             stored["system_digest"] = system_digest
-        stored.update(model=meta["model"] or stored.get("model"), updated=time.time(),
-                      hashes=new_hashes, turns=stored.get("turns", 0) + 1, messages=len(messages))
+        stored.pop("hashes", None)
+        stored.update(model=meta["model"] or stored.get("model"), tools_digest=meta["tools_digest"],
+                      updated=time.time(), turns=stored.get("turns", 0) + 1, messages=len(rows))
         txn.put(key, orjson.dumps(stored), db=self._db)
+
+    def _differing(self, txn: lmdb.Transaction, sid: str, rows: list[bytes]) -> list[int]:
+        """The indices below len(rows) whose stored row differs, in order (rows are stored densely from 0)."""
+        prefix = f"m:{sid}:".encode()
+        cursor = txn.cursor(db=self._db)
+        differ = []
+        if cursor.set_range(prefix):
+            for index, (key, value) in enumerate(cursor):
+                if index >= len(rows) or not key.startswith(prefix):
+                    break
+                if value != rows[index]:
+                    differ.append(index)
+        return differ
 
     @staticmethod
     def _message_key(sid: str, index: int) -> bytes:
@@ -174,8 +110,8 @@ class Sessions:
                     if not key.startswith(b"s:"):
                         break
                     meta = orjson.loads(value)
-                    meta.pop("hashes", None)
-                    meta.pop("system_digest", None)
+                    for field in PRIVATE:
+                        meta.pop(field, None)
                     rows.append(meta)
         return sorted(rows, key=lambda m: m.get("updated", 0), reverse=True)
 
@@ -220,40 +156,17 @@ class Sessions:
                         break
         self.lmdb.write_now(remove)
 
-    def iter_ids(self) -> Iterator[str]:
-        return (m["id"] for m in self.list())
-
     # -- restoring --
     def arm(self, ref: str) -> dict | None:
-        """Restore `ref` into the next conversation the agent opens."""
+        """Restore `ref` into the next conversation that continues it."""
         found = self.find(ref)
         if found is None:
             return None
-        self.restore_from = found["id"]
-        self.restore_messages = trim_for_api(self.messages(found["id"]))
-        self._restored_root = None
+        agent = ref[6:] if ref.startswith("agent:") else None   # --restore runs the agent under a new id
+        self.armed = Restore(found, self.messages(found["id"]), agent)
         return found
 
     def restore(self, call: Call) -> None:
-        """Put the checkpointed history in front of a new conversation's messages."""
-        if not self.restore_messages or not self.applies(call):
-            return
-        messages = call.json["messages"]
-        lead = 0   # OpenAI-style system messages stay first
-        while lead < len(messages) and messages[lead].get("role") in ("system", "developer"):
-            lead += 1
-        if lead >= len(messages) or messages[lead].get("role") != "user":
-            return
-        root = _digest(messages[lead])
-        old = [m for m in self.restore_messages if m.get("role") not in ("system", "developer")] \
-            if lead else self.restore_messages
-        if self._restored_root is None:
-            if old and root == _digest(old[0]):
-                return   # the agent replays its old conversation: leave it to the cache
-            self._restored_root = root
-        elif root != self._restored_root:
-            return
-        call.forwarded_messages = messages[:lead] + old + messages[lead:]
-        call.json = {**call.json, "messages": call.forwarded_messages}
-        call.body = orjson.dumps(call.json)
-        call.restored = True
+        """Put the checkpointed history in front of the messages of the conversation that continues it."""
+        if self.armed is not None and self.applies(call):
+            self.armed.apply(call)

@@ -15,12 +15,16 @@ import signal
 import time
 
 import aiohttp
+import orjson
 import pytest
 
 from conftest import upstream_env
+from proxy.call import Call
 from proxy.config import load_layers
-from proxy.sessions import Sessions, trim_for_api
-from proxy.store import open_lmdb
+from proxy.restore import trim_for_api
+from proxy.routes import Route
+from proxy.sessions import Sessions
+from proxy.store import MIN_MAP, Lmdb, open_lmdb
 
 SDK_AGENT = '''
 import os, sys, anthropic
@@ -189,3 +193,154 @@ def test_trim_keeps_a_history_the_api_accepts():
     assert trim_for_api([user, answer, user, tool_call]) == [user, answer]
     assert trim_for_api([user, tool_call, result, answer, user]) == [user, tool_call, result, answer]
     assert trim_for_api([user]) == []
+
+
+# ---- the checkpoint store alone, on a real LMDB ----------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path):
+    lmdb_env = Lmdb(tmp_path / "store", MIN_MAP)
+    try:
+        yield Sessions(lmdb_env)
+    finally:
+        lmdb_env.close()
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def chat_call(messages: list[dict], agent: str = "agent-1", api: str = "anthropic", **fields) -> Call:
+    """A Messages (or Chat Completions) API call as the pipeline hands it over, its body parsed."""
+    call = Call(Route(agent, api, "/v1/messages" if api == "anthropic" else "/v1/chat/completions", ""), "POST")
+    call.json = {"model": "claude-mock-1", "max_tokens": 64, **fields, "messages": messages}
+    call.body = orjson.dumps(call.json)
+    return call
+
+
+async def turn(store: Sessions, messages: list[dict], reply: str, **fields) -> str:
+    """Checkpoint one completed turn; the conversation's id."""
+    call = chat_call(messages, **fields)
+    await store.checkpoint(call, {"content": [{"type": "text", "text": reply}]}, {})
+    return call.session
+
+
+async def test_a_rewritten_middle_message_replaces_the_stored_one(store):
+    history = [user("u0"), assistant("a0"), user("u1"), assistant("a1"), user("u2")]
+    sid = await turn(store, history, "a2")
+    assert store.messages(sid) == history + [assistant("a2")]
+    # The agent compacts its second message and goes on: the old text must not survive in the checkpoint.
+    edited = [*history[:2], user("u1, summarised"), *history[3:], assistant("a2"), user("u3")]
+    assert await turn(store, edited, "a3") == sid
+    assert store.messages(sid) == edited + [assistant("a3")]
+    # A shorter history that differs in the middle replaces everything from the difference on.
+    shorter = [user("u0"), assistant("a0, edited")]
+    shorter_sid = await turn(store, [*shorter, user("u1 again")], "b1")
+    assert shorter_sid == sid
+    assert store.messages(sid) == [*shorter, user("u1 again"), assistant("b1")]
+    assert store.list()[0]["messages"] == 4
+
+
+async def test_an_earlier_turn_sent_again_leaves_the_checkpoint_whole(store):
+    """A restored agent replaying its old conversation (cache hits, checkpointed too) keeps every later turn."""
+    history = [user("u0"), assistant("a0"), user("u1"), assistant("a1"), user("u2")]
+    sid = await turn(store, history, "a2")
+    await turn(store, history[:1], "a0")
+    await turn(store, history[:3], "a1")
+    assert store.messages(sid) == history + [assistant("a2")]
+    # The latest turn sent again (a retry) is checkpointed with the answer the agent saw last.
+    await turn(store, history, "a2, retried")
+    assert store.messages(sid) == history + [assistant("a2, retried")]
+
+
+# ---- a restore goes to the conversation that continues the checkpointed one ---------------------------
+
+TOOLS = [{"name": "lookup", "description": "look a word up",
+          "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}},
+         {"name": "edit", "description": "edit a file",
+          "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}]
+INSTRUCTIONS = "You are an interactive agent that helps users with software engineering tasks.\n" * 40
+
+
+def agent_system(first_prompt: str, git_status: str) -> list[dict]:
+    """Shaped like Claude Code's: a billing line that follows the first prompt, then the instructions,
+    which end with the environment (git status); both change between an agent's lives."""
+    return [{"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1.197.{len(first_prompt):03x}; "
+                                     "cc_entrypoint=cli;"},
+            {"type": "text", "text": "You are a Claude agent, built on Anthropic's Claude Agent SDK."},
+            {"type": "text", "text": f"{INSTRUCTIONS}<env>\nWorking directory: /work\n</env>\n"
+                                     f"gitStatus: {git_status}"}]
+
+
+async def test_restore_goes_to_the_continuation_not_to_a_title_or_sub_agent_call(start_app, mock):
+    px = await start_app(mock.url)
+    headers = {"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01"}
+
+    async def send(http, messages, **fields) -> list[dict]:
+        body = {"model": "claude-mock-1", "max_tokens": 64, **fields, "messages": messages}
+        async with http.post(px.url + "/v1/messages", json=body, headers=headers) as response:
+            assert response.status == 200, await response.text()
+            assert response.headers["x-sidecar-cache"] == "miss"   # so the mock saw what the proxy sent
+        assert mock.received[-1].json["messages"][-len(messages):] == messages
+        return mock.received[-1].json["messages"]
+
+    async with aiohttp.ClientSession() as http:
+        first = [user("Hello, remember the word PELICAN.")]
+        system = agent_system(first[0]["content"], "M a.txt")
+        await send(http, first, system=system, tools=TOOLS)
+
+        found = px.state.sessions.arm("last")   # the agent died; its restart opens new conversations
+        assert found is not None
+        title = [user("What word did I ask you to remember?")]
+        title_system = [{"type": "text", "text": "Write a 5-10 word title for the conversation. Reply with the "
+                                                 "title only."}]
+        assert await send(http, title, system=title_system) == title
+        sub_agent = [user("Search the code for the word.")]
+        sub_system = [*system[:2], {"type": "text", "text": "You are an agent for a coding CLI. Given the user's "
+                                                            "message, use the tools to search.\n<env>\n</env>"}]
+        assert await send(http, sub_agent, system=sub_system, tools=TOOLS[:1]) == sub_agent
+
+        question = [user("What word did I ask you to remember?")]
+        restored = await send(http, question, system=agent_system(question[0]["content"], "M a.txt\n?? b.txt"),
+                              tools=TOOLS)
+        assert "PELICAN" in json.dumps(restored) and restored[-1] == question[0] and len(restored) == 3
+
+        # Once chosen, the continuation keeps it; a title call with the same first message does not take it.
+        assert await send(http, question, system=[{"type": "text", "text": "Title this, in 3 words."}]) == question
+        more = [user("Search the tests too.")]
+        assert await send(http, more, system=sub_system, tools=TOOLS[:1]) == more
+        follow_up = [*question, assistant("fine"), user("And then?")]
+        again = await send(http, follow_up, system=agent_system(question[0]["content"], "M a.txt\n?? b.txt"),
+                           tools=TOOLS)
+        assert "PELICAN" in json.dumps(again) and len(again) == 5
+
+
+async def test_a_supervised_restart_restores_into_the_same_agent_only(store):
+    await turn(store, [user("u0")], "a0", tools=TOOLS)
+    assert store.arm("agent:agent-1") is not None
+    other = chat_call([user("hi")], agent="agent-2", tools=TOOLS)
+    store.restore(other)
+    assert not other.restored and other.json["messages"] == [user("hi")]
+    mine = chat_call([user("hi")], tools=TOOLS)
+    store.restore(mine)
+    assert mine.restored and orjson.loads(mine.body)["messages"] == [user("u0"), assistant("a0"), user("hi")]
+
+
+async def test_openai_restore_matches_on_the_system_message_and_keeps_the_new_one_first(store):
+    system = {"role": "system", "content": "You are terse. Today is Monday."}
+    call = chat_call([system, user("u0")], api="openai", tools=[{"type": "function", "function": {"name": "f"}}])
+    await store.checkpoint(call, {"choices": [{"message": {"role": "assistant", "content": "a0"}}]}, {})
+    store.arm(call.session)
+    tools = call.json["tools"]
+    title = chat_call([{"role": "system", "content": "Write a title."}, user("hi")], api="openai", tools=tools)
+    store.restore(title)
+    assert not title.restored
+    today = {"role": "system", "content": "You are terse. Today is Tuesday."}
+    again = chat_call([today, user("hi")], api="openai", tools=tools)
+    store.restore(again)
+    assert again.json["messages"] == [today, user("u0"), {"role": "assistant", "content": "a0"}, user("hi")]

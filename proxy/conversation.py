@@ -1,0 +1,134 @@
+"""What identifies a conversation: its id, its shape (system prompt and tools), its turns.
+
+An id is the client's own session id where it sends one (Claude Code:
+`metadata.user_id`'s session_id), else a hash of the agent and the
+conversation's root (system prompt head and first user message).
+
+A shape tells the conversation an agent continues apart from the side
+conversations it opens (a title call, a sub-agent): the same tools, and a
+system prompt that is the same apart from its environment. Claude Code's
+system prompt changes between two lives of one agent: a billing line that
+follows the first prompt, and the git status at the end of its instructions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+CHAT_ROUTES = {"/v1/messages": "anthropic", "/v1/chat/completions": "openai"}
+SYSTEM_ROLES = ("system", "developer")
+
+
+def digest(value: Any) -> str:
+    return hashlib.blake2b(orjson.dumps(value), digest_size=8).hexdigest()
+
+
+def client_session(body: dict, headers) -> str | None:
+    """The session id a client sends itself, if any (Claude Code does, two ways)."""
+    user_id = (body.get("metadata") or {}).get("user_id")
+    if isinstance(user_id, str) and user_id.startswith("{"):
+        try:
+            session = orjson.loads(user_id).get("session_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            session = None
+        if session:
+            return str(session)
+    return headers.get("x-claude-code-session-id")
+
+
+def session_id(agent: str, body: dict, headers) -> str:
+    own = client_session(body, headers)
+    if own:
+        return "c" + digest(["client", own])[:15]
+    messages = body.get("messages") or []
+    first_user = next((m for m in messages if m.get("role") == "user"), None)
+    system = body.get("system")
+    head = system[:4096] if isinstance(system, str) else orjson.dumps(system)[:4096].decode("utf-8", "ignore")
+    return "r" + digest([agent, head, first_user])[:15]
+
+
+def answer_message(api: str, answer: dict | None) -> dict | None:
+    """The assistant's turn as it would appear in the next request's messages."""
+    if not answer:
+        return None
+    if api == "anthropic":
+        return {"role": "assistant", "content": answer.get("content") or []}
+    choice = (answer.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    turn = {"role": "assistant", "content": message.get("content")}
+    if message.get("tool_calls"):
+        turn["tool_calls"] = message["tool_calls"]
+    return turn
+
+
+def tools_digest(body: dict) -> str:
+    """The tool set by kind and name: a sub-agent or a title call has another; descriptions may change
+    with the agent's version between two lives, and hashing only names keeps this cheap per turn."""
+    tools = body.get("tools")
+    names = [(t.get("type"), t.get("name") or (t.get("function") or {}).get("name"))
+             for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
+    return digest(names)
+
+
+def system_texts(system: Any, messages: list) -> list[str]:
+    """The system prompt as one text per block: Anthropic's `system`, else OpenAI's leading system messages."""
+    if system is None:
+        blocks = []
+        for message in messages:
+            if not isinstance(message, dict) or message.get("role") not in SYSTEM_ROLES:
+                break
+            blocks.append(message.get("content"))
+    else:
+        blocks = system if isinstance(system, list) else [system]
+    return [_text(block) for block in blocks]
+
+
+def _text(block: Any) -> str:
+    if isinstance(block, str):
+        return block
+    if isinstance(block, dict) and isinstance(block.get("text"), str):
+        return block["text"]
+    return orjson.dumps(block).decode()
+
+
+def _shared(a: str, b: str) -> int:
+    """Characters two texts share at their start plus at their end."""
+    if a == b:
+        return len(a)
+    start = _longest(min(len(a), len(b)), lambda n: a[:n] == b[:n])
+    end = _longest(min(len(a), len(b)) - start, lambda n: a[len(a) - n:] == b[len(b) - n:])
+    return start + end
+
+
+def _longest(limit: int, same) -> int:
+    """The largest n <= limit with same(n), for a same() true up to some n: a binary search, so a few
+    slice comparisons at C speed instead of a Python loop over characters."""
+    low, high = 0, limit
+    while low < high:
+        mid = (low + high + 1) // 2
+        if same(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """A conversation apart from its messages: its system prompt, one text per block, and its tool set."""
+    system: tuple[str, ...]
+    tools: str | None   # None: a checkpoint from before the tool set was kept
+
+    @classmethod
+    def of(cls, body: dict) -> Shape:
+        return cls(tuple(system_texts(body.get("system"), body.get("messages") or [])), tools_digest(body))
+
+    def continued_by(self, other: Shape) -> bool:
+        """Same tools, and a system prompt whose every block keeps at least half of its text, at its start
+        and end: an environment that changed passes, another agent's instructions do not."""
+        return self.tools == other.tools and len(self.system) == len(other.system) and all(
+            2 * _shared(a, b) >= max(len(a), len(b)) for a, b in zip(self.system, other.system))
