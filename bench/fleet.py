@@ -1,7 +1,7 @@
 """Scenario 8: two sidecars on one Redis, hits served across sidecars, vs the LMDB backend.
 
 A real `redis-server` (no persistence) on a free 127.0.0.1 port; sidecars A
-and B with `[store] backend = "redis"` on it (separate state dirs), and a
+and B with `[state] backend = "redis"` on it (separate state dirs), and a
 third sidecar on the default LMDB backend. A set of unique JSON requests is
 sent once through A (misses, stored in Redis) and once through the LMDB
 sidecar (stored in its LMDB). Then every request of the set is fetched once
@@ -45,7 +45,7 @@ def redis(ctx: Ctx) -> Result:
     mock = procs.mock(output_tokens=plan.hit_tokens)
     server = procs.redis(REDIS_SERVER)
     procs.ready(mock)
-    store = {"store_backend": "redis", "store_redis_url": server.url}
+    store = {"state_backend": "redis", "state_redis_url": server.url}
     side_a, side_b, lmdb = procs.sidecar(mock.url, **store), procs.sidecar(mock.url, **store), procs.sidecar(mock.url)
     procs.ready(side_a, side_b, lmdb)
 

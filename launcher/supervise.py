@@ -76,11 +76,11 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
     """Run CMD behind the sidecar, restarting it as configured; return `sidecar run`'s exit status."""
     agent = agent_id_for(cmd, config)
     started = time.time()
-    if config.store.backend == "redis":
+    if config.state.backend == "redis":
         try:
             import redis  # noqa: F401  - checked here, so the error is one line before the agent starts
         except ImportError:
-            raise LaunchError("[store] backend = \"redis\" needs the Redis client: pip install 'agent-sidecar[redis]'")
+            raise LaunchError("[state] backend = \"redis\" needs the Redis client: pip install 'agent-sidecar[redis]'")
     proxy: ProxyProcess | None = None
     restore = config.launcher.restore
     if connect:

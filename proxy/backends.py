@@ -31,17 +31,17 @@ class Backends:
 
 async def open_backends(config: Config, lmdb_env: Lmdb, emit: Callable[..., None]) -> Backends:
     max_bytes = int(config.cache.max_size_mb * 1024 * 1024)
-    if config.store.backend == "lmdb":
+    if config.state.backend == "lmdb":
         return Backends(ResponseStore(lmdb_env, max_bytes), load_secret(config.state_dir))
     try:
         from .redis_backend import RedisCheckpoints, RedisLink, RedisResponseStore, RedisSlots
     except ImportError:
-        raise ConfigError("[store] backend = \"redis\" needs the Redis client: pip install 'agent-sidecar[redis]'") from None
-    link = RedisLink(config.store.redis_url, config.store.redis_prefix, emit)
+        raise ConfigError("[state] backend = \"redis\" needs the Redis client: pip install 'agent-sidecar[redis]'") from None
+    link = RedisLink(config.state.redis_url, config.state.redis_prefix, emit)
     secret = await _fleet_secret(link, load_secret(config.state_dir))
     limit = config.limits.max_concurrency
     return Backends(RedisResponseStore(link, max_bytes, config.cache.ttl_seconds), secret,
-                    global_slots=RedisSlots(link, limit, config.store.lease_seconds) if limit else None,
+                    global_slots=RedisSlots(link, limit, config.state.lease_seconds) if limit else None,
                     mirror=RedisCheckpoints(link), link=link)
 
 

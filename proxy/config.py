@@ -43,12 +43,9 @@ class UpstreamSection:
 
 @dataclass(frozen=True)
 class StateSection:
+    """The state's home: the local directory (LMDB) and, for a fleet, the shared backend."""
     dir: str = ""
     durable: bool = False
-
-
-@dataclass(frozen=True)
-class StoreSection:
     backend: str = field(default="lmdb", metadata=_choice("lmdb", "redis"))
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "sidecar:"
@@ -125,7 +122,6 @@ class Config:
     proxy: ProxySection = ProxySection()
     upstream: UpstreamSection = UpstreamSection()
     state: StateSection = StateSection()
-    store: StoreSection = StoreSection()
     cache: CacheSection = CacheSection()
     limits: LimitsSection = LimitsSection()
     retry: RetrySection = RetrySection()
@@ -149,6 +145,20 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(Config)}
+
+# Sections that were merged into another one: refused loudly, never silently ignored.
+MOVED = {"store": "state"}
+
+
+def _moved(section: str, where: str, keys: list[str]) -> ConfigError:
+    """The one-line error for a section that moved, saying where its keys (or variables) go now."""
+    home = MOVED[section]
+    if where == "environment":
+        renames = ", ".join(f"SIDECAR_{section.upper()}_{k.upper()} to SIDECAR_{home.upper()}_{k.upper()}"
+                            for k in keys)
+        return ConfigError(f"environment: [{section}] moved to [{home}]: rename {renames}")
+    return ConfigError(f"{where}: [{section}] moved to [{home}]: put {', '.join(keys) or 'its keys'} under "
+                       f"[{home}] instead")
 
 
 def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
@@ -201,6 +211,8 @@ def load_layers(layers: list[Mapping[str, Any]], names: list[str]) -> Config:
     for layer, where in zip(layers, names):
         for section, values in layer.items():
             cls = SECTIONS.get(section)
+            if section in MOVED:
+                raise _moved(section, where, list(values) if isinstance(values, Mapping) else [])
             if cls is None:
                 raise ConfigError(f"{where}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
             if not isinstance(values, Mapping):
@@ -239,10 +251,13 @@ def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
         if not var.startswith("SIDECAR_") or var in _NOT_SETTINGS:
             continue
         rest = var[len("SIDECAR_"):].lower()
-        section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        section = next((s for s in (*SECTIONS, *MOVED) if rest.startswith(s + "_")), None)
         if section is None:
             continue
         layer.setdefault(section, {})[rest[len(section) + 1:]] = value
+    for section in MOVED:
+        if section in layer:
+            raise _moved(section, "environment", sorted(layer[section]))
     return layer
 
 

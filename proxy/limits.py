@@ -1,10 +1,17 @@
 """Concurrency limits with a queue that is fair across agents, and adaptive limits.
 
-A call takes a slot before it goes upstream and gives it back when its answer
-has been relayed. Limits: all agents together, per agent, per model. Calls
-over a limit wait in per-agent FIFO queues served round-robin, so one busy
-agent cannot starve the others; the queue is bounded in length and in waiting
-time, and a call refused by either gets a 429 its client backs off from.
+A call takes a slot before it goes upstream; the request pipeline gives it
+back once the upstream's answer has been read to its end, or the call failed
+(a retried attempt gives its slot back while it waits). Limits: all agents
+together, per agent, per model. Calls over a limit wait in per-agent FIFO
+queues served round-robin, so one busy agent cannot starve the others; the
+queue is bounded in length and in waiting time, and a call refused by either
+gets a 429 its client backs off from.
+
+A slot is never lost: a waiting call's outcome is decided once, by the limiter
+itself (granted, or its deadline passed, whichever comes first, even in one
+loop turn), and a caller that goes away after its grant gives the slot back.
+`acquire` either returns holding exactly one slot or raises holding none.
 
 Adaptive (AIMD): an upstream 429/529 halves the effective global limit (once
 per round of calls); calls succeeding while the limit binds raise it by one
@@ -20,7 +27,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from .call import Refusal
+from .errors import Refusal
 from .config import LimitsSection
 
 
@@ -34,9 +41,17 @@ def parse_model_limits(entries: tuple[str, ...]) -> dict[str, int]:
 
 @dataclass(slots=True, eq=False)
 class Waiter:
+    """A call in line. The limiter resolves its future once: True, a slot was granted; False, the deadline
+    passed first. A cancelled future means the caller went away first."""
     agent: str
     model: str
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    deadline: asyncio.TimerHandle | None = None
+
+    def resolve(self, granted: bool) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.future.set_result(granted)
 
 
 class Limiter:
@@ -82,7 +97,7 @@ class Limiter:
             progress = False
             for agent in list(self.queues):
                 queue = self.queues[agent]
-                while queue and queue[0].future.done():   # cancelled or timed out meanwhile
+                while queue and queue[0].future.done():   # cancelled meanwhile (an expired one has left already)
                     queue.popleft()
                     self.queued -= 1
                 if not queue:
@@ -95,7 +110,7 @@ class Limiter:
                 queue.remove(head)
                 self.queued -= 1
                 self._take(agent, head.model)
-                head.future.set_result(None)
+                head.resolve(True)
                 progress = True
                 del self.queues[agent]            # to the back of the rotation
                 if queue:
@@ -104,7 +119,8 @@ class Limiter:
     async def acquire(self, agent: str, model: str, retrying: bool = False):
         """Take a slot, waiting in line if needed; a retrying call waits at the front of its agent's line.
 
-        Returns the token `release` needs (a global lease, when a fleet-wide limit is configured).
+        Returns holding exactly one slot (and the token `release` needs: a global lease, when a fleet-wide
+        limit is configured), or raises holding none: refused, cancelled, or the fleet-wide slot failed.
         Every change dispatches the queue at once, so a waiting call is one that cannot run: a new call
         that fits takes nothing from them."""
         if self._fits(agent, model):
@@ -120,9 +136,12 @@ class Limiter:
             raise
 
     def release(self, agent: str, model: str, token=None) -> None:
-        if token is not None:
-            self.global_slots.release(token)
-        self._give_back(agent, model)
+        """Give back what `acquire` took: the local slot always (even if the fleet-wide release fails)."""
+        try:
+            if token is not None:
+                self.global_slots.release(token)
+        finally:
+            self._give_back(agent, model)
 
     async def _wait(self, agent: str, model: str, retrying: bool) -> None:
         settings = self.settings
@@ -136,23 +155,35 @@ class Limiter:
         queue.appendleft(waiter) if retrying else queue.append(waiter)
         self.queued += 1
         self.waited += 1
+        if settings.queue_timeout:
+            # The limiter's own timer, not a cancellation of the caller: a grant and a deadline in one loop
+            # turn cannot both happen, the first one resolves the future and the other finds it resolved.
+            waiter.deadline = asyncio.get_running_loop().call_later(settings.queue_timeout, self._expire, waiter)
         try:
-            async with asyncio.timeout(settings.queue_timeout or None):
-                await waiter.future
-        except TimeoutError:
-            self.refused += 1
-            raise Refusal("rate_limit", f"sidecar: waited {settings.queue_timeout:g} s for an upstream slot "
-                                        f"(limits.queue_timeout) with {self.in_flight} calls in flight "
-                                        f"(effective limit {self._limit_text()}, limits.max_concurrency); "
-                                        f"retry later or raise the limits", retry_after=1.0) from None
-        except asyncio.CancelledError:
-            if waiter.future.done() and not waiter.future.cancelled():
+            granted = await waiter.future
+        except BaseException:
+            if _granted(waiter.future):
                 self._give_back(agent, model)   # granted just as the caller went away
             raise
         finally:
-            if not waiter.future.done() or waiter.future.cancelled():
+            if waiter.deadline is not None:
+                waiter.deadline.cancel()
+            if not waiter.future.done():
                 waiter.future.cancel()
-                self._forget(waiter)
+            self._forget(waiter)
+        if not granted:
+            raise Refusal("rate_limit", f"sidecar: waited {settings.queue_timeout:g} s for an upstream slot "
+                                        f"(limits.queue_timeout) with {self.in_flight} calls in flight "
+                                        f"(effective limit {self._limit_text()}, limits.max_concurrency); "
+                                        f"retry later or raise the limits", retry_after=1.0)
+
+    def _expire(self, waiter: Waiter) -> None:
+        """A waiter's deadline passed before a slot was granted to it: out of the line, refused."""
+        if waiter.future.done():
+            return
+        self._forget(waiter)
+        self.refused += 1
+        waiter.resolve(False)
 
     def _forget(self, waiter: Waiter) -> None:
         queue = self.queues.get(waiter.agent)
@@ -194,3 +225,8 @@ class Limiter:
                 "max_concurrency": self.settings.max_concurrency or None, "per_agent": self.settings.per_agent or None,
                 "per_model": self.per_model, "waited": self.waited, "refused": self.refused,
                 "adaptive_decreases": self.decreases}
+
+
+def _granted(future: asyncio.Future) -> bool:
+    """Whether a waiter's future says a slot was granted (a slot the waiter then holds)."""
+    return future.done() and not future.cancelled() and future.result() is True

@@ -3,12 +3,15 @@
 LMDB gives readers in many processes and one writer at a time with atomic
 commits: several sidecars share one cache, and a SIGKILL never leaves half an
 entry. Reads are memory-mapped lookups done inline (microseconds). Commits
-without fsync (the default) are done inline too, in tens of microseconds;
-with `[state] durable = true` they go to one writer thread, so an fsync
-never blocks the event loop. The
-map is sized well above the size limit and LRU eviction runs inside each
-write, so a full map cannot reach an agent; if it happens anyway the store
-evicts harder, then grows the map.
+without fsync (the default) are done inline too, on the event loop, in tens
+of microseconds. Only with `[state] durable = true` do commits go to a writer
+thread (started by the first durable commit), so an fsync never blocks the
+event loop. The map is sized well above the cache's size limit and each
+store evicts least recently used entries inside its own transaction, so the
+map does not fill in normal use; if a commit still hits `MapFullError`, the
+map is doubled and the write retried (twice at most, then the error is
+raised to the caller). A map grown by another process is adopted on the next
+read or write.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def open_state_dir(path: Path) -> Path:
 
 
 class Lmdb:
-    """One environment with named databases and a single writer thread."""
+    """One environment with named databases; writes commit inline, or on a writer thread when durable."""
 
     DATABASES = (b"meta", b"responses", b"access", b"lru", b"records", b"sessions", b"events")
 
@@ -90,7 +93,9 @@ class Lmdb:
                     return func(txn)
 
     def write_now(self, func: Callable[[lmdb.Transaction], T]) -> T:
-        """Run a write transaction in the calling thread (the writer thread, or a CLI)."""
+        """Run a write transaction in the calling thread: the event loop's (commits without fsync), the
+        writer thread (durable commits) or a CLI's. A full map is doubled and the write retried, twice at
+        most; a map another process grew is adopted."""
         for attempt in range(3):
             try:
                 with self.env.begin(write=True) as txn:

@@ -171,8 +171,8 @@ def redis_server(tmp_path: Path):
 
 
 def fleet_env(mock, redis_server: RedisServer, state_dir: Path, **extra: str) -> dict[str, str]:
-    return {**upstream_env(mock), "SIDECAR_STATE_DIR": str(state_dir), "SIDECAR_STORE_BACKEND": "redis",
-            "SIDECAR_STORE_REDIS_URL": redis_server.url, "SIDECAR_STORE_REDIS_PREFIX": PREFIX, **extra}
+    return {**upstream_env(mock), "SIDECAR_STATE_DIR": str(state_dir), "SIDECAR_STATE_BACKEND": "redis",
+            "SIDECAR_STATE_REDIS_URL": redis_server.url, "SIDECAR_STATE_REDIS_PREFIX": PREFIX, **extra}
 
 
 async def test_redis_cache_is_shared_by_sidecars_but_not_across_keys(sidecar, mock, redis_server, tmp_path):
@@ -224,7 +224,7 @@ async def test_redis_global_limit_holds_across_sidecars(sidecar, mock, redis_ser
 
 async def test_redis_slots_of_a_killed_sidecar_expire_with_their_lease(sidecar, mock, redis_server, tmp_path):
     lease = 2.0
-    env = {"SIDECAR_LIMITS_MAX_CONCURRENCY": "2", "SIDECAR_STORE_LEASE_SECONDS": str(lease)}
+    env = {"SIDECAR_LIMITS_MAX_CONCURRENCY": "2", "SIDECAR_STATE_LEASE_SECONDS": str(lease)}
     proc_a, url_a = await serve(sidecar, fleet_env(mock, redis_server, tmp_path / "a", **env))
     _, url_b = await serve(sidecar, fleet_env(mock, redis_server, tmp_path / "b", **env))
     mock.profile.ttft = 30.0      # A's calls hold their slots until A dies
