@@ -76,6 +76,8 @@ async def agents(request: web.Request) -> web.Response:
         try:
             message = orjson.loads(await request.read())
             state.control({"agent": message})
+            if state.after_call is not None:   # an agent attached or left: the live view changed
+                state.after_call()
         except (orjson.JSONDecodeError, KeyError, TypeError):
             raise web.HTTPBadRequest(text='sidecar: send {"id": ..., "event": "started"|"exited", ...}') from None
     return _json([a.view() for a in state.monitor.agents.values()])

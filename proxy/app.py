@@ -8,7 +8,7 @@ from aiohttp import web
 
 from . import admin, host_guard, live_page
 from .config import Config
-from .handler import add_sidecar_headers, handle
+from .pipeline import add_sidecar_headers, handle
 from .state import STATE, ProxyState
 
 
@@ -26,7 +26,6 @@ def make_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(lifetime)
     app.on_response_prepare.append(add_sidecar_headers)
     app.middlewares.append(host_guard.local_only)   # /_sidecar/ only for 127.0.0.1
-    app.middlewares.append(live_page.push_after_change)   # the sidecar's own POSTs push the live view
     admin.add_routes(app)
     live_page.add_routes(app)
     app.router.add_route("*", "/{tail:.*}", handle)

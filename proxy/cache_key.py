@@ -20,6 +20,10 @@ from typing import Any, Iterable
 import orjson
 
 CREDENTIAL_HEADERS = ("x-api-key", "authorization")
+
+
+class Uncacheable(ValueError):
+    """The request cannot be put in canonical form (nested deeper than the JSON writer goes)."""
 # Imported recordings (`sidecar cache import`) live here: any key may read them.
 ANY_KEY = b"*"
 
@@ -71,7 +75,10 @@ class KeyMaker:
         doc = {"method": method, "path": path, "query": query,
                "headers": {h: headers[h] for h in self.headers if h in headers},
                "body": without(body, self.ignore)}
-        return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+        try:
+            return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+        except TypeError as exc:
+            raise Uncacheable(str(exc)) from exc
 
     def partition(self, headers) -> bytes:
         credential = "\0".join(headers.get(h, "") for h in CREDENTIAL_HEADERS)

@@ -15,16 +15,6 @@ from typing import Any
 from .routes import Route
 
 
-class Refusal(Exception):
-    """A stage declines the request; the handler answers in the API's own error shape."""
-
-    def __init__(self, kind: str, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.retry_after = retry_after
-
-
 def new_request_id() -> str:
     return os.urandom(8).hex()
 
@@ -46,7 +36,8 @@ class Call:
     t_first_token: float = 0.0
     t_done: float = 0.0
     status: int = 0
-    cache: str = ""               # hit | miss | bypass | coalesced | "" (not cacheable)
+    model_call: bool = False      # a model route: takes a limiter slot, is cached, counted and checkpointed
+    cache_outcome: str = ""       # hit | miss | bypass | coalesced | "" (not cacheable)
     cache_mode: str = ""
     cache_key: bytes | None = None
     request_hash: bytes = b""
@@ -57,11 +48,11 @@ class Call:
     retries: int = 0
     error: str = ""               # error type when the call failed
     rate_limited: bool = False    # the upstream answered 429/529 at least once
-    saved_s: float = 0.0
+    saved_s: float = 0.0          # upstream seconds a hit saved (the original call's duration)
     session: str = ""             # conversation id, once checkpointed
     restored: bool = False        # a checkpointed conversation was put in front of this call's messages
     forwarded_messages: list | None = None
-    slot_token: object = None     # what the limiter needs back on release (a fleet-wide lease)          # upstream seconds a hit saved (the original call's duration)
+    accept_encoding: str = ""     # the client's Accept-Encoding: which stored codings it may be sent
 
     @property
     def model(self) -> str:

@@ -2,7 +2,9 @@
 
 Layout: b"SC1" + 4-byte big-endian meta length + meta JSON + body. The version
 is in the magic: an entry of another format is never misread; it is a miss.
-Only content headers are kept, never anything a client sent (no secrets).
+The upstream's own response headers are kept (request ids, rate-limit
+headers, processing times: what a client or a user may read), less the ones
+that belong to one hop or one moment; never anything a client sent (no secrets).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any
 import orjson
 
 MAGIC = b"SC1"
-KEPT_HEADERS = ("content-type", "content-encoding", "request-id", "x-request-id")
+# Headers of the original answer that a replay must not repeat: framing, the moment, cookies, our own.
+NOT_KEPT = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "date", "set-cookie",
+                      "server-timing"})
 
 
 class CorruptEntry(Exception):
@@ -28,13 +32,14 @@ class Entry:
     headers: list[tuple[str, str]]
     body: bytes
     stream: bool                           # body is an SSE stream
-    chunks: list[tuple[float, int]] | None = None  # stream pacing: (seconds after first byte, length)
+    pacing: list[tuple[float, int]] | None = None  # a stream's chunks: (seconds after the first, length)
     meta: dict[str, Any] = field(default_factory=dict)  # path, model, usage, upstream_s, include_usage, hash
     created: float = field(default_factory=time.time)
 
     def encode(self) -> bytes:
         meta = orjson.dumps({"status": self.status, "headers": self.headers, "stream": self.stream,
-                             "chunks": self.chunks, "meta": self.meta, "created": self.created})
+                             "chunks": self.pacing,   # named "chunks" on disk since format 1
+                             "meta": self.meta, "created": self.created})
         return MAGIC + struct.pack(">I", len(meta)) + meta + self.body
 
     @classmethod
@@ -45,7 +50,7 @@ class Entry:
         try:
             meta = orjson.loads(blob[7:7 + size])
             return cls(status=meta["status"], headers=[tuple(h) for h in meta["headers"]], body=bytes(blob[7 + size:]),
-                       stream=meta["stream"], chunks=meta["chunks"], meta=meta["meta"], created=meta["created"])
+                       stream=meta["stream"], pacing=meta["chunks"], meta=meta["meta"], created=meta["created"])
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise CorruptEntry(f"undecodable entry: {exc}") from None
 
@@ -54,4 +59,5 @@ class Entry:
 
 
 def kept_headers(headers) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in headers.items() if k.lower() in KEPT_HEADERS]
+    return [(k, v) for k, v in headers.items()
+            if k.lower() not in NOT_KEPT and not k.lower().startswith("x-sidecar-")]

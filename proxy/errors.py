@@ -1,14 +1,23 @@
-"""Every error the sidecar itself makes, in the shape of the API the agent called.
+"""Every error the sidecar itself makes, and the one place library errors become ours.
 
-The official clients parse these shapes and retry by status (408/409/429/5xx)
-and `retry-after`, so a sidecar error behaves like an API error to the agent.
-Messages start with `sidecar:` and say what to do.
+    SidecarError          kind + a message that starts `sidecar:` and says what to do
+    ├── Refusal           the request is declined before it goes upstream (bad input, limits, replay miss)
+    ├── UpstreamError     the upstream could not be reached, did not answer in time, or broke off
+    └── Fault             an unexpected failure inside the sidecar (a bug, a broken store)
+
+`from_library` converts aiohttp, asyncio, lmdb and orjson errors (chained with
+`raise ... from`); `api_error` renders any SidecarError in the shape of the API
+the agent called. The official clients parse these shapes and retry by status
+(408/409/429/5xx) and `retry-after`, so a sidecar error behaves like an API
+error to the agent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -24,6 +33,51 @@ KINDS: dict[str, tuple[int, str, str, str | None]] = {
     "bad_gateway": (502, "api_error", "server_error", "bad_gateway"),
     "timeout": (504, "api_error", "server_error", "timeout"),
 }
+
+
+class SidecarError(Exception):
+    """An error the sidecar answers itself, in the API's own shape."""
+
+    kind = "api_error"
+
+    def __init__(self, kind: str, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.retry_after = retry_after
+
+
+class Refusal(SidecarError):
+    """A stage declines the request; nothing went upstream."""
+
+
+class UpstreamError(SidecarError):
+    """The upstream could not be reached ("bad_gateway"), or did not answer in time ("timeout")."""
+
+
+class Fault(SidecarError):
+    """Something inside the sidecar failed unexpectedly; `stage` says where."""
+
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__("bad_gateway", f"sidecar: internal fault in the {stage} stage ({error!r}); the call "
+                                        f"was not completed, retry it (and report this with the sidecar's log)")
+        self.stage = stage
+
+
+def from_library(exc: BaseException, url=None) -> SidecarError:
+    """The sidecar's error for a library error met while talking to the upstream at `url`."""
+    where = f"upstream {url.origin()}" if url is not None else "the upstream"
+    if isinstance(exc, SidecarError):
+        return exc
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return UpstreamError("timeout", f"sidecar: {where} did not answer in time; raise [proxy] "
+                                        f"connect_timeout/read_timeout if it is slow")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return UpstreamError("bad_gateway", f"sidecar: {where} broke off its answer ({exc}); retry the call")
+    if isinstance(exc, (aiohttp.ClientError, OSError, ValueError)):
+        return UpstreamError("bad_gateway", f"sidecar: {where} unreachable ({exc}); check [upstream] in the "
+                                            f"config or ANTHROPIC_BASE_URL/OPENAI_BASE_URL")
+    return Fault("upstream", exc)
 
 
 def error_body(api: str, kind: str, message: str) -> bytes:
@@ -42,3 +96,7 @@ def api_error(api: str, kind: str, message: str, *, retry_after: float | None = 
         headers["retry-after-ms"] = str(int(retry_after * 1000))
     return web.Response(status=status or KINDS[kind][0], body=error_body(api, kind, message),
                         content_type="application/json", headers=headers)
+
+
+def answer_for(api: str, exc: SidecarError) -> web.Response:
+    return api_error(api, exc.kind, exc.message, retry_after=exc.retry_after)

@@ -1,11 +1,13 @@
 """One upstream answer in flight, shared by every identical request meanwhile.
 
-The upstream call runs in its own task and appends what arrives; each waiting
-request relays from it at its own pace (a late joiner first gets what it
-missed, then the rest as it comes). The agent that started it is just the
+The upstream exchange runs in its own task and appends what arrives; each
+waiting request relays from it at its own pace (a late joiner first gets what
+it missed, then the rest as it comes). The agent that started it is just the
 first subscriber: if it disconnects, the others keep getting the answer; when
-the last one leaves, the upstream call is cancelled so no tokens are spent on
-an answer nobody reads.
+the last one leaves, the exchange is cancelled so no tokens are spent on an
+answer nobody reads. Every subscriber gets the same outcome: the answer, the
+same error before the head, or the same cut after it. A flight that has ended,
+or is being cancelled, is closed: nobody can join it any more.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ class Head:
     status: int
     reason: str | None
     headers: CIMultiDict
-    stream: bool
+    sse: bool              # an event stream (by its content-type): parsed as events, stored as a stream
+    incremental: bool      # relayed chunk by chunk as it arrives (a stream, or a body of unknown length)
 
 
 class Flight:
-    __slots__ = ("key", "head", "error", "chunks", "done", "failed", "subscribers", "task", "_waiters")
+    __slots__ = ("key", "head", "error", "chunks", "done", "failed", "closed", "answer", "subscribers", "task",
+                 "_waiters")
 
     def __init__(self, key: Hashable | None):
         self.key = key
@@ -34,7 +38,9 @@ class Flight:
         self.error: BaseException | None = None   # the call failed before any answer
         self.chunks: list[bytes] = []
         self.done = False
-        self.failed = False          # ended without a proper end: subscribers drop their connection
+        self.failed = False          # ended without a proper end: subscribers cut their connection
+        self.closed = False          # ended or cancelled: no new subscriber
+        self.answer: dict | None = None   # the complete answer as JSON, for each subscriber's checkpoint
         self.subscribers = 0
         self.task: asyncio.Task | None = None
         # One future per waiting subscriber: a subscriber that goes away cancels only its own.
@@ -51,13 +57,15 @@ class Flight:
         self._wake()
 
     def finish(self, failed: bool = False) -> None:
-        self.done = True
+        if self.done:
+            return
+        self.done = self.closed = True
         self.failed = failed
         self._wake()
 
     def abort(self, exc: BaseException) -> None:
-        """The call failed before any answer: every subscriber gets `exc`."""
-        if self.head is None:
+        """The call failed: before the head every subscriber gets `exc`, after it a cut."""
+        if self.head is None and self.error is None:
             self.error = exc
         self.finish(failed=True)
 
@@ -78,15 +86,17 @@ class Flight:
 
     def leave(self) -> None:
         self.subscribers -= 1
-        if self.subscribers <= 0 and not self.done and self.task is not None:
-            self.task.cancel()
+        if self.subscribers <= 0 and not self.done:
+            self.closed = True
+            if self.task is not None:
+                self.task.cancel()
 
     async def wait_head(self) -> Head:
         """The answer's status and headers, once the upstream sent them (or the call's error)."""
-        while self.head is None and self.error is None:
+        while self.head is None and not self.done:
             await self._changed()
         if self.head is None:
-            raise self.error
+            raise self.error or RuntimeError("flight ended without an answer or an error")
         return self.head
 
     async def stream(self) -> AsyncIterator[bytes]:
@@ -101,9 +111,9 @@ class Flight:
             await self._changed()
 
     async def body(self) -> bytes:
-        async for _ in self.stream():
-            pass
-        return b"".join(self.chunks)
+        while not self.done:
+            await self._changed()
+        return self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
 
 
 class Flights:
@@ -113,7 +123,11 @@ class Flights:
         self._by_key: dict[Hashable, Flight] = {}
 
     def find(self, key: Hashable) -> Flight | None:
-        return self._by_key.get(key)
+        flight = self._by_key.get(key)
+        if flight is not None and flight.closed:
+            del self._by_key[key]
+            return None
+        return flight
 
     def add(self, flight: Flight) -> None:
         self._by_key[flight.key] = flight

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .call import Refusal
+from .errors import Refusal
 from .intake import check_target
 from .state import STATE
 

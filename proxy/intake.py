@@ -1,28 +1,39 @@
 """Receive: refuse what must not pass, read the body within its limit, parse JSON.
 
 A request that fails here never reaches the upstream; the message says what to
-do about it.
+do about it. The request target is taken exactly as sent (`raw_path`), so it
+is checked here for what no API accepts.
 """
 
 from __future__ import annotations
 
+import re
+
 import orjson
 from aiohttp import web
 
-from .call import Call, Refusal
+from .call import Call
+from .errors import Refusal
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
+# A NUL (raw or percent-encoded) or a raw control character: no API takes one, and HTTP stacks choke on it.
+BAD_TARGET = re.compile(r"%00|[\x00-\x20\x7f]")
 
 
 def check_target(request: web.Request, allow_remote: bool) -> None:
     """Only origin-form requests addressed to this machine: no open proxy, no DNS rebinding."""
-    if not request.raw_path.startswith("/"):
+    target = request.raw_path
+    if not target.startswith("/"):
         raise Refusal("invalid_request", "sidecar: absolute-form request refused: the sidecar is not an open proxy; "
                                          "send API paths to it (base URL http://127.0.0.1:PORT)")
+    bad = BAD_TARGET.search(target)
+    if bad:
+        raise Refusal("invalid_request", f"sidecar: the request target holds {bad.group()!r} (a NUL or control "
+                                         f"character), which no API accepts; fix the path or query the client sends")
     if not allow_remote:
         host = request.headers.get("host", "")
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if name.lower() not in LOCAL_HOSTS:
+        if host and name.lower() not in LOCAL_HOSTS:   # HTTP/1.0 may send no Host at all: a local client
             raise Refusal("invalid_request", f"sidecar: request addressed to host {host!r} refused; use "
                                              f"http://127.0.0.1:PORT (or set [proxy] allow_remote = true)")
 
@@ -43,7 +54,10 @@ async def read_body(request: web.Request, call: Call, limit: int) -> None:
         try:
             call.json = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            detail = "invalid UTF-8" if "utf-8" in str(exc).lower() else str(exc)
+            detail = str(exc)
+            if "depth" in detail.lower():   # valid JSON, just deeper than the parser goes: forwarded uncached
+                return
+            detail = "invalid UTF-8" if "utf-8" in detail.lower() else detail
             raise Refusal("invalid_request", f"sidecar: request body is not valid JSON ({detail}); "
                                              f"send a JSON object encoded as UTF-8") from None
 

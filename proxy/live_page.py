@@ -65,19 +65,6 @@ async def session_messages(request: web.Request) -> web.Response:
     return _json({"session": found, "messages": sessions.messages(found["id"])})
 
 
-@web.middleware
-async def push_after_change(request: web.Request, handler) -> web.StreamResponse:
-    """The sidecar's own POSTs (an agent attaching or leaving) change the view: push it.
-
-    Completed calls reach the push through ProxyState.after_call instead."""
-    if request.method in ("GET", "HEAD") or not request.path.startswith("/_sidecar"):
-        return await handler(request)
-    try:
-        return await handler(request)
-    finally:
-        request.app[PUSH_HUB].changed()
-
-
 def add_routes(app: web.Application) -> None:
     """The live page's routes and its push hub (fed after every call, ended on shutdown)."""
     app[PUSH_HUB] = hub = PushHub(app[STATE])

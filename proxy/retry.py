@@ -3,14 +3,14 @@
 429, 529, 502, 503, 504 and connection failures are retried with exponential
 backoff and full jitter, or after the delay the API asks for (`retry-after-ms`,
 `retry-after`, Anthropic's `anthropic-ratelimit-*-reset`), within a bounded
-number of attempts and a bounded total time. The slot is given back while
-waiting, so the concurrency limit (lowered by a 429) also governs the retries.
+number of attempts and a bounded total time. The pipeline gives the slot back
+while waiting, so the concurrency limit (lowered by a 429) also governs the
+retries.
 What still fails goes to the agent unchanged: status, body and headers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from datetime import datetime, timezone
@@ -20,7 +20,7 @@ import aiohttp
 
 from .call import Call
 from .config import RetrySection
-from .upstream import UpstreamError
+from .errors import UpstreamError
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504, 529})
 RATE_LIMITED = frozenset({429, 529})
@@ -66,42 +66,46 @@ def backoff(settings: RetrySection, attempt: int) -> float:
     return random.uniform(0, min(settings.max_delay, settings.base_delay * 2 ** attempt))
 
 
-async def send_with_retries(state, call: Call, url, headers) -> aiohttp.ClientResponse:
-    """The final upstream response, holding a limiter slot that the caller must release."""
-    settings: RetrySection = state.config.retry
-    limiter = state.limiter
-    agent, model = call.route.agent, call.model
-    deadline = time.monotonic() + settings.max_total
-    for attempt in range(max(1, settings.max_attempts)):
-        call.slot_token = await limiter.acquire(agent, model, retrying=attempt > 0)
-        if not call.t_slot:
-            call.t_slot = time.monotonic()
-        last = attempt + 1 >= settings.max_attempts
-        sent_at = call.t_sent = time.monotonic()
-        try:
-            response = await state.client.send(call.method, url, headers, call.body)
-        except UpstreamError as exc:
-            limiter.release(agent, model, call.slot_token)
-            delay = backoff(settings, attempt)
-            if exc.kind != "bad_gateway" or last or time.monotonic() + delay > deadline:
-                raise
-        except BaseException:
-            limiter.release(agent, model, call.slot_token)
-            raise
-        else:
-            if response.status not in RETRY_STATUSES:
-                limiter.upstream_ok()
-                return response
-            if response.status in RATE_LIMITED:
-                call.rate_limited = True
-                limiter.upstream_limited(sent_at)
-            delay = requested_delay(response.headers)
-            delay = backoff(settings, attempt) if delay is None else delay
-            if last or time.monotonic() + delay > deadline:
-                return response          # the agent gets the upstream's own answer
-            response.release()
-            limiter.release(agent, model, call.slot_token)
-        call.retries += 1
-        state.counters["retries"] += 1
-        await asyncio.sleep(delay)
-    raise AssertionError("unreachable: the last attempt returns or raises")
+class Attempts:
+    """The retry policy of one call: after each attempt, the delay before the next, or None (final).
+
+    The pipeline owns the loop and the limiter slot of each attempt; this says only when to try again."""
+
+    __slots__ = ("settings", "call", "limiter", "attempt", "deadline", "sent_at")
+
+    def __init__(self, settings: RetrySection, call: Call, limiter):
+        self.settings = settings
+        self.call = call
+        self.limiter = limiter
+        self.attempt = 0
+        self.deadline = time.monotonic() + settings.max_total
+        self.sent_at = 0.0
+
+    @property
+    def retrying(self) -> bool:
+        return self.attempt > 0
+
+    def sending(self) -> None:
+        self.sent_at = self.call.t_sent = time.monotonic()
+
+    def after_error(self, exc: UpstreamError) -> float | None:
+        """A connection failure: retried with backoff; a timeout is not (the wait was already long)."""
+        return self._next(backoff(self.settings, self.attempt)) if exc.kind == "bad_gateway" else None
+
+    def after_response(self, response: aiohttp.ClientResponse) -> float | None:
+        if response.status not in RETRY_STATUSES:
+            self.limiter.upstream_ok()
+            return None
+        if response.status in RATE_LIMITED:
+            self.call.rate_limited = True
+            self.limiter.upstream_limited(self.sent_at)
+        delay = requested_delay(response.headers)
+        return self._next(backoff(self.settings, self.attempt) if delay is None else delay)
+
+    def _next(self, delay: float) -> float | None:
+        last = self.attempt + 1 >= self.settings.max_attempts
+        if last or time.monotonic() + delay > self.deadline:
+            return None      # the agent gets the upstream's own answer (or error)
+        self.attempt += 1
+        self.call.retries += 1
+        return delay

@@ -27,7 +27,7 @@ OPENAI_PATHS = ("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/responses
 class Route:
     agent: str
     api: str          # "anthropic" | "openai"
-    path: str         # the API path, without any agent prefix, e.g. /v1/messages
+    path: str         # the API path as the agent sent it (still percent-encoded), without any agent prefix
     query: str        # raw query string, without '?'
 
     @property
@@ -43,12 +43,14 @@ def api_of(path: str, headers) -> str:
     return "anthropic"
 
 
-def route_of(raw_path: str, query: str, headers, default_agent: str) -> Route:
+def route_of(target: str, headers, default_agent: str) -> Route:
+    """The route of a request target exactly as sent (`request.raw_path`: path and query, undecoded)."""
+    path, _, query = target.partition("?")
     agent = default_agent
-    match = AGENT_PREFIX.match(raw_path)
+    match = AGENT_PREFIX.match(path)
     if match:
-        agent, raw_path = match.group(1), match.group(2) or "/"
-    return Route(agent, api_of(raw_path, headers), raw_path, query)
+        agent, path = match.group(1), match.group(2) or "/"
+    return Route(agent, api_of(path, headers), path, query)
 
 
 class Upstreams:
@@ -64,4 +66,4 @@ class Upstreams:
         path = route.path_qs
         if route.api == "openai" and self._openai_has_v1 and (path.startswith("/v1/") or path == "/v1"):
             path = path[3:]
-        return URL(base + path, encoded=True)
+        return URL(base + path, encoded=True)   # encoded: the target goes upstream byte for byte

@@ -6,6 +6,7 @@ never in module globals.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from typing import Callable
@@ -27,7 +28,11 @@ from .stats import Stats
 from .timing import record_of
 from .routes import Upstreams
 from .store import Lmdb, open_lmdb
+from .errors import Fault
 from .upstream import UpstreamClient
+
+log = logging.getLogger("sidecar")
+FAULT_EVENT_GAP = 10.0   # seconds: one sidecar_fault event per stage and error type at most this often
 
 
 @dataclass(eq=False)
@@ -47,6 +52,7 @@ class ProxyState:
     backends: Backends | None = None
     after_call: Callable[[], None] | None = None   # the live page's push, when it is served
     started: float = field(default_factory=time.time)
+    _fault_seen: dict = field(default_factory=dict)   # (stage, error type) -> when its last event went out
 
     @classmethod
     def build(cls, config: Config) -> "ProxyState":
@@ -71,6 +77,7 @@ class ProxyState:
         self.limiter.global_slots = self.backends.global_slots
         keys = KeyMaker(self.backends.secret, settings.ignore_fields, settings.key_headers)
         self.cache = Cache(settings, self.backends.store, keys)
+        self.cache.on_fault = self.fault
         self.records = RecordLog(self.lmdb, self.config.stats.max_records)
         self.sessions = Sessions(self.lmdb, mirror=self.backends.mirror)
         await self.client.open()
@@ -86,6 +93,22 @@ class ProxyState:
         if self.after_call is not None:
             self.after_call()
 
+    def fault(self, stage: str, error: BaseException) -> Fault:
+        """A stage failed unexpectedly: one log line, a `sidecar_fault` event; the call goes on without it."""
+        self.counters["faults"] += 1
+        key = (stage, type(error).__name__)
+        now = time.monotonic()
+        first = key not in self._fault_seen
+        log.error("sidecar fault in the %s stage: %r", stage, error, exc_info=error if first else None)
+        if first or now - self._fault_seen[key] >= FAULT_EVENT_GAP:
+            self._fault_seen[key] = now
+            if self.monitor is not None:
+                try:
+                    self.monitor.emit(make_event("sidecar_fault", "info", stage=stage, error=repr(error)[:300]))
+                except Exception as exc:   # the events log itself failing must not fail the call
+                    log.error("could not record the sidecar_fault event: %r", exc)
+        return Fault(stage, error)
+
     def control(self, message: dict) -> None:
         """A message from the launcher over the control pipe."""
         if "agent" in message:
@@ -93,7 +116,8 @@ class ProxyState:
         if "restore" in message:
             found = self.sessions.arm(message["restore"])
             self.monitor.emit(make_event("session_restore", "info", session=message["restore"],
-                                         found=bool(found), messages=len(self.sessions.restore_messages)))
+                                         found=bool(found),
+                                         messages=len(self.sessions.armed.messages) if found else 0))
 
     async def close(self) -> None:
         await self.client.close()

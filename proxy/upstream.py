@@ -2,35 +2,26 @@
 
 Bodies pass as raw bytes both ways (no decompression, so a compressed answer
 keeps its content-encoding and gets a correct length); hop-by-hop headers stay
-on their own hop. Connection failures become `UpstreamError`, which the
-handler turns into an API-shaped error.
+on their own hop, and so does `Expect` (the sidecar answered it and has read
+the body). Connection failures become `UpstreamError` (errors.from_library).
 """
 
 from __future__ import annotations
-
-import asyncio
 
 import aiohttp
 from multidict import CIMultiDict
 
 from .config import ProxySection, env_proxy_configured
+from .errors import from_library
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "transfer-encoding", "upgrade",
 })
-# Recomputed per hop by aiohttp from the URL and the body.
-NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
+# Recomputed per hop by aiohttp from the URL and the body; Expect was answered by the sidecar itself.
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
 # Added by aiohttp when missing; the agent's own choice must go upstream unchanged.
 SKIP_AUTO = ("Accept-Encoding", "User-Agent", "Content-Type")
-
-
-class UpstreamError(Exception):
-    """The upstream could not be reached or did not answer in time."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind  # "bad_gateway" | "timeout"
 
 
 def end_to_end(headers) -> CIMultiDict:
@@ -72,9 +63,5 @@ class UpstreamClient:
             return await self.session.request(method, url, headers=headers, data=body or None,
                                               skip_auto_headers=SKIP_AUTO, allow_redirects=False,
                                               compress=None)
-        except asyncio.TimeoutError:
-            raise UpstreamError("timeout", f"sidecar: upstream {url.origin()} did not answer in time; "
-                                           f"raise [proxy] connect_timeout/read_timeout if it is slow") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError("bad_gateway", f"sidecar: upstream {url.origin()} unreachable ({exc}); check "
-                                               f"[upstream] in the config or ANTHROPIC_BASE_URL/OPENAI_BASE_URL") from exc
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            raise from_library(exc, url) from exc

@@ -1,0 +1,151 @@
+"""Watch one upstream answer go by: its end, whether it is well formed, its usage, its first token.
+
+The capture sees every chunk the agent receives, in order, and never changes
+one. It knows when an answer has ended properly (`message_stop`, `[DONE]`, a
+complete JSON body), which is the only kind worth storing or checkpointing;
+anything malformed (an event that is not JSON, a shape the API never sends,
+an `error` event, bytes after the end) is relayed as it came and marked so.
+It notes the first content token and the token counts for the call's record.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from .call import Call
+from .encoding import STORABLE, decoded
+from .sse import ANTHROPIC_END, OPENAI_END, EventParser, assemble_anthropic, assemble_openai
+
+
+def _count(value: Any) -> int:
+    """A token count as the API reports it; anything else counts as 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def well_formed(path: str, doc: Any) -> bool:
+    """A JSON answer of the shape its route returns (an error body sent with 200 is not)."""
+    if not isinstance(doc, dict) or "error" in doc:
+        return False
+    if path == "/v1/messages":
+        return doc.get("type") == "message" and isinstance(doc.get("content"), list)
+    if path == "/v1/chat/completions":
+        return isinstance(doc.get("choices"), list)
+    return True
+
+
+class Capture:
+    __slots__ = ("call", "sse", "encoding", "pacing", "complete", "malformed", "answer", "_parser",
+                 "_events", "_t0")
+
+    def __init__(self, call: Call, sse: bool, encoding: str, keep_pacing: bool):
+        self.call = call
+        self.sse = sse
+        self.encoding = encoding.strip().lower()
+        self.pacing: list[tuple[float, int]] | None = [] if keep_pacing else None   # (s after first chunk, length)
+        self.complete = False            # ended properly
+        self.malformed = self.encoding not in STORABLE
+        self.answer: dict | None = None  # the answer as the JSON body of a non-streaming call
+        # A compressed stream is relayed but not read: events are parsed only from plain bytes.
+        self._parser = EventParser() if sse and self.encoding in ("", "identity") else None
+        self._events: list[tuple[str, bytes]] = []
+        self._t0 = 0.0
+
+    @property
+    def storable(self) -> bool:
+        return self.complete and not self.malformed and self.answer is not None
+
+    def feed(self, chunk: bytes) -> bool:
+        """Take one chunk; True exactly once: when this chunk completes a stream."""
+        if self.pacing is not None:
+            now = time.monotonic()
+            if not self.pacing:
+                self._t0 = now
+            self.pacing.append((round(now - self._t0, 4), len(chunk)))
+        if self._parser is None:
+            return False
+        was_complete = self.complete
+        for name, data in self._parser.feed(chunk):
+            if self.complete:        # anything after the end: relayed, but not an answer to keep
+                self.malformed = True
+                continue
+            self._events.append((name, data))
+            try:
+                self._on_event(name, data)
+            except ValueError:
+                self.malformed = True
+        if self.complete and not was_complete:
+            self._assemble()
+            return True
+        return False
+
+    def end(self, body: bytes) -> bool:
+        """The upstream's body is over (`body`, for a JSON answer); True when that completes the answer."""
+        if self.sse:
+            if self._parser is not None and self._parser.feed(b"\n\n"):
+                self.malformed = True    # an unterminated event after the end
+            return False
+        try:
+            doc = orjson.loads(decoded(body, self.encoding))
+        except ValueError:
+            self.malformed = True
+            return False
+        if not well_formed(self.call.route.path, doc):
+            self.malformed = True
+            return False
+        self.complete = True
+        self.answer = doc
+        self._usage(doc.get("usage"))
+        return True
+
+    def _on_event(self, name: str, data: bytes) -> None:
+        call = self.call
+        if call.route.api == "anthropic":
+            if name == "content_block_delta":
+                if not call.t_first_token:
+                    call.t_first_token = time.monotonic()
+            elif name == "message_start":
+                message = orjson.loads(data).get("message")
+                self._usage(message.get("usage") if isinstance(message, dict) else None)
+            elif name == "message_delta":
+                self._usage(orjson.loads(data).get("usage"), output_only=True)
+            elif name == "error":
+                self.malformed = True
+            elif name == ANTHROPIC_END:
+                self.complete = True
+        elif data == OPENAI_END:
+            self.complete = True
+        elif not call.t_first_token or b'"usage"' in data:
+            chunk = orjson.loads(data)
+            if not call.t_first_token and any(isinstance(c, dict) and (c.get("delta") or {}).get("content")
+                                              for c in chunk.get("choices") or ()):
+                call.t_first_token = time.monotonic()
+            self._usage(chunk.get("usage"))
+
+    def _usage(self, usage: Any, output_only: bool = False) -> None:
+        if not isinstance(usage, dict):
+            return
+        call = self.call
+        if call.route.api == "anthropic":
+            if not output_only and "input_tokens" in usage:
+                call.input_tokens = _count(usage["input_tokens"])
+            if "output_tokens" in usage:
+                call.output_tokens = _count(usage["output_tokens"])
+        else:
+            call.input_tokens = _count(usage.get("prompt_tokens"))
+            call.output_tokens = _count(usage.get("completion_tokens"))
+
+    def _assemble(self) -> None:
+        if self.malformed:
+            return
+        assemble = assemble_anthropic if self.call.route.api == "anthropic" else assemble_openai
+        try:
+            answer = assemble(self._events)
+        except ValueError:
+            answer = None
+        if not well_formed(self.call.route.path, answer):
+            self.malformed = True
+        self.answer = answer
+        self._events = []

@@ -1,0 +1,67 @@
+"""One answer, two forms: a JSON body and an SSE stream, each made from the other.
+
+The cache stores whichever form the upstream gave. A request that asks for
+the other form gets it converted: a recorded stream assembled into the JSON
+body the same request would have got without streaming, or a JSON body turned
+into the standard event sequence the official SDKs parse. A conversion that
+cannot be made (an entry this version cannot read) is a miss, never an error.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from .call import Call
+from .encoding import UndecodableBody, decoded
+from .entry import Entry
+from .sse import EventParser, assemble_anthropic, assemble_openai, synthesize_anthropic, synthesize_openai
+
+
+class Unconvertible(ValueError):
+    """This entry cannot be served in the form asked for."""
+
+
+def form_of(call: Call) -> tuple:
+    """What shape of answer the request asks for; a recorded answer of another shape is converted."""
+    if not call.wants_stream:
+        return ("json",)
+    options = call.json.get("stream_options")
+    include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
+    return ("sse", include_usage) if call.route.api == "openai" else ("sse",)
+
+
+def stored_form(entry: Entry) -> tuple:
+    if not entry.stream:
+        return ("json",)
+    return ("sse", entry.meta["include_usage"]) if "include_usage" in entry.meta else ("sse",)
+
+
+def message_of(entry: Entry, api: str) -> dict:
+    """The stored answer as a JSON body, assembled from its events if it was a stream."""
+    try:
+        if not entry.stream:
+            message = orjson.loads(decoded(entry.body, entry.header("content-encoding")))
+        else:
+            parser = EventParser()
+            events = parser.feed(entry.body) + parser.feed(b"\n\n")
+            message = (assemble_openai if api == "openai" else assemble_anthropic)(events)
+    except (ValueError, UndecodableBody) as exc:
+        raise Unconvertible(f"stored answer unreadable: {exc}") from exc
+    if not isinstance(message, dict):
+        raise Unconvertible("stored answer is not a JSON object")
+    return message
+
+
+def as_json(message: dict) -> bytes:
+    try:
+        return orjson.dumps(message)
+    except TypeError as exc:   # nested deeper than orjson writes
+        raise Unconvertible(str(exc)) from exc
+
+
+def as_stream(message: dict, api: str, include_usage: bool) -> bytes:
+    try:
+        events = synthesize_openai(message, include_usage) if api == "openai" else synthesize_anthropic(message)
+        return b"".join(events)
+    except (TypeError, ValueError, LookupError, AttributeError) as exc:   # a shape synthesis cannot follow
+        raise Unconvertible(str(exc)) from exc

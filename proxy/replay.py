@@ -1,0 +1,99 @@
+"""Answer a call from a stored entry, in the form and the coding the request asks for.
+
+Everything is decided before the first byte goes out (`prepare`): an entry
+that cannot be served to this request (an unreadable conversion) is a miss,
+and the call goes upstream as if nothing were stored. A client is sent the
+stored coding only if its Accept-Encoding takes it, else the decoded body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from . import convert
+from .call import Call
+from .encoding import UndecodableBody, accepts, decoded
+from .entry import Entry
+
+SSE_HEADERS = (("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"))
+
+
+@dataclass(slots=True)
+class Replay:
+    status: int
+    headers: list[tuple[str, str]]
+    chunks: list[bytes]
+    sse: bool
+    pacing: list[tuple[float, int]] | None = None   # recorded timing, when replayed with it
+
+
+def prepare(call: Call, entry: Entry, pacing: bool) -> Replay | None:
+    """How to answer `call` from `entry`; None when this entry cannot serve it."""
+    want = convert.form_of(call)
+    headers = [(k, v) for k, v in entry.headers if k.lower() not in ("content-type", "content-encoding")]
+    coding = entry.header("content-encoding")
+    try:
+        if want == convert.stored_form(entry):
+            if not entry.stream:
+                body = entry.body
+                if accepts(call.accept_encoding, coding):
+                    headers += [("Content-Encoding", coding)] if coding else []
+                else:
+                    body = decoded(body, coding)
+                content_type = entry.header("content-type") or "application/json"
+                return Replay(entry.status, [("Content-Type", content_type), *headers], [body], sse=False)
+            timing = entry.pacing if pacing and entry.pacing else None
+            return Replay(entry.status, [*SSE_HEADERS, *headers], _recorded_chunks(entry), sse=True, pacing=timing)
+        message = convert.message_of(entry, call.route.api)
+        if want[0] == "json":
+            return Replay(entry.status, [("Content-Type", "application/json"), *headers],
+                          [convert.as_json(message)], sse=False)
+        body = convert.as_stream(message, call.route.api, want[-1] if len(want) > 1 else False)
+        return Replay(entry.status, [*SSE_HEADERS, *headers], [body], sse=True)
+    except (convert.Unconvertible, UndecodableBody):
+        return None
+
+
+def account(call: Call, entry: Entry) -> None:
+    """A hit's record: the tokens and the upstream time the original call cost, now saved."""
+    call.cache_outcome = "hit"
+    call.saved_s = entry.meta.get("upstream_s", 0.0)
+    call.input_tokens = entry.meta.get("input_tokens", 0)
+    call.output_tokens = entry.meta.get("output_tokens", 0)
+
+
+def _recorded_chunks(entry: Entry) -> list[bytes]:
+    if not entry.pacing:
+        return [entry.body]
+    out, at = [], 0
+    for _, size in entry.pacing:
+        out.append(entry.body[at:at + size])
+        at += size
+    return out
+
+
+async def send(request: web.Request, call: Call, replay: Replay) -> web.StreamResponse:
+    call.status = replay.status
+    if not replay.sse:
+        call.t_first_byte = call.t_done = time.monotonic()
+        return web.Response(status=replay.status, body=replay.chunks[0], headers=replay.headers)
+    call.streamed = True
+    response = web.StreamResponse(status=replay.status, headers=replay.headers)
+    await response.prepare(request)
+    call.t_first_byte = time.monotonic()
+    if replay.pacing is None:
+        await response.write(b"".join(replay.chunks))
+    else:
+        start = time.monotonic()
+        for (offset, _), chunk in zip(replay.pacing, replay.chunks):
+            delay = offset - (time.monotonic() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await response.write(chunk)
+    call.t_done = time.monotonic()
+    await response.write_eof()
+    return response

@@ -1,0 +1,159 @@
+"""The flight and the capture, each driven alone with small fakes: no proxy, no network."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+
+import orjson
+import pytest
+from multidict import CIMultiDict
+
+from proxy.call import Call
+from proxy.capture import Capture
+from proxy.flight import Flight, Flights, Head
+from proxy.routes import Route
+
+HEAD = Head(200, "OK", CIMultiDict(), sse=True, incremental=True)
+
+
+def call_for(api: str = "anthropic", path: str = "/v1/messages") -> Call:
+    return Call(Route("agent", api, path, ""), "POST")
+
+
+def anthropic_stream(*, end: bool = True, extra: bytes = b"") -> list[bytes]:
+    events = [
+        ("message_start", {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                                                "content": [], "model": "m", "usage": {"input_tokens": 7, "output_tokens": 1}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}}),
+    ]
+    if end:
+        events.append(("message_stop", {"type": "message_stop"}))
+    return [b"event: " + n.encode() + b"\ndata: " + orjson.dumps(d) + b"\n\n" for n, d in events] + ([extra] if extra else [])
+
+
+# ---- Flight ----------------------------------------------------------------------------------------------
+
+
+async def test_followers_get_the_leaders_error_before_the_head():
+    flight = Flight("k")
+    waits = [asyncio.create_task(flight.wait_head()) for _ in range(3)]
+    await asyncio.sleep(0)
+    flight.abort(ValueError("boom"))
+    for wait in waits:
+        with pytest.raises(ValueError, match="boom"):
+            await wait
+
+
+async def test_a_late_joiner_gets_every_chunk_and_the_same_cut():
+    flight = Flight("k")
+    flight.start_head(HEAD)
+    flight.append(b"a")
+    flight.append(b"b")
+    late = [chunk async for chunk in _until_done(flight, after=lambda: flight.abort(RuntimeError()))]
+    assert late == [b"a", b"b"] and flight.failed
+
+
+async def _until_done(flight: Flight, after):
+    first = True
+    async for chunk in flight.stream():
+        yield chunk
+        if first:
+            first = False
+            asyncio.get_running_loop().call_soon(after)
+
+
+async def test_an_ended_or_cancelled_flight_cannot_be_joined():
+    flights = Flights()
+    ended, cancelled = Flight("a"), Flight("b")
+    flights.add(ended)
+    flights.add(cancelled)
+    ended.finish()
+    cancelled.task = asyncio.create_task(asyncio.sleep(10))
+    cancelled.join()
+    cancelled.leave()          # the last subscriber left: the exchange is cancelled
+    assert flights.find("a") is None and flights.find("b") is None and len(flights) == 0
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled.task
+
+
+async def test_a_flight_that_ends_without_head_or_error_still_wakes_its_waiters():
+    flight = Flight(None)
+    wait = asyncio.create_task(flight.wait_head())
+    await asyncio.sleep(0)
+    flight.finish(failed=True)
+    with pytest.raises(RuntimeError):
+        await wait
+
+
+# ---- Capture ---------------------------------------------------------------------------------------------
+
+
+def test_a_stream_completes_once_with_its_usage():
+    call = call_for()
+    capture = Capture(call, sse=True, encoding="", keep_pacing=True)
+    completions = [capture.feed(chunk) for chunk in anthropic_stream()]
+    completions.append(capture.feed(b"\n"))            # trailing bytes after the end: no second completion
+    assert completions.count(True) == 1 and completions[-2] is True
+    capture.end(b"")
+    assert capture.storable and capture.answer["content"] == [{"type": "text", "text": "hi"}]
+    assert (call.input_tokens, call.output_tokens) == (7, 3) and call.t_first_token
+    assert len(capture.pacing) == len(anthropic_stream()) + 1
+
+
+@pytest.mark.parametrize("chunks", [
+    anthropic_stream(end=False),                                              # cut before message_stop
+    anthropic_stream(extra=b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),   # two ends
+    anthropic_stream(extra=b"data: trailing garbage\n\n"),                    # bytes after the end
+    [b"event: message_start\ndata: not json\n\n", *anthropic_stream()[1:]],   # an event that is not JSON
+    [b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":[]}\n\n", *anthropic_stream()[1:]],
+    [b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":null}\n\n", *anthropic_stream()[1:]],
+    [*anthropic_stream()[:3], b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\n\n",
+     *anthropic_stream()[3:]],
+], ids=["cut", "two-ends", "after-end", "not-json", "message-list", "message-null", "error-event"])
+def test_a_malformed_or_partial_stream_is_never_storable(chunks):
+    capture = Capture(call_for(), sse=True, encoding="", keep_pacing=False)
+    for chunk in chunks:
+        capture.feed(chunk)
+    capture.end(b"")
+    assert not capture.storable
+
+
+def test_openai_keepalive_data_is_malformed_but_usage_still_counts():
+    call = call_for("openai", "/v1/chat/completions")
+    capture = Capture(call, sse=True, encoding="", keep_pacing=False)
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": 4, "completion_tokens": 2}}
+    for data in (b"data: keepalive\n\n", b"data: " + orjson.dumps(chunk) + b"\n\n", b"data: [DONE]\n\n"):
+        capture.feed(data)
+    assert not capture.storable and (call.input_tokens, call.output_tokens) == (4, 2)
+
+
+@pytest.mark.parametrize("body,encoding,storable", [
+    (orjson.dumps({"type": "message", "content": [], "usage": {"input_tokens": 1, "output_tokens": 2}}), "", True),
+    (gzip.compress(orjson.dumps({"type": "message", "content": []})), "gzip", True),
+    (b"not gzip at all", "gzip", False),
+    (orjson.dumps({"type": "error", "error": {"type": "api_error", "message": "x"}}), "", False),
+    (b"[" * 300 + b"]" * 300, "", False),
+    (b"[" * 2000 + b"]" * 2000, "", False),
+    (b"\xff\xfe garbage", "", False),
+    (orjson.dumps({"type": "message", "content": []}), "br", False),
+], ids=["plain", "gzip", "bad-gzip", "error-body", "deep-300", "deep-2000", "not-utf8", "br"])
+def test_a_json_answer_is_storable_only_when_well_formed_and_readable(body, encoding, storable):
+    call = call_for()
+    capture = Capture(call, sse=False, encoding=encoding, keep_pacing=False)
+    capture.feed(body)
+    assert capture.end(body) is storable and capture.storable is storable
+    if storable and not encoding:
+        assert (call.input_tokens, call.output_tokens) == (1, 2)
+
+
+def test_usage_of_the_wrong_type_counts_as_zero():
+    call = call_for()
+    body = orjson.dumps({"type": "message", "content": [], "usage": {"input_tokens": "12", "output_tokens": None}})
+    capture = Capture(call, sse=False, encoding="", keep_pacing=False)
+    assert capture.end(body) and (call.input_tokens, call.output_tokens) == (0, 0)
