@@ -199,14 +199,10 @@ async def slot(state: ProxyState, call: Call, retrying: bool):
     if not call.model_call:
         yield
         return
-    agent, model = call.route.agent, call.model
-    token = await state.limiter.acquire(agent, model, retrying=retrying)
-    if not call.t_slot:
-        call.t_slot = time.monotonic()
-    try:
+    async with state.limiter.slot(call.route.agent, call.model, retrying):
+        if not call.t_slot:
+            call.t_slot = time.monotonic()
         yield
-    finally:
-        state.limiter.release(agent, model, token)
 
 
 async def take_answer(state: ProxyState, call: Call, flight: Flight, upstream: aiohttp.ClientResponse,
