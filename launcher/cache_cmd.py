@@ -17,8 +17,8 @@ import orjson
 from proxy.cache_key import ANY_KEY, KeyMaker, load_secret
 from proxy.config import Config, ConfigError
 from proxy.entry import CorruptEntry, Entry
-from proxy.record import decoded
-from proxy.sse import EventParser, assemble_anthropic, assemble_openai
+from proxy.encoding import decoded
+from proxy.sse import EventParser, MalformedStream, assemble_anthropic, assemble_openai
 from proxy.store import ResponseStore, open_lmdb
 
 
@@ -56,7 +56,10 @@ def answer_text(entry: Entry) -> dict:
         parser = EventParser()
         events = parser.feed(entry.body)
         openai = entry.meta.get("path", "").startswith(("/v1/chat", "/v1/embeddings"))
-        return (assemble_openai if openai else assemble_anthropic)(events) or {}
+        try:
+            return (assemble_openai if openai else assemble_anthropic)(events) or {}
+        except MalformedStream as exc:
+            raise ConfigError(f"the stored stream is malformed, so it has no JSON form to show ({exc})") from None
     return orjson.loads(decoded(entry.body, entry.header("content-encoding")))
 
 

@@ -25,6 +25,7 @@ import tty
 from urllib.parse import urlsplit
 
 from proxy.config import Config
+from proxy.sse import EventParser
 
 from . import client, shared
 from .summary import human_bytes, ms
@@ -121,7 +122,7 @@ def render(doc: dict, url: str, width: int = 100) -> list[str]:
 # ---- reading /_sidecar/live ---------------------------------------------------------------
 
 
-class Live:
+class LiveStream:
     """One SSE connection over a plain socket (HTTP/1.0: the body is the raw stream, no chunking)."""
 
     def __init__(self, url: str):
@@ -129,38 +130,36 @@ class Live:
         self.sock = socket.create_connection((parts.hostname, parts.port or 80), timeout=5)
         self.sock.sendall(f"GET /_sidecar/live HTTP/1.0\r\nHost: {parts.netloc}\r\nAccept: text/event-stream\r\n\r\n"
                           .encode())
-        self.buffer = b""
-        while b"\r\n\r\n" not in self.buffer:
-            self._receive()
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        self.events = EventParser()
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += self._receive()
+        head, body = received.split(b"\r\n\r\n", 1)
         status = head.split(b"\r\n")[0].decode(errors="replace")
         if not status.startswith(("HTTP/1.0 200", "HTTP/1.1 200")):
             raise client.SidecarUnreachable(f"{url}/_sidecar/live answered {status}")
         self.sock.settimeout(None)
+        self.with_head = self._snapshots(body)   # the first snapshot may have come with the headers
 
-    def _receive(self) -> None:
+    def _receive(self) -> bytes:
         data = self.sock.recv(65536)
         if not data:
             raise EOFError
-        self.buffer += data
+        return data
 
     def read(self) -> list[dict]:
         """The snapshots that arrived (after select() said the socket is readable); EOFError once it closed."""
-        self._receive()
-        return self.take()
+        return self._snapshots(self._receive())
 
-    def take(self) -> list[dict]:
-        """The complete snapshots in the buffer."""
-        *events, self.buffer = self.buffer.split(b"\n\n")
-        return [json.loads(b"".join(line[5:] for line in event.split(b"\n") if line.startswith(b"data:")))
-                for event in events if b"data:" in event]
+    def _snapshots(self, data: bytes) -> list[dict]:
+        return [json.loads(snapshot) for _, snapshot in self.events.feed(data)]
 
 
 def watch(url: str, once: bool) -> int:
     if once:
         sys.stdout.write("\n".join(render(client.call(url, "/_sidecar/overview"), url, 200)) + "\n")
         return 0
-    live = Live(url)
+    live = LiveStream(url)
     screen = sys.stdout.isatty()
     keys = screen and sys.stdin.isatty()
     selector = selectors.DefaultSelector()
@@ -179,7 +178,7 @@ def watch(url: str, once: bool) -> int:
         sys.stdout.write(ENTER)
     doc = None
     try:
-        for doc in live.take()[-1:]:   # the first snapshot may have come with the headers
+        for doc in live.with_head[-1:]:
             _draw(doc, url, screen)
         while True:
             for key, _ in selector.select():

@@ -5,97 +5,193 @@ whichever form the upstream gave and serves the other on demand: `assemble`
 turns a recorded stream into the JSON body the same request would have got
 without streaming, `synthesize` turns a JSON body into the standard event
 sequence the official SDKs parse.
+
+Assembling is total: input that breaks its API's event grammar (data that is
+not JSON, wrong types, block indexes out of range) raises MalformedStream and
+nothing else, so a caller relays such an answer as it came and stores nothing.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import functools
+import math
+from typing import Any, Callable, Iterator
 
 import orjson
 
 ANTHROPIC_END = "message_stop"
 OPENAI_END = b"[DONE]"
+BOM = b"\xef\xbb\xbf"
+
+
+class MalformedStream(ValueError):
+    """A recorded stream that does not follow its API's event grammar: relayed as it came, never stored."""
 
 
 class EventParser:
-    """Splits a byte stream into (event name, data bytes) as events complete."""
+    """Splits a byte stream into (event name, data bytes) as events complete, per the WHATWG SSE rules.
 
-    __slots__ = ("_buffer",)
+    Each chunk is scanned once: only the unfinished last line is carried over, as a list of pieces
+    joined when its line ends, so a 1 MB event in 4 KB chunks costs no more than the same event whole.
+    An event still open when the stream ends is never returned.
+    """
+
+    __slots__ = ("_line", "_data", "_name", "_after_cr", "_at_start")
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._line: list[bytes] = []      # pieces of the line not yet ended
+        self._data: list[bytes] = []      # data lines of the event not yet dispatched
+        self._name = b""
+        self._after_cr = False            # the last chunk ended in \r: a \n starting the next one ends nothing
+        self._at_start = True
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes of an unfinished line or event are waiting (anything but blank lines)."""
+        return bool(self._line or self._data or self._name)
 
     def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
-        buffer = self._buffer + chunk if self._buffer else chunk
-        if b"\r" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n")
-        *complete, self._buffer = buffer.split(b"\n\n")
-        return [parsed for block in complete if (parsed := parse_event(block)) is not None]
+        if not chunk:
+            return []
+        if self._after_cr and chunk[0] == 0x0A:
+            chunk = chunk[1:]
+        self._after_cr = chunk.endswith(b"\r")
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = chunk.split(b"\n")
+        last = lines.pop()
+        if not lines:
+            if last:
+                self._line.append(last)
+            return []
+        if self._line:
+            self._line.append(lines[0])
+            lines[0] = b"".join(self._line)
+            self._line = []
+        if last:
+            self._line.append(last)
+        if self._at_start:
+            self._at_start = False
+            lines[0] = lines[0].removeprefix(BOM)
+        events = []
+        data = self._data
+        name = self._name
+        for line in lines:
+            if not line:
+                if data:
+                    events.append((name.decode("utf-8", "replace") or "message", b"\n".join(data)))
+                    data.clear()
+                name = b""
+            elif line.startswith(b"data: "):
+                data.append(line[6:])
+            elif line.startswith(b"event: "):
+                name = line[7:]
+            else:   # the general form; a comment (no field name), id, retry and unknown fields are skipped
+                field, _, value = line.partition(b":")
+                if value.startswith(b" "):
+                    value = value[1:]
+                if field == b"data":
+                    data.append(value)
+                elif field == b"event":
+                    name = value
+        self._name = name
+        return events
 
 
-def parse_event(block: bytes) -> tuple[str, bytes] | None:
-    name, data = "message", []
-    for line in block.split(b"\n"):
-        if line.startswith(b"data:"):
-            data.append(line[5:].removeprefix(b" "))
-        elif line.startswith(b"event:"):
-            name = line[6:].strip().decode("utf-8", "replace")
-    if not data:
-        return None
-    return name, b"\n".join(data)
+Assemble = Callable[[list[tuple[str, bytes]]], "dict[str, Any] | None"]
+
+
+def _total(assemble: Assemble) -> Assemble:
+    """The one place where hostile input's decoding and lookup errors become MalformedStream."""
+    @functools.wraps(assemble)
+    def checked(events: list[tuple[str, bytes]]) -> dict[str, Any] | None:
+        try:
+            return assemble(events)
+        except MalformedStream:
+            raise
+        except (ValueError, LookupError, TypeError, AttributeError) as exc:
+            raise MalformedStream(f"{assemble.__name__}: {type(exc).__name__}: {exc}") from exc
+    return checked
+
+
+def _object(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise MalformedStream(f"{what} is {type(value).__name__}, not an object")
+    return value
+
+
+def _index(holder: dict, what: str, below: float = math.inf) -> int:
+    """holder["index"] as a position: an int from 0, below `below` (len + 1 where a list grows by one)."""
+    index = holder["index"]
+    if type(index) is not int or not 0 <= index < below:
+        raise MalformedStream(f"{what} index {index!r} is out of range")
+    return index
 
 
 # -- Anthropic ---------------------------------------------------------------
 
+# delta type -> (the key that carries its piece, the block field the pieces build)
+ANTHROPIC_DELTAS = {
+    "text_delta": ("text", "text"),
+    "thinking_delta": ("thinking", "thinking"),
+    "signature_delta": ("signature", "signature"),
+    "input_json_delta": ("partial_json", "input"),
+    "citations_delta": ("citation", "citations"),
+}
+
+
+@_total
 def assemble_anthropic(events: list[tuple[str, bytes]]) -> dict[str, Any] | None:
     """The Message a non-streaming call returns, built from a complete event sequence."""
     message: dict[str, Any] | None = None
-    partial_json: dict[int, str] = {}
+    content: list[dict] = []
+    pieces: list[dict[str, list]] = []    # per block: field -> its deltas, joined once at the end
     for name, data in events:
         if name in ("ping", "error"):
             continue
-        event = orjson.loads(data)
+        event = _object(orjson.loads(data), f"{name} event")
         kind = event.get("type", name)
-        if kind == "message_start":
-            message = dict(event["message"])
-            message["content"] = []
+        if kind == "content_block_delta" and message is not None:   # the most frequent event, first
+            delta = _object(event["delta"], "delta")
+            known = ANTHROPIC_DELTAS.get(delta.get("type"))
+            if known is not None:
+                key, field = known
+                pieces[_index(event, "content_block_delta", below=len(content))].setdefault(field, []).append(delta[key])
+        elif kind == "message_start":
+            message = dict(_object(event["message"], "message_start.message"))
+            message["content"] = content = []
+            pieces = []
         elif message is None:
             continue
         elif kind == "content_block_start":
-            block = dict(event["content_block"])
-            _fill(message["content"], event["index"], block)
-            if block.get("type") in ("tool_use", "server_tool_use"):
-                partial_json[event["index"]] = ""
-        elif kind == "content_block_delta":
-            _apply_delta(message["content"][event["index"]], event["delta"], partial_json, event["index"])
+            if _index(event, "content_block_start", below=len(content) + 1) < len(content):
+                raise MalformedStream(f"content_block_start repeats index {event['index']}")
+            block = dict(_object(event["content_block"], "content_block"))
+            content.append(block)
+            pieces.append({"input": []} if block.get("type") in ("tool_use", "server_tool_use") else {})
         elif kind == "content_block_stop":
-            text = partial_json.pop(event["index"], None)
-            if text is not None:
-                message["content"][event["index"]]["input"] = orjson.loads(text) if text else {}
+            _index(event, "content_block_stop", below=len(content))
         elif kind == "message_delta":
-            message.update(event.get("delta", {}))
+            message.update(_object(event.get("delta", {}), "message_delta.delta"))
             message["usage"] = {**message.get("usage", {}), **event.get("usage", {})}
+    if message is None:
+        return None
+    for block, fields in zip(content, pieces):
+        for field, parts in fields.items():
+            block[field] = _joined(block, field, parts)
     return message
 
 
-def _fill(content: list, index: int, block: dict) -> None:
-    while len(content) <= index:
-        content.append(None)
-    content[index] = block
-
-
-def _apply_delta(block: dict, delta: dict, partial_json: dict[int, str], index: int) -> None:
-    kind = delta.get("type")
-    if kind == "text_delta":
-        block["text"] = block.get("text", "") + delta["text"]
-    elif kind == "input_json_delta":
-        partial_json[index] = partial_json.get(index, "") + delta.get("partial_json", "")
-    elif kind == "thinking_delta":
-        block["thinking"] = block.get("thinking", "") + delta["thinking"]
-    elif kind == "signature_delta":
-        block["signature"] = delta["signature"]
-    elif kind == "citations_delta":
-        block.setdefault("citations", []).append(delta["citation"])
+def _joined(block: dict, field: str, parts: list) -> Any:
+    """The block's field once all its delta pieces are in."""
+    if field == "input":
+        text = "".join(parts)
+        return _object(orjson.loads(text), "tool input") if text else {}
+    if field == "signature":
+        return parts[-1]
+    if field == "citations":
+        return [*(block.get("citations") or []), *parts]
+    return "".join([block.get(field, ""), *parts])
 
 
 def _event(name: str, data: dict) -> bytes:
@@ -140,49 +236,68 @@ def _deltas_of(block: dict) -> list[dict]:
 
 # -- OpenAI ------------------------------------------------------------------
 
+@_total
 def assemble_openai(events: list[tuple[str, bytes]]) -> dict[str, Any] | None:
     """The chat.completion a non-streaming call returns, built from its chunks."""
     completion: dict[str, Any] | None = None
-    choices: dict[int, dict[str, Any]] = {}
+    choices: dict[int, _Choice] = {}
     for _, data in events:
         if data == OPENAI_END:
             break
-        chunk = orjson.loads(data)
+        chunk = _object(orjson.loads(data), "chunk")
         if completion is None:
             completion = {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
             completion["object"] = "chat.completion"
             completion["system_fingerprint"] = chunk.get("system_fingerprint")
         if chunk.get("usage"):
-            completion["usage"] = chunk["usage"]
-        for piece in chunk.get("choices") or []:
-            choice = choices.setdefault(piece["index"], {"index": piece["index"], "message": {"role": "assistant", "content": None,
-                                                                                              "refusal": None},
-                                                         "logprobs": None, "finish_reason": None})
-            _apply_openai_delta(choice, piece)
+            completion["usage"] = _object(chunk["usage"], "usage")
+        pieces = chunk.get("choices", [])
+        if not isinstance(pieces, list):   # the API always sends a list, empty on a usage chunk
+            raise MalformedStream(f"choices is {type(pieces).__name__}, not a list")
+        for piece in pieces:
+            index = _index(_object(piece, "choice"), "choice")
+            choices.setdefault(index, _Choice()).add(piece)
     if completion is None:
         return None
-    completion["choices"] = [choices[i] for i in sorted(choices)]
+    completion["choices"] = [choices[i].built(i) for i in sorted(choices)]
     return completion
 
 
-def _apply_openai_delta(choice: dict, piece: dict) -> None:
-    delta = piece.get("delta") or {}
-    message = choice["message"]
-    if delta.get("content") is not None:
-        message["content"] = (message["content"] or "") + delta["content"]
-    if delta.get("refusal") is not None:
-        message["refusal"] = (message["refusal"] or "") + delta["refusal"]
-    for call in delta.get("tool_calls") or []:
-        calls = message.setdefault("tool_calls", [])
-        while len(calls) <= call["index"]:
-            calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
-        target = calls[call["index"]]
-        target["id"] = call.get("id") or target["id"]
-        function = call.get("function") or {}
-        target["function"]["name"] += function.get("name") or ""
-        target["function"]["arguments"] += function.get("arguments") or ""
-    if piece.get("finish_reason"):
-        choice["finish_reason"] = piece["finish_reason"]
+class _Choice:
+    """One choice's deltas, kept as pieces and joined once when the completion is built."""
+
+    __slots__ = ("texts", "calls", "finish_reason")
+
+    def __init__(self) -> None:
+        self.texts: dict[str, list[str]] = {"content": [], "refusal": []}
+        self.calls: list[dict[str, Any]] = []     # {"id": str, "name": [pieces], "arguments": [pieces]}
+        self.finish_reason = None
+
+    def add(self, piece: dict) -> None:
+        delta = _object(piece.get("delta") or {}, "delta")
+        for field, parts in self.texts.items():
+            if delta.get(field) is not None:
+                parts.append(delta[field])
+        for call in delta.get("tool_calls") or []:
+            index = _index(_object(call, "tool call"), "tool call", below=len(self.calls) + 1)
+            if index == len(self.calls):
+                self.calls.append({"id": "", "name": [], "arguments": []})
+            target = self.calls[index]
+            target["id"] = call.get("id") or target["id"]
+            function = _object(call.get("function") or {}, "function")
+            target["name"].append(function.get("name") or "")
+            target["arguments"].append(function.get("arguments") or "")
+        if piece.get("finish_reason"):
+            self.finish_reason = piece["finish_reason"]
+
+    def built(self, index: int) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant",
+                                   **{field: "".join(parts) if parts else None for field, parts in self.texts.items()}}
+        if self.calls:
+            message["tool_calls"] = [{"id": call["id"], "type": "function",
+                                      "function": {"name": "".join(call["name"]), "arguments": "".join(call["arguments"])}}
+                                     for call in self.calls]
+        return {"index": index, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
 
 
 def synthesize_openai(completion: dict[str, Any], include_usage: bool) -> Iterator[bytes]:
