@@ -15,7 +15,8 @@ from .state import STATE, ProxyState
 def make_app(config: Config) -> web.Application:
     state = ProxyState.build(config)
     # The body limit is enforced by intake with an API-shaped error; aiohttp's own is a backstop.
-    app = web.Application(client_max_size=state.body_limit + 1)
+    # Request bodies stay as the agent sent them: a gzip body goes upstream gzip, with its header.
+    app = web.Application(client_max_size=state.body_limit + 1, handler_args={"auto_decompress": False})
     app[STATE] = state
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:

@@ -66,7 +66,10 @@ class Capture:
             self.pacing.append((round(now - self._t0, 4), len(chunk)))
         if self._parser is None:
             return False
-        was_complete = self.complete
+        if self.complete:
+            if chunk.strip(b"\r\n"):   # anything but blank lines after the end: relayed, not an answer to keep
+                self.malformed = True
+            return False
         for name, data in self._parser.feed(chunk):
             if self.complete:        # anything after the end: relayed, but not an answer to keep
                 self.malformed = True
@@ -76,7 +79,10 @@ class Capture:
                 self._on_event(name, data)
             except ValueError:
                 self.malformed = True
-        if self.complete and not was_complete:
+        if self.complete:
+            tail = chunk.rstrip(b"\r\n")   # this chunk must end with the final event's data
+            if tail and not tail.endswith(b"}" if self.call.route.api == "anthropic" else OPENAI_END):
+                self.malformed = True
             self._assemble()
             return True
         return False
@@ -84,8 +90,6 @@ class Capture:
     def end(self, body: bytes) -> bool:
         """The upstream's body is over (`body`, for a JSON answer); True when that completes the answer."""
         if self.sse:
-            if self._parser is not None and self._parser.feed(b"\n\n"):
-                self.malformed = True    # an unterminated event after the end
             return False
         try:
             doc = orjson.loads(decoded(body, self.encoding))

@@ -46,7 +46,7 @@ from .retry import Attempts
 from .routes import route_of
 from .state import STATE, ProxyState
 from .timing import server_timing
-from .upstream import end_to_end, request_headers
+from .upstream import end_body_with_connection, end_to_end, request_headers
 
 CALL = web.RequestKey("call", Call)
 
@@ -219,6 +219,7 @@ async def take_answer(state: ProxyState, call: Call, flight: Flight, upstream: a
             capture = side(state, "capture", Capture, call, sse, upstream.headers.get("content-encoding", ""),
                            state.cache.should_store(call) and sse)
         flight.start_head(head)
+        end_body_with_connection(upstream)
         try:
             async for chunk in upstream.content.iter_any():
                 if capture is not None and side(state, "capture", capture.feed, chunk):

@@ -65,3 +65,22 @@ class UpstreamClient:
                                               compress=None)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             raise from_library(exc, url) from exc
+
+
+def end_body_with_connection(response: aiohttp.ClientResponse) -> None:
+    """Make a body whose connection is lost end with an error, never wait forever.
+
+    aiohttp 3.14 drops a response's read timeout and leaves its body waiting when a later chunk header
+    is garbage and it closes the connection; without this, such an answer would hang the agent."""
+    connection = response.connection
+    closed = connection.protocol.closed if connection is not None and connection.protocol is not None else None
+    if closed is None:
+        return
+    content = response.content
+
+    def lost(future) -> None:
+        if not future.cancelled():
+            future.exception()   # retrieved: a lost keep-alive connection is no news
+        if not content.is_eof():
+            content.set_exception(aiohttp.ClientPayloadError("the upstream connection closed mid-answer"))
+    closed.add_done_callback(lost)
