@@ -8,7 +8,7 @@ from aiohttp import web
 
 from . import admin, host_guard, live_page
 from .config import Config
-from .pipeline import add_sidecar_headers, handle
+from .pipeline import add_sidecar_headers, handle, stage_hooks
 from .state import STATE, ProxyState
 
 
@@ -18,6 +18,7 @@ def make_app(config: Config) -> web.Application:
     # Request bodies stay as the agent sent them: a gzip body goes upstream gzip, with its header.
     app = web.Application(client_max_size=state.body_limit + 1, handler_args={"auto_decompress": False})
     app[STATE] = state
+    state.stage_hooks = stage_hooks(state)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await state.open()

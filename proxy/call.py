@@ -53,6 +53,15 @@ class Call:
     restored: bool = False        # a checkpointed conversation was put in front of this call's messages
     forwarded_messages: list | None = None
     accept_encoding: str = ""     # the client's Accept-Encoding: which stored codings it may be sent
+    headers: Any = None           # the request's headers, as the agent sent them
+    # What the answer stages learn (proxy/stages.py):
+    entry: Any = None             # the stored entry a hit is served from
+    head: Any = None              # the upstream answer's head (a miss)
+    capture: Any = None           # what the capture stage knows of the upstream answer
+    body_out: bytes = b""         # the upstream answer's whole body, once it has ended
+    answer: dict | None = None    # the complete, well-formed answer as JSON, for the checkpoint
+    checkpointed: bool = False
+    off: set | None = None        # side stages that failed during this call: run no more for it
 
     @property
     def model(self) -> str:

@@ -1,29 +1,31 @@
 """The request pipeline: the whole way of one call, declared once and in order.
 
-    stage         module              what a failure does
-    receive       intake              refusal: an API-shaped 4xx, nothing goes upstream
-    route         routes              -
-    restore       restore, sessions   side: the request goes on unchanged
-    cache key     cache, cache_key    side: the call is not cached
-    cache lookup  cache, replay       side: a miss             (a hit is replayed: the way ends here)
-    join          flight              -                        (an identical call in flight is joined)
-    slot          limits              refusal: a 429 the client backs off from
-    forward       upstream, retry     UpstreamError: an API-shaped 502/504 before the head, a cut after it
-    capture       capture             side: the answer is relayed but neither stored nor checkpointed
-    checkpoint    sessions            side
-    store         cache               side
-    relay         (here)              a cut, as a broken upstream would cut it
-    record        state.finish        side: records, stats, monitor, live page, after the last byte
+    stage         module              hook       what a failure does
+    receive       intake              -          refusal: an API-shaped 4xx, nothing goes upstream
+    route         routes              -          -
+    restore       stages, restore     request    side: the request goes on unchanged
+    cache key     stages, cache       request    side: the call is not cached
+    cache lookup  stages, replay      request    side: a miss            (a hit is replayed: the way ends)
+    join          flight              -          -                       (an identical call in flight is joined)
+    slot          limits              -          refusal: a 429 the client backs off from
+    forward       upstream, retry     -          an API-shaped 502/504 before the head, a cut after it
+    capture       stages, capture     head/chunk/end   side: relayed, neither stored nor checkpointed
+    checkpoint    stages, sessions    chunk/end  side: the turn is not checkpointed
+    store         stages, cache       end        side: the answer is not stored
+    relay         (here)              -          a cut, as a broken upstream would cut it
+    record        stages, state       done       side: no record, stats or live update
+
+The side stages are `STAGES`, run hook by hook in that order by `run`: a stage
+that fails is a fault (one log line, a `sidecar_fault` event) and is off for
+the rest of that call, which goes on as if it were not there; only a
+`SidecarError` (a decision such as a replay-mode miss) changes the way.
 
 `handle` owns the call from its receipt to its last byte. `exchange` is the
 flight's task, the upstream half that every identical call shares: it holds
 the limiter slot of each attempt and the upstream response, and gives both
 back on every path. Requests that are not model calls (`HEAD /`, `GET
-/v1/models`, anything outside `[cache] routes`) take no slot, are not
-retried, cached, checkpointed or counted: they pass. A side stage that fails
-is a fault (one log line, a `sidecar_fault` event) and the call goes on as if
-that stage were off; only `SidecarError`s (decisions such as a replay-mode
-miss) change the way.
+/v1/models`, anything outside `[cache] routes`) take no slot and run no side
+stage: they pass, uncounted.
 """
 
 from __future__ import annotations
@@ -36,11 +38,10 @@ from typing import Any, Callable
 import aiohttp
 from aiohttp import web
 
-from . import intake, replay
+from . import intake, replay, stages
 from .call import Call
-from .capture import Capture
-from .convert import form_of, message_of
-from .errors import Fault, SidecarError, UpstreamError, answer_for, from_library
+from .convert import form_of
+from .errors import SidecarError, UpstreamError, answer_for, from_library
 from .flight import Flight, Head
 from .retry import Attempts
 from .routes import route_of
@@ -49,6 +50,9 @@ from .timing import server_timing
 from .upstream import end_body_with_connection, end_to_end, request_headers
 
 CALL = web.RequestKey("call", Call)
+# The side stages, in the order their hooks run.
+STAGES = (stages.Restore, stages.CacheKey, stages.CacheLookup, stages.Capture, stages.Checkpoint, stages.Store,
+          stages.Record)
 
 
 # ---- the way of one call ---------------------------------------------------------------------------------
@@ -56,30 +60,20 @@ CALL = web.RequestKey("call", Call)
 
 async def handle(request: web.Request) -> web.StreamResponse:
     state: ProxyState = request.app[STATE]
-    call = request[CALL] = Call(route_of(request.raw_path, request.headers, state.agent_id), request.method)
     headers = request.headers
+    call = request[CALL] = Call(route_of(request.raw_path, headers, state.agent_id), request.method)
+    call.headers = headers
     call.model_call = call.method == "POST" and call.route.path in state.cache.routes
     call.accept_encoding = headers.get("accept-encoding", "")
     try:
-        # receive
-        intake.check_target(request, state.config.proxy.allow_remote)
+        intake.check_target(request, state.config.proxy.allow_remote)   # receive
         await intake.read_body(request, call, state.body_limit)
         if call.model_call:
-            side(state, "restore", state.sessions.restore, call)
-            side(state, "cache key", state.cache.plan, call, headers)
-            # cache lookup: a hit ends the way
-            entry = await side_async(state, "cache lookup", state.cache.lookup, call)
-            if entry is not None:
-                hit = side(state, "cache lookup", replay.prepare, call, entry, state.config.cache.replay_pacing)
-                if hit is not None:
-                    replay.account(call, entry)
-                    if state.sessions.applies(call):
-                        answer = side(state, "checkpoint", message_of, entry, call.route.api)
-                        await checkpoint(state, call, answer, headers)
-                    return await replay.send(request, call, hit)
-                state.cache.refuse_in_replay(call)   # stored, but not servable to this request
-        # join an identical call in flight, or start one; relay its answer
-        return await relay(request, state, call, join_or_start(state, call, headers))
+            hit = await run(state, "request", call)   # restore, cache key, cache lookup
+            if hit is not None:
+                await run(state, "end", call)          # the checkpoint of a hit
+                return await replay.send(request, call, hit)
+        return await relay(request, state, call, join_or_start(state, call))
     except SidecarError as exc:
         call.error = exc.kind
         return answer_for(call.route.api, exc)
@@ -92,10 +86,51 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return answer_for(call.route.api, fault)
     finally:
         if call.model_call:   # record, after the answer has gone out (aiohttp writes it before the loop turns)
-            asyncio.get_running_loop().call_soon(side, state, "record", state.finish, call)
+            asyncio.get_running_loop().call_soon(run_done, state, call)
 
 
-def join_or_start(state: ProxyState, call: Call, headers) -> Flight:
+async def run(state: ProxyState, hook: str, call: Call, *args: Any) -> Any:
+    """Run one hook of every side stage that has it, in order; the first answer returned ends the run."""
+    for name, method in state.stage_hooks[hook]:
+        if call.off is not None and name in call.off:
+            continue
+        try:
+            result = await method(call, *args)
+        except SidecarError:
+            raise
+        except Exception as exc:
+            stage_failed(state, call, name, exc)
+            continue
+        if result is not None:
+            return result
+    return None
+
+
+def run_done(state: ProxyState, call: Call) -> None:
+    for name, method in state.stage_hooks["done"]:
+        if call.off is None or name not in call.off:
+            try:
+                method(call)
+            except Exception as exc:
+                stage_failed(state, call, name, exc)
+
+
+def stage_failed(state: ProxyState, call: Call, name: str, exc: Exception) -> None:
+    state.fault(name, exc)
+    if call.off is None:
+        call.off = set()
+    call.off.add(name)
+
+
+def stage_hooks(state: ProxyState) -> dict[str, list[tuple[str, Callable]]]:
+    """Each hook's (stage name, bound method) in stage order, leaving out stages that do not override it."""
+    built = [cls(state) for cls in STAGES]
+    return {hook: [(stage.name, getattr(stage, hook)) for stage in built
+                   if getattr(type(stage), hook) is not getattr(stages.Stage, hook)]
+            for hook in stages.HOOKS}
+
+
+def join_or_start(state: ProxyState, call: Call) -> Flight:
     """Single flight: an identical cacheable call already in flight is joined, not repeated."""
     key = None
     if call.cache_key is not None and state.config.cache.single_flight:
@@ -108,7 +143,7 @@ def join_or_start(state: ProxyState, call: Call, headers) -> Flight:
     flight = Flight(key)
     if key is not None:
         state.flights.add(flight)
-    flight.task = asyncio.get_running_loop().create_task(exchange(state, call, flight, headers))
+    flight.task = asyncio.get_running_loop().create_task(exchange(state, call, flight))
     return flight
 
 
@@ -124,7 +159,7 @@ async def relay(request: web.Request, state: ProxyState, call: Call, flight: Fli
             if flight.failed:   # nothing went out yet: the agent gets an error, not half a body
                 raise flight.error or UpstreamError("bad_gateway", "sidecar: the upstream answer broke off; "
                                                                    "retry the call")
-            await follower_checkpoint(state, call, flight, request.headers)
+            await follower_end(state, call, flight)
             return web.Response(status=head.status, reason=head.reason, body=body, headers=head.headers)
         call.streamed = head.sse
         response = web.StreamResponse(status=head.status, reason=head.reason, headers=head.headers)
@@ -134,7 +169,7 @@ async def relay(request: web.Request, state: ProxyState, call: Call, flight: Fli
         if flight.failed:
             cut(request)
             return response
-        await follower_checkpoint(state, call, flight, request.headers)
+        await follower_end(state, call, flight)
         await response.write_eof()
         return response
     except (asyncio.CancelledError, SidecarError):
@@ -158,10 +193,10 @@ def cut(request: web.Request) -> None:
 # ---- the upstream half: the flight's task ----------------------------------------------------------------
 
 
-async def exchange(state: ProxyState, call: Call, flight: Flight, headers) -> None:
+async def exchange(state: ProxyState, call: Call, flight: Flight) -> None:
     """Slot, forward with retries, take the answer into the flight; every path ends the flight."""
     url = state.upstreams.url(call.route)
-    forwarded = request_headers(headers)
+    forwarded = request_headers(call.headers)
     attempts = Attempts(state.config.retry, call, state.limiter)
     try:
         while True:
@@ -176,7 +211,7 @@ async def exchange(state: ProxyState, call: Call, flight: Flight, headers) -> No
                 else:
                     delay = attempts.after_response(upstream) if call.model_call else None
                     if delay is None:
-                        await take_answer(state, call, flight, upstream, headers)
+                        await take_answer(state, call, flight, upstream)
                         return
                     upstream.release()
             state.counters["retries"] += 1
@@ -205,38 +240,32 @@ async def slot(state: ProxyState, call: Call, retrying: bool):
         yield
 
 
-async def take_answer(state: ProxyState, call: Call, flight: Flight, upstream: aiohttp.ClientResponse,
-                      headers) -> None:
-    """Head, chunks and end of the upstream answer into the flight, with capture, checkpoint and store."""
+async def take_answer(state: ProxyState, call: Call, flight: Flight, upstream: aiohttp.ClientResponse) -> None:
+    """Head, chunks and end of the upstream answer into the flight, through the side stages' hooks."""
     try:
         call.t_first_byte = time.monotonic()
         sse = upstream.content_type == "text/event-stream"
-        head = Head(upstream.status, upstream.reason, end_to_end(upstream.headers), sse,
-                    incremental=sse or upstream.content_length is None)
-        ok = 200 <= head.status < 300
-        capture = None
-        if call.model_call and ok:
-            capture = side(state, "capture", Capture, call, sse, upstream.headers.get("content-encoding", ""),
-                           state.cache.should_store(call) and sse)
+        head = call.head = Head(upstream.status, upstream.reason, end_to_end(upstream.headers), sse,
+                                incremental=sse or upstream.content_length is None)
+        watched = call.model_call
+        if watched:
+            await run(state, "head", call, head)
         flight.start_head(head)
         end_body_with_connection(upstream)
         try:
             async for chunk in upstream.content.iter_any():
-                if capture is not None and side(state, "capture", capture.feed, chunk):
-                    await checkpoint(state, call, capture.answer, headers)   # before the last byte goes out
+                if watched:
+                    await run(state, "chunk", call, chunk)   # a completed turn is checkpointed before it goes out
                 flight.append(chunk)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:   # broke off: cut, never stored
             upstream.close()
             flight.abort(from_library(exc, upstream.url))
             return
         call.t_done = time.monotonic()
-        body = flight.chunks[0] if len(flight.chunks) == 1 else b"".join(flight.chunks)
-        if capture is not None:
-            if side(state, "capture", capture.end, body):
-                await checkpoint(state, call, capture.answer, headers)
-            if capture.storable:
-                flight.answer = capture.answer
-                side(state, "store", state.cache.save, call, head, capture, body)
+        if watched:
+            call.body_out = flight.chunks[0] if len(flight.chunks) == 1 else b"".join(flight.chunks)
+            await run(state, "end", call)   # capture, checkpoint, store
+            flight.answer = call.answer
         flight.finish()
     except asyncio.CancelledError:
         upstream.close()   # nobody is listening any more: stop the generation upstream
@@ -245,39 +274,11 @@ async def take_answer(state: ProxyState, call: Call, flight: Flight, upstream: a
         upstream.release()
 
 
-# ---- side stages: fail open ------------------------------------------------------------------------------
-
-
-async def checkpoint(state: ProxyState, call: Call, answer: dict | None, headers) -> None:
-    if answer is not None and state.sessions.applies(call):
-        await side_async(state, "checkpoint", state.sessions.checkpoint, call, answer, headers)
-
-
-async def follower_checkpoint(state: ProxyState, call: Call, flight: Flight, headers) -> None:
-    """A coalesced call's conversation is checkpointed like the one that made the upstream call."""
+async def follower_end(state: ProxyState, call: Call, flight: Flight) -> None:
+    """A coalesced call's answer is over: its conversation is checkpointed like the leader's."""
     if call.cache_outcome == "coalesced" and flight.answer is not None:
-        await checkpoint(state, call, flight.answer, headers)
-
-
-def side(state: ProxyState, stage: str, func: Callable[..., Any], *args: Any) -> Any:
-    """Run a side stage; its failure is a fault, reported, and the call goes on (None)."""
-    try:
-        return func(*args)
-    except SidecarError:
-        raise
-    except Exception as exc:
-        state.fault(stage, exc)
-        return None
-
-
-async def side_async(state: ProxyState, stage: str, func: Callable[..., Any], *args: Any) -> Any:
-    try:
-        return await func(*args)
-    except SidecarError:
-        raise
-    except Exception as exc:
-        state.fault(stage, exc)
-        return None
+        call.answer = flight.answer
+        await run(state, "end", call)
 
 
 async def add_sidecar_headers(request: web.Request, response: web.StreamResponse) -> None:

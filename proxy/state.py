@@ -52,6 +52,7 @@ class ProxyState:
     backends: Backends | None = None
     after_call: Callable[[], None] | None = None   # the live page's push, when it is served
     started: float = field(default_factory=time.time)
+    stage_hooks: dict = field(default_factory=dict)   # the pipeline's side stages, hook by hook
     _fault_seen: dict = field(default_factory=dict)   # (stage, error type) -> when its last event went out
 
     @classmethod
