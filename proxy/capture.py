@@ -11,6 +11,7 @@ It notes the first content token and the token counts for the call's record.
 from __future__ import annotations
 
 import time
+import zlib
 from typing import Any
 
 import orjson
@@ -18,6 +19,9 @@ import orjson
 from .call import Call
 from .encoding import STORABLE, decoded
 from .sse import ANTHROPIC_END, OPENAI_END, EventParser, assemble_anthropic, assemble_openai
+
+
+WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 def _count(value: Any) -> int:
@@ -38,7 +42,7 @@ def well_formed(path: str, doc: Any) -> bool:
 
 class Capture:
     __slots__ = ("call", "sse", "encoding", "pacing", "complete", "malformed", "answer", "_parser",
-                 "_events", "_t0")
+                 "_inflate", "_events", "_t0")
 
     def __init__(self, call: Call, sse: bool, encoding: str, keep_pacing: bool):
         self.call = call
@@ -48,8 +52,9 @@ class Capture:
         self.complete = False            # ended properly
         self.malformed = self.encoding not in STORABLE
         self.answer: dict | None = None  # the answer as the JSON body of a non-streaming call
-        # A compressed stream is relayed but not read: events are parsed only from plain bytes.
-        self._parser = EventParser() if sse and self.encoding in ("", "identity") else None
+        # A compressed stream is read through a decompressor; what is relayed stays compressed.
+        self._parser = EventParser() if sse and not self.malformed else None
+        self._inflate = zlib.decompressobj(WBITS[self.encoding]) if self._parser and self.encoding in WBITS else None
         self._events: list[tuple[str, bytes]] = []
         self._t0 = 0.0
 
@@ -66,6 +71,12 @@ class Capture:
             self.pacing.append((round(now - self._t0, 4), len(chunk)))
         if self._parser is None:
             return False
+        if self._inflate is not None:
+            try:
+                chunk = self._inflate.decompress(chunk)
+            except zlib.error:
+                self.malformed, self._parser = True, None
+                return False
         if self.complete:
             if chunk.strip(b"\r\n"):   # anything but blank lines after the end: relayed, not an answer to keep
                 self.malformed = True

@@ -39,11 +39,12 @@ def stored_form(entry: Entry) -> tuple:
 def message_of(entry: Entry, api: str) -> dict:
     """The stored answer as a JSON body, assembled from its events if it was a stream."""
     try:
+        body = decoded(entry.body, entry.header("content-encoding"))
         if not entry.stream:
-            message = orjson.loads(decoded(entry.body, entry.header("content-encoding")))
+            message = orjson.loads(body)
         else:
             parser = EventParser()
-            events = parser.feed(entry.body) + parser.feed(b"\n\n")
+            events = parser.feed(body) + parser.feed(b"\n\n")
             message = (assemble_openai if api == "openai" else assemble_anthropic)(events)
     except (ValueError, UndecodableBody) as exc:
         raise Unconvertible(f"stored answer unreadable: {exc}") from exc

@@ -38,14 +38,15 @@ def prepare(call: Call, entry: Entry, pacing: bool) -> Replay | None:
     coding = entry.header("content-encoding")
     try:
         if want == convert.stored_form(entry):
+            as_stored = accepts(call.accept_encoding, coding)
+            if as_stored and coding:
+                headers.append(("Content-Encoding", coding))
             if not entry.stream:
-                body = entry.body
-                if accepts(call.accept_encoding, coding):
-                    headers += [("Content-Encoding", coding)] if coding else []
-                else:
-                    body = decoded(body, coding)
+                body = entry.body if as_stored else decoded(entry.body, coding)
                 content_type = entry.header("content-type") or "application/json"
                 return Replay(entry.status, [("Content-Type", content_type), *headers], [body], sse=False)
+            if not as_stored:
+                return Replay(entry.status, [*SSE_HEADERS, *headers], [decoded(entry.body, coding)], sse=True)
             timing = entry.pacing if pacing and entry.pacing else None
             return Replay(entry.status, [*SSE_HEADERS, *headers], _recorded_chunks(entry), sse=True, pacing=timing)
         message = convert.message_of(entry, call.route.api)
