@@ -22,7 +22,6 @@ sidecar learns the upstream's limit from its first 429.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections import Counter, deque
@@ -143,15 +142,6 @@ class Limiter:
                 self.global_slots.release(token)
         finally:
             self._give_back(agent, model)
-
-    @contextlib.asynccontextmanager
-    async def slot(self, agent: str, model: str, retrying: bool = False):
-        """One slot for the body of the `async with`, given back however it ends."""
-        token = await self.acquire(agent, model, retrying)
-        try:
-            yield
-        finally:
-            self.release(agent, model, token)
 
     async def _wait(self, agent: str, model: str, retrying: bool) -> None:
         settings = self.settings

@@ -31,7 +31,6 @@ stage: they pass, uncounted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any, Callable
 
@@ -95,7 +94,9 @@ async def run(state: ProxyState, hook: str, call: Call, *args: Any) -> Any:
         if call.off is not None and name in call.off:
             continue
         try:
-            result = await method(call, *args)
+            result = method(call, *args)
+            if result is not None and hasattr(result, "__await__"):
+                result = await result
         except SidecarError:
             raise
         except Exception as exc:
@@ -195,12 +196,13 @@ def cut(request: web.Request) -> None:
 
 async def exchange(state: ProxyState, call: Call, flight: Flight) -> None:
     """Slot, forward with retries, take the answer into the flight; every path ends the flight."""
-    url = state.upstreams.url(call.route)
-    forwarded = request_headers(call.headers)
-    attempts = Attempts(state.config.retry, call, state.limiter)
     try:
+        url = state.upstreams.url(call.route)
+        forwarded = request_headers(call.headers)
+        attempts = Attempts(state.config.retry, call, state.limiter)
         while True:
-            async with slot(state, call, attempts.retrying):
+            token = await take_slot(state, call, attempts.retrying)
+            try:
                 try:
                     attempts.sending()
                     upstream = await state.client.send(call.method, url, forwarded, call.body)
@@ -214,6 +216,9 @@ async def exchange(state: ProxyState, call: Call, flight: Flight) -> None:
                         await take_answer(state, call, flight, upstream)
                         return
                     upstream.release()
+            finally:   # the slot of this attempt, given back however it ended
+                if call.model_call:
+                    state.limiter.release(call.route.agent, call.model, token)
             state.counters["retries"] += 1
             await asyncio.sleep(delay)
     except SidecarError as exc:
@@ -228,16 +233,14 @@ async def exchange(state: ProxyState, call: Call, flight: Flight) -> None:
         state.flights.remove(flight)
 
 
-@contextlib.asynccontextmanager
-async def slot(state: ProxyState, call: Call, retrying: bool):
-    """One limiter slot for one attempt of a model call, given back however the attempt ends."""
+async def take_slot(state: ProxyState, call: Call, retrying: bool):
+    """One limiter slot for one attempt of a model call; the caller gives it back (its token)."""
     if not call.model_call:
-        yield
-        return
-    async with state.limiter.slot(call.route.agent, call.model, retrying):
-        if not call.t_slot:
-            call.t_slot = time.monotonic()
-        yield
+        return None
+    token = await state.limiter.acquire(call.route.agent, call.model, retrying)
+    if not call.t_slot:
+        call.t_slot = time.monotonic()
+    return token
 
 
 async def take_answer(state: ProxyState, call: Call, flight: Flight, upstream: aiohttp.ClientResponse) -> None:
@@ -251,7 +254,8 @@ async def take_answer(state: ProxyState, call: Call, flight: Flight, upstream: a
         if watched:
             await run(state, "head", call, head)
         flight.start_head(head)
-        end_body_with_connection(upstream)
+        if upstream.content_length is None:   # chunked framing: the case aiohttp can leave waiting
+            end_body_with_connection(upstream)
         try:
             async for chunk in upstream.content.iter_any():
                 if watched:

@@ -37,12 +37,19 @@ class Sessions:
         self.mirror = mirror     # RedisCheckpoints for a fleet, or None
         self._db = lmdb_env.db["sessions"]
         self.armed: Restore | None = None    # for the next conversation that continues a checkpoint
+        # The last turn checkpointed per conversation (its request hash): a hit repeating it is already kept.
+        self._last_turn: dict[str, bytes] = {}
 
     # -- checkpoints --
     @staticmethod
     def applies(call: Call) -> bool:
         return call.method == "POST" and call.route.path in CHAT_ROUTES and isinstance(call.json, dict) \
             and isinstance(call.json.get("messages"), list)
+
+    def has_turn(self, call: Call) -> bool:
+        """Whether this very request was the conversation's last checkpointed turn (so its answer is kept)."""
+        call.session = call.session or session_id(call.route.agent, call.json, call.headers)
+        return bool(call.request_hash) and self._last_turn.get(call.session) == call.request_hash
 
     async def checkpoint(self, call: Call, answer: dict | None, headers) -> None:
         """Merge this turn into the conversation's checkpoint; committed when this returns."""
@@ -57,6 +64,9 @@ class Sessions:
         meta = {"id": sid, "agent": call.route.agent, "api": call.route.api, "model": call.model,
                 "client_session": client_session(call.json, headers), "tools_digest": tools_digest(call.json)}
         await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system))
+        if len(self._last_turn) >= 10_000:   # bounded: forgetting only costs a redundant merge
+            self._last_turn.clear()
+        self._last_turn[sid] = call.request_hash
         if self.mirror is not None:
             await self.mirror.append(sid, messages, {**meta, "system": system})
 

@@ -3,13 +3,17 @@
 Each stage has the hooks it needs, named after the moments of a call (in the
 manner of mitmproxy's addons): `request` (before it goes upstream; returning
 an answer ends the way, as a cache hit does), `head`, `chunk` and `end` of
-the answer, and `done` (after its last byte, from the loop). Every stage here
+the answer, and `done` (after its last byte, from the loop). A hook returns
+at once; one that must wait returns an awaitable (a coroutine), which the
+pipeline awaits before the call moves on: the common case costs no await. Every stage here
 is a side stage: if one fails, the pipeline reports a fault and runs the call
 on as if that stage were off. A stage decides nothing by raising, except with
 a `SidecarError` (a replay-mode miss), which is a decision, not a failure.
 """
 
 from __future__ import annotations
+
+from typing import Awaitable
 
 from . import replay
 from .call import Call
@@ -28,16 +32,16 @@ class Stage:
     def __init__(self, state):
         self.state = state
 
-    async def request(self, call: Call) -> replay.Replay | None:
-        """Before the call goes upstream; an answer returned here ends its way."""
+    def request(self, call: Call) -> Awaitable[replay.Replay | None] | None:
+        """Before the call goes upstream; an answer (awaited) returned here ends its way."""
 
-    async def head(self, call: Call, head: Head) -> None:
+    def head(self, call: Call, head: Head) -> Awaitable[None] | None:
         """The upstream answer's status and headers arrived (misses only)."""
 
-    async def chunk(self, call: Call, chunk: bytes) -> None:
+    def chunk(self, call: Call, chunk: bytes) -> Awaitable[None] | None:
         """One chunk of the upstream answer, before it is relayed (misses only)."""
 
-    async def end(self, call: Call) -> None:
+    def end(self, call: Call) -> Awaitable[None] | None:
         """The answer is over: from the upstream, the cache, or the flight this call joined."""
 
     def done(self, call: Call) -> None:
@@ -49,7 +53,7 @@ class Restore(Stage):
 
     name = "restore"
 
-    async def request(self, call: Call) -> None:
+    def request(self, call: Call) -> None:
         self.state.sessions.restore(call)
 
 
@@ -58,7 +62,7 @@ class CacheKey(Stage):
 
     name = "cache key"
 
-    async def request(self, call: Call) -> None:
+    def request(self, call: Call) -> None:
         self.state.cache.plan(call, call.headers)
 
 
@@ -86,16 +90,16 @@ class Capture(Stage):
 
     name = "capture"
 
-    async def head(self, call: Call, head: Head) -> None:
+    def head(self, call: Call, head: Head) -> None:
         if 200 <= head.status < 300:
             keep_pacing = head.sse and self.state.cache.should_store(call)
             call.capture = AnswerCapture(call, head.sse, head.headers.get("content-encoding", ""), keep_pacing)
 
-    async def chunk(self, call: Call, chunk: bytes) -> None:
+    def chunk(self, call: Call, chunk: bytes) -> None:
         if call.capture is not None and call.capture.feed(chunk) and call.capture.storable:
             call.answer = call.capture.answer
 
-    async def end(self, call: Call) -> None:
+    def end(self, call: Call) -> None:
         if call.capture is not None and call.capture.end(call.body_out) and call.capture.storable:
             call.answer = call.capture.answer
 
@@ -105,20 +109,23 @@ class Checkpoint(Stage):
 
     name = "checkpoint"
 
-    async def chunk(self, call: Call, chunk: bytes) -> None:
-        if call.answer is not None:   # this chunk completed a stream: checkpoint before relaying it
-            await self._once(call)
+    def chunk(self, call: Call, chunk: bytes) -> Awaitable[None] | None:
+        # the chunk that completed a stream: checkpointed before it is relayed
+        return self._once(call) if call.answer is not None else None
 
-    async def end(self, call: Call) -> None:
-        if call.answer is None and call.entry is not None and self.state.sessions.applies(call):
+    def end(self, call: Call) -> Awaitable[None] | None:
+        sessions = self.state.sessions
+        if call.answer is None and call.entry is not None and sessions.applies(call):
+            if sessions.has_turn(call):   # a hit repeating the turn just kept: nothing new
+                return None
             call.answer = message_of(call.entry, call.route.api)   # a hit: the stored answer
-        if call.answer is not None:
-            await self._once(call)
+        return self._once(call) if call.answer is not None else None
 
-    async def _once(self, call: Call) -> None:
-        if not call.checkpointed and self.state.sessions.applies(call):
-            call.checkpointed = True
-            await self.state.sessions.checkpoint(call, call.answer, call.headers)
+    def _once(self, call: Call) -> Awaitable[None] | None:
+        if call.checkpointed or not self.state.sessions.applies(call):
+            return None
+        call.checkpointed = True
+        return self.state.sessions.checkpoint(call, call.answer, call.headers)
 
 
 class Store(Stage):
@@ -126,7 +133,7 @@ class Store(Stage):
 
     name = "store"
 
-    async def end(self, call: Call) -> None:
+    def end(self, call: Call) -> None:
         if call.capture is not None and call.capture.storable and call.head is not None:
             self.state.cache.save(call, call.head, call.capture, call.body_out)
 
