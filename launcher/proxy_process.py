@@ -25,6 +25,16 @@ from proxy.config import Config
 MAX_QUICK_RESTARTS = 5    # proxy deaths within a minute before the launcher gives up on it
 
 
+def open_log(path: Path):
+    """A log file for a child's output, appended to: the file 0600 and its directory 0700, even if they existed."""
+    for missing in reversed([d for d in (path.parent, *path.parent.parents) if not d.exists()]):
+        missing.mkdir(mode=0o700, exist_ok=True)   # the state dir too, when this comes first
+    os.chmod(path.parent, 0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
+
+
 def unblock_signals() -> None:
     """preexec_fn: children start with no signals blocked (the launcher blocks them to sigwait)."""
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -42,9 +52,8 @@ class ProxyProcess:
 
     def start(self) -> None:
         self.ready = False
-        self.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         env = {**os.environ, "SIDECAR_PROXY_CONFIG": orjson.dumps(self.config.to_dict()).decode()}
-        with open(self.log_path, "ab") as log:
+        with open_log(self.log_path) as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "--fd", str(self.sock.fileno()), "--notify-parent"],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, pass_fds=(self.sock.fileno(),),

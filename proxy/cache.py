@@ -64,7 +64,7 @@ class Cache:
             return
         call.cache_mode = mode
         call.request_hash = self.keys.request_hash(canonical)
-        call.cache_key = self.keys.key(call.request_hash, self.keys.partition(headers))
+        call.cache_key = self.keys.key(call.request_hash, self.keys.partition(headers, call.route.query))
         call.cache_outcome = "miss"
 
     async def lookup(self, call: Call) -> Entry | None:

@@ -4,8 +4,12 @@ Canonical request = method, API path (no agent prefix), query, the headers
 that change the answer, and the JSON body with sorted keys and the ignored
 fields removed. Whether the call streams is ignored on purpose: one answer
 serves both forms. The credential partition is a keyed hash (HMAC with a
-secret kept in the state directory) of the API key: one key's answers are
-never served to another, and no key is ever stored.
+secret kept in the state directory) of every credential the call carries:
+`x-api-key`, `authorization`, `api-key` (Azure OpenAI), `x-goog-api-key`, a
+`key=` query parameter (Gemini, left out of the canonical query) and the
+headers in `[cache] credential_headers`. One key's answers are never served
+to another, a call without any credential is a partition of its own, and no
+key is ever stored.
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ from typing import Any, Iterable
 
 import orjson
 
+# The partition of a call carrying only these is HMAC("x-api-key\0authorization"), as it always was:
+# existing entries keep hitting. Any other credential present is appended after them, tagged by its name.
 CREDENTIAL_HEADERS = ("x-api-key", "authorization")
+MORE_CREDENTIAL_HEADERS = ("api-key", "x-goog-api-key")
+QUERY_KEY = "key="          # Gemini's ?key=API_KEY
+MEMO_SIZE = 1024            # credentials whose partition is remembered (an HMAC per call saved)
 
 
 class Uncacheable(ValueError):
@@ -66,12 +75,19 @@ def _drop(node: dict, path: tuple[str, ...]) -> None:
 
 
 class KeyMaker:
-    def __init__(self, secret: bytes, ignore_fields: Iterable[str], key_headers: Iterable[str]):
+    def __init__(self, secret: bytes, ignore_fields: Iterable[str], key_headers: Iterable[str],
+                 credential_headers: Iterable[str] = ()):
         self._secret = secret
         self.ignore = tuple(tuple(f.split(".")) for f in ignore_fields)
         self.headers = tuple(h.lower() for h in key_headers)
+        configured = (h.lower() for h in credential_headers)
+        self.credentials = tuple(dict.fromkeys(h for h in (*MORE_CREDENTIAL_HEADERS, *configured)
+                                               if h not in CREDENTIAL_HEADERS))
+        self._memo: dict[str, bytes] = {}
 
     def canonical(self, method: str, path: str, query: str, headers, body: Any) -> bytes:
+        if QUERY_KEY in query:   # a credential: it goes to the partition, never into the request hash
+            query = "&".join(part for part in query.split("&") if not part.startswith(QUERY_KEY))
         doc = {"method": method, "path": path, "query": query,
                "headers": {h: headers[h] for h in self.headers if h in headers},
                "body": without(body, self.ignore)}
@@ -80,9 +96,23 @@ class KeyMaker:
         except TypeError as exc:
             raise Uncacheable(str(exc)) from exc
 
-    def partition(self, headers) -> bytes:
-        credential = "\0".join(headers.get(h, "") for h in CREDENTIAL_HEADERS)
-        return hmac.new(self._secret, credential.encode(), hashlib.sha256).digest()[:16]
+    def partition(self, headers, query: str = "") -> bytes:
+        """The HMAC of every credential the call carries (header lookups and, once per credential, one HMAC)."""
+        parts = [headers.get(h, "") for h in CREDENTIAL_HEADERS]
+        for name in self.credentials:
+            value = headers.get(name)
+            if value is not None:
+                parts.append(f"{name}:{value}")
+        if QUERY_KEY in query:
+            parts.extend(f"?{part}" for part in query.split("&") if part.startswith(QUERY_KEY))
+        credential = "\0".join(parts)
+        found = self._memo.get(credential)
+        if found is None:
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()
+            found = self._memo[credential] = hmac.new(self._secret, credential.encode(errors="surrogateescape"),
+                                                       hashlib.sha256).digest()[:16]
+        return found
 
     @staticmethod
     def request_hash(canonical: bytes) -> bytes:

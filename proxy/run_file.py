@@ -1,4 +1,7 @@
-"""The run file: how `sidecar top` finds the proxy that a `sidecar run` embeds (<state_dir>/run/<pid>.json)."""
+"""The run file: how `sidecar top` finds the proxy that a `sidecar run` embeds (<state_dir>/run/<pid>.json).
+
+Also the one way a small state file is written: whole (a temporary renamed over it), 0600.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +17,19 @@ def register_run(state_dir: Path, url: str, agent: str) -> Path | None:
     path = state_dir / "run" / f"{os.getpid()}.json"
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_bytes(orjson.dumps({"pid": os.getpid(), "url": url, "agent": agent, "started": time.time()}))
-        os.replace(temporary, path)
+        write_private(path, orjson.dumps({"pid": os.getpid(), "url": url, "agent": agent, "started": time.time()}))
     except OSError:
         return None   # serving matters more than being found
     return path
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace path with data at once (readers see the old file or the new one), mode 0600."""
+    temporary = path.with_suffix(".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)   # a temporary left 0644 by an older version, too
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)

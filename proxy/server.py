@@ -3,7 +3,8 @@
 Two ways in: `sidecar serve` runs it in the foreground; `sidecar run` starts
 `python -m proxy` as a child that takes the launcher's socket, reads its
 config from stdin and stops when stdin closes (the launcher ended, even by
-SIGKILL), so it never outlives its agent.
+SIGKILL), so it never outlives its agent. Either way aiohttp's own log records
+are filtered first, so a malformed request's bytes (its headers) are never logged.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 from typing import Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .app import make_app
 from .config import Config
@@ -24,6 +27,30 @@ from .run_file import register_run
 from .state import STATE
 
 log = logging.getLogger("sidecar")
+AIOHTTP_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.internal")
+QUOTED = re.compile(r"[:'\"\n]")   # where the part of a parser message that quotes the request begins
+
+
+class NoRawRequests(logging.Filter):
+    """aiohttp logs a malformed request with the bytes it choked on (an `x-api-key` line, say) and a
+    traceback: such a record becomes one line naming the fault and the client, without those bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            what = QUOTED.split(error.message or type(error).__name__, 1)[0].strip()[:80]
+            record.msg = f"{record.getMessage()}: {what or type(error).__name__} (HTTP {error.code}); " \
+                         f"the request is not logged"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+def keep_requests_out_of_logs() -> None:
+    """Install NoRawRequests on aiohttp's loggers (once): nothing the proxy logs holds a request's headers."""
+    for name in AIOHTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, NoRawRequests) for f in logger.filters):
+            logger.addFilter(NoRawRequests())
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -113,5 +140,6 @@ def _control(app: web.Application, line: bytes) -> None:
 
 
 def run(config: Config, sock: socket.socket, **kwargs) -> None:
+    keep_requests_out_of_logs()
     with asyncio.Runner(loop_factory=new_loop) as runner:
         runner.run(serve(config, sock, **kwargs))

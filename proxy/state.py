@@ -76,7 +76,7 @@ class ProxyState:
         self.backends = await open_backends(self.config, self.lmdb,
                                             lambda kind, state, **detail: self.monitor.emit(make_event(kind, state, **detail)))
         self.limiter.global_slots = self.backends.global_slots
-        keys = KeyMaker(self.backends.secret, settings.ignore_fields, settings.key_headers)
+        keys = KeyMaker(self.backends.secret, settings.ignore_fields, settings.key_headers, settings.credential_headers)
         self.cache = Cache(settings, self.backends.store, keys)
         self.cache.on_fault = self.fault
         self.records = RecordLog(self.lmdb, self.config.stats.max_records)
