@@ -61,13 +61,16 @@ def agent_env(base: str, proxy_url: str, agent: str) -> dict[str, str]:
     return env
 
 
-def tell(proxy: ProxyProcess | None, connect: str | None, message: dict) -> None:
-    """An agent's process event, to the embedded proxy or to the shared server."""
+def tell(proxy: ProxyProcess | None, connect: str | None, message: dict, state_dir: Path) -> None:
+    """An agent's process event, to the embedded proxy (its pipe) or to the shared server (with its token)."""
     if proxy is not None:
         proxy.send({"agent": message}, standing="agent" if message.get("event") != "exited" else None)
     elif connect:
         try:
-            client.call(connect, "/_sidecar/agents", {**message, "watch": True}, timeout=1.0)
+            client.report_agent(connect, state_dir, {**message, "watch": True}, timeout=1.0)
+        except client.SidecarRefused as exc:
+            if message.get("event") != "exited":   # said once; the agent runs all the same, unlisted
+                print(f"sidecar: {exc}; the agent runs, but the server does not list it", file=sys.stderr)
         except client.SidecarUnreachable:
             pass   # the agent's own calls will show the problem; its run must not fail for this
 
@@ -107,11 +110,12 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
                 proxy.send({"restore": restore}, standing="restore")
         env = agent_env(base, proxy_url, agent)
         child = spawn(cmd, env)
-        tell(proxy, connect, {"id": agent, "event": "started", "pid": child.pid, "cmd": shlex.join(cmd)})
+        tell(proxy, connect, {"id": agent, "event": "started", "pid": child.pid, "cmd": shlex.join(cmd)},
+             config.state_dir)
         restarts = 0
         while True:
             status, peak_rss, stopped = _supervise(child, proxy)
-            tell(proxy, connect, {"id": agent, "event": "exited", "status": status})
+            tell(proxy, connect, {"id": agent, "event": "exited", "status": status}, config.state_dir)
             wanted = settings.restart == "always" or settings.restart == "on-failure" and status != 0
             if stopped or not wanted or restarts >= settings.max_restarts or _interrupted(settings.restart_backoff):
                 break
@@ -119,7 +123,8 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
             if proxy:   # the restarted agent's next conversation continues the last checkpointed one
                 proxy.send({"restore": f"agent:{agent}"}, standing="restore")
             child = spawn([*cmd, *settings.restart_args], env)
-            tell(proxy, connect, {"id": agent, "event": "restarted", "pid": child.pid, "cmd": shlex.join(cmd)})
+            tell(proxy, connect, {"id": agent, "event": "restarted", "pid": child.pid, "cmd": shlex.join(cmd)},
+                 config.state_dir)
         if not settings.quiet and (connect or proxy and proxy.ready):
             print_summary(proxy_url, agent, started, peak_rss)
     finally:

@@ -24,6 +24,7 @@ from aiohttp import web
 # kind -> (HTTP status, Anthropic error type, OpenAI error type, OpenAI code)
 KINDS: dict[str, tuple[int, str, str, str | None]] = {
     "invalid_request": (400, "invalid_request_error", "invalid_request_error", None),
+    "forbidden": (403, "permission_error", "invalid_request_error", "forbidden"),
     "not_found": (404, "not_found_error", "invalid_request_error", "not_found"),
     "replay_miss": (404, "not_found_error", "invalid_request_error", "cache_miss"),
     "too_large": (413, "request_too_large", "invalid_request_error", "request_too_large"),

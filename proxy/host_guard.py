@@ -1,8 +1,9 @@
-"""The Host guard: /_sidecar/ answers only requests addressed to this machine (no DNS rebinding).
+"""The Host guard: /_sidecar/ answers only requests addressed to this machine (no DNS rebinding),
+and never a web page's cross-site request.
 
-Proxied calls get the same check in intake; this middleware covers the
-sidecar's own endpoints (the admin JSON and the live page) unless
-[proxy] allow_remote is set.
+Proxied calls get the same checks in intake; this middleware covers the
+sidecar's own endpoints (the admin JSON and the live page). The Host check is
+off when [proxy] allow_remote is set; the browser check never is.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from aiohttp import web
 
 from .errors import Refusal
 from .intake import check_target
+from .live_page import HEADERS
 from .state import STATE
 
 
@@ -22,5 +24,5 @@ async def local_only(request: web.Request, handler) -> web.StreamResponse:
     try:
         check_target(request, request.app[STATE].config.proxy.allow_remote)
     except Refusal as refusal:
-        return web.Response(status=403, text=refusal.message + "\n")
+        return web.Response(status=403, text=refusal.message + "\n", headers=HEADERS)
     return await handler(request)

@@ -14,8 +14,12 @@ from aiohttp import web
 
 from .call import Call
 from .errors import Refusal
+from .routes import AGENT_PREFIX
+from .state import STATE
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
+# Content types a web page may POST to any origin without a CORS preflight (the Fetch standard's safelist).
+SIMPLE_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
 # A NUL (raw or percent-encoded) or a raw control character: no API takes one, and HTTP stacks choke on it.
 BAD_TARGET = re.compile(r"%00|[\x00-\x20\x7f]")
 
@@ -36,6 +40,35 @@ def check_target(request: web.Request, allow_remote: bool) -> None:
         if host and name.lower() not in LOCAL_HOSTS:   # HTTP/1.0 may send no Host at all: a local client
             raise Refusal("invalid_request", f"sidecar: request addressed to host {host!r} refused; use "
                                              f"http://127.0.0.1:PORT (or set [proxy] allow_remote = true)")
+    check_browser(request)
+
+
+def check_browser(request: web.Request) -> None:
+    """No web page may drive the sidecar: a browser's cross-site request is refused, whatever its target.
+
+    The official SDKs and CLIs send neither Origin nor Sec-Fetch-Site, so for them this is two header
+    lookups (three on a POST)."""
+    headers = request.headers
+    origin = headers.get("origin")
+    if origin is not None and origin.lower() != "http://" + headers.get("host", "\0").lower():
+        raise Refusal("forbidden", f"sidecar: refused a request a web page at {origin[:100]!r} sent; this sidecar "
+                                   f"serves only its own agents and its own page, never another site")
+    site = headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        raise Refusal("forbidden", f"sidecar: refused a {site[:20]} request from a web page (Sec-Fetch-Site); "
+                                   f"this sidecar serves only its own agents and its own page")
+    if request.method == "POST":
+        kind = headers.get("content-type", "").partition(";")[0].strip().lower()
+        if kind in SIMPLE_TYPES and (kind != "multipart/form-data" or _json_route(request)):
+            raise Refusal("forbidden", f"sidecar: refused a POST with content-type {kind}, which any web page can "
+                                       f"send; send the JSON body as content-type: application/json")
+
+
+def _json_route(request: web.Request) -> bool:
+    """A model route: its body is JSON (multipart is for uploads such as /v1/files)."""
+    path = request.raw_path.partition("?")[0]
+    match = AGENT_PREFIX.match(path)
+    return ((match.group(2) or "/") if match else path) in request.app[STATE].cache.routes
 
 
 async def read_body(request: web.Request, call: Call, limit: int) -> None:

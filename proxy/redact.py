@@ -9,10 +9,11 @@ from __future__ import annotations
 import re
 
 SECRETS = re.compile(rb"(?<![A-Za-z0-9])(sk-[A-Za-z0-9]{0,12})[A-Za-z0-9_\-]{8,}"           # sk-ant-..., sk-proj-...
+                     rb"|(?<![A-Za-z0-9])(AIza)[A-Za-z0-9_\-]{30,}"                            # a Google API key
                      rb"|(?i:((?:(?:api|access|auth|secret)[_-]?(?:key|token)|password|bearer)"  # name=, name: , name
                      rb"(?:\"?\s*[:=]\s*\"?|\s+)))[A-Za-z0-9._~+/=\-]{4,}")   # only token characters: JSON stays valid
 
 
 def redact(data: bytes) -> bytes:
     """Mask what looks like a credential (an agent's command line may carry one)."""
-    return SECRETS.sub(lambda m: (m.group(1) or m.group(2)) + b"***", data)
+    return SECRETS.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + b"***", data)

@@ -22,6 +22,7 @@ import orjson
 import pytest
 
 from conftest import proxy_config, until, upstream_env
+from proxy.admin import ADMIN_TOKEN, TOKEN_HEADER
 from proxy.app import make_app
 from proxy.events import make_event
 from proxy.live_push import PUSH_HUB, PUSH_INTERVAL
@@ -66,6 +67,11 @@ async def http():
         yield session
 
 
+def launcher(px) -> dict[str, str]:
+    """What `sidecar run --connect` shows to report an agent: the sidecar's token."""
+    return {TOKEN_HEADER: px.app[ADMIN_TOKEN]}
+
+
 async def overview(http: aiohttp.ClientSession, url: str) -> tuple[dict, bytes]:
     async with http.get(url + "/_sidecar/overview") as r:
         assert r.status == 200
@@ -97,7 +103,7 @@ async def four_calls(http, url: str) -> None:
 async def test_overview_shows_calls_cache_latency_agents_and_sessions_without_content(px, http):
     await four_calls(http, px.url)
     async with http.post(px.url + "/_sidecar/agents", json={"id": "agent-x", "event": "started", "pid": os.getpid(),
-                                                             "cmd": SECRET_CMD}) as r:
+                                                             "cmd": SECRET_CMD}, headers=launcher(px)) as r:
         assert r.status == 200
     doc, body = await overview(http, px.url)
     total = doc["summary"]["all"]
@@ -119,7 +125,7 @@ async def test_overview_shows_calls_cache_latency_agents_and_sessions_without_co
     assert "--api-key ***" in agent["cmd"]
 
     async with http.post(px.url + "/_sidecar/agents", json={"id": "agent-x", "event": "restarted", "pid": os.getpid(),
-                                                             "cmd": SECRET_CMD}) as r:
+                                                             "cmd": SECRET_CMD}, headers=launcher(px)) as r:
         assert r.status == 200
     doc, _ = await overview(http, px.url)
     assert next(a for a in doc["agents"] if a["id"] == "agent-x")["state"] == "restarted"
@@ -257,9 +263,9 @@ async def test_page_in_headless_chromium_updates_live(px, http, tmp_path):
 
     try:
         await four_calls(http, px.url)
-        async with http.post(px.url + "/_sidecar/agents",
-                             json={"id": "agent-x", "event": "started", "pid": os.getpid(), "cmd": SECRET_CMD}):
-            pass
+        async with http.post(px.url + "/_sidecar/agents", headers=launcher(px),
+                             json={"id": "agent-x", "event": "started", "pid": os.getpid(), "cmd": SECRET_CMD}) as r:
+            assert r.status == 200
         await asyncio.to_thread(driver.get, px.url + "/_sidecar/")
         await wait(lambda: text("calls") == "4" and text("hit-rate") == "50%", "4 calls, 50% hits")
         await wait(lambda: text("status") == "live", "the live stream to be open")
