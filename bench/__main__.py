@@ -34,8 +34,8 @@ SCENARIOS = {
 }
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+def parse(argv: list[str] | None, prog: str = "python -m bench") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds and requests: under a minute")
     p.add_argument("--smoke", action="store_true", help="tiny counts, for the test suite (figures mean little)")
     p.add_argument("--only", metavar="NAME[,NAME]", help=f"scenarios to run: {', '.join(SCENARIOS)}")
@@ -57,8 +57,8 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
+    args = parse(argv, prog)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     plan = make_plan(mode, args.ttft, args.tps)
     if args.plot and importlib.util.find_spec("matplotlib") is None:

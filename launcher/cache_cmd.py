@@ -60,7 +60,10 @@ def answer_text(entry: Entry) -> dict:
             return (assemble_openai if openai else assemble_anthropic)(events) or {}
         except MalformedStream as exc:
             raise ConfigError(f"the stored stream is malformed, so it has no JSON form to show ({exc})") from None
-    return orjson.loads(decoded(entry.body, entry.header("content-encoding")))
+    try:
+        return orjson.loads(decoded(entry.body, entry.header("content-encoding")))
+    except ValueError as exc:   # not JSON, or a coding that does not decode
+        raise ConfigError(f"the stored answer is not JSON, so it has no JSON form to show ({exc})") from None
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -86,6 +89,9 @@ def stats(args, config, store) -> int:
 
 def list_entries(args, config, store) -> int:
     rows = sorted(((k, e) for k, e in entries(store) if e is not None), key=lambda r: -r[1].created)
+    if not rows:
+        print(f"no cache entries (state dir {config.state_dir})")
+        return 0
     print(f"{'key':32}  {'created':19}  {'form':4}  {'size':>9}  {'tokens in/out':>13}  route / model")
     for key, entry in rows[:args.limit]:
         meta = entry.meta
@@ -100,6 +106,9 @@ def list_entries(args, config, store) -> int:
 
 def show(args, config, store) -> int:
     key, entry = find(store, args.key)
+    if entry is None:
+        raise ConfigError(f"cache entry {key.hex()} is unreadable (corrupt or of another format); "
+                          f"'sidecar cache prune' removes it")
     meta = {"key": key.hex(), "created": entry.created, "status": entry.status, "stream": entry.stream,
             "headers": dict(entry.headers), **entry.meta, "answer": answer_text(entry)}
     sys.stdout.write(orjson.dumps(meta, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -160,14 +169,19 @@ def show_key(args, config: Config) -> int:
                           '{"path": ..., "headers": {...}, "body": {...}}') from None
     if not (isinstance(doc, dict) and "body" in doc and ("path" in doc or "headers" in doc)):
         doc = {"body": doc}
-    headers = {k.lower(): v for k, v in (doc.get("headers") or {}).items()}
-    keys = KeyMaker(load_secret(config.state_dir), config.cache.ignore_fields, config.cache.key_headers)
+    given = doc.get("headers") or {}
+    if not (isinstance(doc.get("path", ""), str) and isinstance(doc.get("method", ""), str) and isinstance(given, dict)
+            and all(isinstance(v, str) for v in given.values())):
+        raise ConfigError('stdin: "path" and "method" must be strings and "headers" an object of strings')
+    headers = {k.lower(): v for k, v in given.items()}
+    keys = KeyMaker(load_secret(config.state_dir), config.cache.ignore_fields, config.cache.key_headers,
+                    config.cache.credential_headers)
     path, _, query = doc.get("path", "/v1/messages").partition("?")
     canonical = keys.canonical(doc.get("method", "POST"), path, query, headers, doc["body"])
     request_hash = keys.request_hash(canonical)
     print(f"request hash  {request_hash.hex()}   (shown as 'hash' by 'sidecar cache show')")
-    if any(h in headers for h in ("x-api-key", "authorization")):
-        print(f"key           {keys.key(request_hash, keys.partition(headers)).hex()}   (for this credential)")
+    print(f"key           {keys.key(request_hash, keys.partition(headers, query)).hex()}   (for this credential, "
+          f"or for calls without one)")
     print("canonical     " + orjson.dumps(orjson.loads(canonical), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
           .decode().replace("\n", "\n              "))
     return 0
@@ -178,15 +192,22 @@ ACTIONS = {"stats": stats, "list": list_entries, "show": show, "clear": clear, "
 
 
 def add_parser(sub, common) -> None:
+    from .cli import COUNT
     cache = sub.add_parser("cache", parents=[common], help="inspect and manage the response cache",
                            description="Inspect and manage the response cache.")
     actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("stats", help="entries, size, limit")
-    listing = actions.add_parser("list", help="entries, newest first")
-    listing.add_argument("--limit", type=int, default=50)
-    actions.add_parser("show", help="one entry and its answer").add_argument("key", help="key or unique key prefix")
-    actions.add_parser("clear", help="remove every entry")
-    actions.add_parser("prune", help="remove expired/unreadable entries, evict to the size limit")
-    actions.add_parser("export", help="write all entries to FILE (JSON lines)").add_argument("file")
-    actions.add_parser("import", help="load entries from FILE; any API key may read them").add_argument("file")
-    actions.add_parser("key", help="print the key and canonical form of a request read from stdin")
+
+    def action(name: str, text: str) -> argparse.ArgumentParser:
+        return actions.add_parser(name, help=text, description=text[:1].upper() + text[1:] + ".")
+
+    action("stats", "entries, size, limit")
+    action("list", "entries, newest first").add_argument("--limit", type=COUNT, default=50, metavar="N",
+                                                          help="show at most N entries (default 50)")
+    action("show", "one entry and its answer").add_argument("key", help="its key, or a unique key prefix")
+    action("clear", "remove every entry")
+    action("prune", "remove expired/unreadable entries, evict to the size limit")
+    action("export", "write all entries to FILE (JSON lines)").add_argument(
+        "file", help="the file to write (its directory must exist); holds no API keys")
+    action("import", "load entries from FILE; any API key may read them").add_argument(
+        "file", help="a file written by 'sidecar cache export'")
+    action("key", "print the key and canonical form of a request read from stdin")

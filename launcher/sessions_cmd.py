@@ -43,6 +43,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
                 for meta in rows[:args.limit]:
                     print(f"{meta['id']:17} {_when(meta.get('updated'))}  {meta.get('turns', 0):>5} "
                           f"{meta.get('messages', 0):>8}  {meta.get('agent', ''):24} {meta.get('model') or ''}")
+                if len(rows) > args.limit:
+                    print(f"... {len(rows) - args.limit} more (--limit N)")
         elif action == "show":
             meta = _find(sessions, args.session)
             print(f"session {meta['id']}  agent {meta.get('agent')}  model {meta.get('model')}  "
@@ -91,16 +93,22 @@ def _text(message: dict) -> str:
 
 
 def add_parser(sub, common) -> None:
+    from .cli import COUNT, DAYS
     parser = sub.add_parser("sessions", parents=[common], help="checkpointed conversations",
                             description="The conversations the sidecar has checkpointed.")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    listing = actions.add_parser("list", help="sessions, most recent first")
-    listing.add_argument("--limit", type=int, default=50)
-    actions.add_parser("show", help="one conversation, readable").add_argument("session", help="id, prefix or 'last'")
-    export = actions.add_parser("export", help="one conversation as JSON")
+
+    def action(name: str, text: str) -> argparse.ArgumentParser:
+        return actions.add_parser(name, help=text, description=text[:1].upper() + text[1:] + ".")
+
+    action("list", "sessions, most recent first").add_argument("--limit", type=COUNT, default=50, metavar="N",
+                                                                help="show at most N sessions (default 50)")
+    action("show", "one conversation, readable").add_argument("session", help="id, prefix or 'last'")
+    export = action("export", "one conversation as JSON")
     export.add_argument("session", help="id, prefix or 'last'")
     export.add_argument("--format", choices=["messages", "full"], default="full",
-                        help="messages: {model, system, messages} the official SDK accepts as-is")
-    actions.add_parser("delete", help="forget one conversation").add_argument("session")
-    prune = actions.add_parser("prune", help="forget conversations not updated for a while")
-    prune.add_argument("--older-than", type=float, default=30.0, metavar="DAYS")
+                        help="full (default): everything checkpointed; messages: {model, system, messages} the "
+                             "official SDK accepts as-is")
+    action("delete", "forget one conversation").add_argument("session", help="id, prefix or 'last'")
+    action("prune", "forget conversations not updated for a while").add_argument(
+        "--older-than", type=DAYS, default=30.0, metavar="DAYS", help="not updated for DAYS days (default 30)")

@@ -24,9 +24,10 @@ from pathlib import Path
 
 from proxy import __version__
 from proxy.config import Config
+from proxy.run_file import write_private
 
 from . import client
-from .proxy_process import unblock_signals
+from .proxy_process import open_log, unblock_signals
 
 STATE_FILE = "shared.json"
 
@@ -71,7 +72,8 @@ def live(info: dict | None) -> dict | None:
 def ensure_server(config: Config) -> str:
     """The URL of a running shared sidecar that matches this config, starting one if needed."""
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(config.state_dir / "shared.lock", "a") as lock:
+    with os.fdopen(os.open(config.state_dir / "shared.lock", os.O_WRONLY | os.O_CREAT, 0o600), "a") as lock:
+        os.fchmod(lock.fileno(), 0o600)   # one made 0644 by an older version, too
         fcntl.flock(lock, fcntl.LOCK_EX)   # one launcher at a time decides; the others then find its server
         info = read_state(config)
         health = live(info)
@@ -90,9 +92,8 @@ def ensure_server(config: Config) -> str:
 def _start(config: Config) -> str:
     read_fd, write_fd = os.pipe()
     log_path = config.state_dir / "logs" / "shared.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     env = {**os.environ, "SIDECAR_PROXY_CONFIG": json.dumps(config.to_dict())}
-    with open(log_path, "ab") as log:
+    with open_log(log_path) as log:
         subprocess.Popen([sys.executable, "-m", "launcher", "serve", "--shared-server", str(write_fd)],
                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,), env=env,
                          start_new_session=True, preexec_fn=unblock_signals)
@@ -112,9 +113,7 @@ def announce(config: Config, url: str, ready_fd: int, port: int) -> None:
     info = {"pid": os.getpid(), "url": url, "port": port, "version": __version__,
             "fingerprint": fingerprint(config), "started": time.time()}
     path = state_path(config)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(info))
-    os.replace(temporary, path)
+    write_private(path, json.dumps(info).encode())
     os.write(ready_fd, url.encode() + b"\n")
     os.close(ready_fd)
 
@@ -126,13 +125,17 @@ def forget(config: Config) -> None:
         state_path(config).unlink(missing_ok=True)
 
 
+NONE_RUNS = 1   # the exit status of `sidecar stop` and `sidecar status` when no shared sidecar runs
+
+
 def stop(config: Config) -> int:
-    """`sidecar stop`: stop the shared sidecar and wait for it to finish its writes."""
+    """`sidecar stop`: stop the shared sidecar and wait for it to finish its writes; 1 if none runs."""
     info = read_state(config)
     if live(info) is None:
         state_path(config).unlink(missing_ok=True)
-        print("sidecar: no shared sidecar is running")
-        return 0
+        print("sidecar: no shared sidecar is running, nothing to stop"
+              + (" (removed a stale state file)" if info else ""))
+        return NONE_RUNS
     os.kill(info["pid"], signal.SIGTERM)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:   # a CLI waiting for another process: a short poll is fine here
@@ -156,12 +159,13 @@ def _running(pid: int) -> bool:
 
 
 def status(config: Config) -> int:
-    """`sidecar status`: where the shared sidecar listens, its agents and calls."""
+    """`sidecar status`: where the shared sidecar listens, its agents and calls; 1 if none runs."""
     info = read_state(config)
     if live(info) is None:
-        print("sidecar: no shared sidecar is running" + (" (removed a stale state file)" if info else ""))
+        print("sidecar: no shared sidecar is running (start one with 'sidecar run --shared -- CMD')"
+              + (" (removed a stale state file)" if info else ""))
         state_path(config).unlink(missing_ok=True)
-        return 1
+        return NONE_RUNS
     doc = client.call(info["url"], "/_sidecar/stats")
     total = doc["summary"]["all"]
     running = [a for a in doc["agents"] if a["state"] != "exited"]

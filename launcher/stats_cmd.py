@@ -76,9 +76,11 @@ def run_events(args: argparse.Namespace, config: Config) -> int:
     for event in log.read(since):
         print(json.dumps(event) if args.json else format_event(event), flush=True)
         shown += 1
+    if not shown:   # with --json on stderr: the output stays JSON lines, none
+        recent = f" in the last {args.since}" if args.since else ""
+        print(f"no events{recent} (state dir {config.state_dir})" + ("; waiting for new ones, Ctrl-C stops"
+              if args.follow else ""), file=sys.stderr if args.json or args.follow else sys.stdout)
     if not args.follow:
-        if not shown:
-            print(f"no events (state dir {config.state_dir})")
         return 0
     position = log.path.stat().st_size if log.path.exists() else 0
     try:
@@ -110,7 +112,7 @@ def add_parsers(sub, common) -> None:
                                        "the state directory.")
     stats.add_argument("--since", default="", help="only calls this recent: 90s, 15m, 1h, 2d (default: all)")
     stats.add_argument("--by", choices=["model", "agent", "route"], help="one row per model, agent or route")
-    stats.add_argument("--json", action="store_true", help="JSON for scripts")
+    stats.add_argument("--json", action="store_true", help="JSON for scripts (with no calls: zero counts)")
     events = sub.add_parser("events", parents=[common], help="threshold crossings and agent events",
                             description="Threshold crossings (raised/cleared) and agent events from the events log.")
     events.add_argument("--since", default="", help="only events this recent: 15m, 1h, 2d")

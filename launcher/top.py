@@ -228,6 +228,10 @@ def _restore(screen: bool, saved) -> None:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
+    if args.url and not args.url.startswith(("http://", "https://")):
+        print(f"sidecar: --url takes the sidecar's address, like http://127.0.0.1:PORT, not {args.url!r}",
+              file=sys.stderr)
+        return 2
     url = find_url(args, config)
     if url is None:
         print("sidecar: no running sidecar found (no shared sidecar, no live 'sidecar run'); "
@@ -238,6 +242,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     except client.SidecarUnreachable as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:   # our reader went away (`sidecar top | head`): the CLI's entry ends quietly
+        raise
     except OSError as exc:
         print(f"sidecar: cannot reach the sidecar at {url} ({exc})", file=sys.stderr)
         return 2

@@ -58,6 +58,7 @@ class CacheSection:
     routes: tuple[str, ...] = ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/embeddings")
     ignore_fields: tuple[str, ...] = ("metadata.user_id", "stream", "stream_options")
     key_headers: tuple[str, ...] = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project")
+    credential_headers: tuple[str, ...] = ()
     deterministic_only: bool = False
     max_size_mb: float = 1024.0
     ttl_seconds: float = 0.0
@@ -164,7 +165,7 @@ def _moved(section: str, where: str, keys: list[str]) -> ConfigError:
 def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     """Check one value against its field's type; strings from the environment are parsed."""
     want = type(f.default)
-    name = f"{where}: '{f.name}'"
+    name = where if where.startswith("environment: ") else f"{where}: '{f.name}'"   # a variable names itself
     if isinstance(value, str) and want is not str and where.startswith("environment"):
         value = _parse_env(value, want, name)
     if want is bool:
@@ -180,8 +181,8 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     else:
         ok = isinstance(value, str)
     if not ok:
-        kind = "list of strings" if want is tuple else want.__name__
-        raise ConfigError(f"{name} must be a {kind}, not {value!r}")
+        kinds = {tuple: "a list of strings", bool: "true or false", int: "an int", float: "a number"}
+        raise ConfigError(f"{name} must be {kinds.get(want, 'a string')}, not {value!r}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
@@ -202,7 +203,7 @@ def _parse_env(text: str, want: type, name: str) -> Any:
     try:
         return want(text)
     except ValueError:
-        raise ConfigError(f"{name} must be a {want.__name__}, not {text!r}") from None
+        raise ConfigError(f"{name} must be {'an int' if want is int else 'a number'}, not {text!r}") from None
 
 
 def load_layers(layers: list[Mapping[str, Any]], names: list[str]) -> Config:
@@ -219,9 +220,12 @@ def load_layers(layers: list[Mapping[str, Any]], names: list[str]) -> Config:
                 raise ConfigError(f"{where}: [{section}] must be a table")
             fields = {f.name: f for f in dataclasses.fields(cls)}
             for key, value in values.items():
+                variable = f"SIDECAR_{section}_{key}".upper() if where == "environment" else ""
                 if key not in fields:
-                    raise ConfigError(f"{where}: unknown key '{key}' in [{section}] (known: {', '.join(fields)})")
-                merged[section][key] = _coerce(value, fields[key], f"{where} [{section}]")
+                    raise ConfigError(f"{where}: {variable + ' is not a setting: ' if variable else ''}unknown key "
+                                      f"'{key}' in [{section}] (known: {', '.join(fields)})")
+                merged[section][key] = _coerce(value, fields[key], f"{where}: {variable} ([{section}] {key})"
+                                               if variable else f"{where} [{section}]")
     config = Config(**{name: SECTIONS[name](**values) for name, values in merged.items()})
     for entry in config.limits.per_model:
         model, sep, count = entry.rpartition("=")
