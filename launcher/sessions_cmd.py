@@ -17,6 +17,8 @@ from proxy.restore import trim_for_api
 from proxy.sessions import Sessions
 from proxy.store import open_lmdb
 
+from .terminal import clean
+
 
 def _find(sessions: Sessions, ref: str) -> dict:
     found = sessions.find(ref)
@@ -41,16 +43,17 @@ def run(args: argparse.Namespace, config: Config) -> int:
             else:
                 print(f"{'session':17} {'updated':19}  {'turns':>5} {'messages':>8}  {'agent':24} model")
                 for meta in rows[:args.limit]:
-                    print(f"{meta['id']:17} {_when(meta.get('updated'))}  {meta.get('turns', 0):>5} "
-                          f"{meta.get('messages', 0):>8}  {meta.get('agent', ''):24} {meta.get('model') or ''}")
+                    print(f"{clean(meta['id']):17} {_when(meta.get('updated'))}  {meta.get('turns', 0):>5} "
+                          f"{meta.get('messages', 0):>8}  {clean(meta.get('agent', '')):24} "
+                          f"{clean(meta.get('model') or '')}")
                 if len(rows) > args.limit:
                     print(f"... {len(rows) - args.limit} more (--limit N)")
         elif action == "show":
             meta = _find(sessions, args.session)
-            print(f"session {meta['id']}  agent {meta.get('agent')}  model {meta.get('model')}  "
-                  f"turns {meta.get('turns')}  updated {_when(meta.get('updated'))}")
+            print(clean(f"session {meta['id']}  agent {meta.get('agent')}  model {meta.get('model')}  "
+                        f"turns {meta.get('turns')}  updated {_when(meta.get('updated'))}"))
             for message in sessions.messages(meta["id"]):
-                print(f"\n[{message.get('role')}]\n{_text(message)}")
+                print(f"\n[{clean(message.get('role'))}]\n{clean(_text(message), multiline=True)}")
         elif action == "export":
             meta = _find(sessions, args.session)
             messages = sessions.messages(meta["id"])

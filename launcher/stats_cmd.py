@@ -17,6 +17,7 @@ from proxy.stats import summarize
 from proxy.store import open_lmdb
 
 from .summary import ms
+from .terminal import clean
 
 COLUMNS = [("calls", 6), ("hit%", 5), ("total p50", 10), ("p90", 9), ("p99", 9), ("ttft p50", 9), ("queue p50", 9),
            ("overhead p50", 12), ("tokens in", 10), ("tokens out", 10), ("saved tok", 10), ("saved s", 8), ("errors", 6)]
@@ -24,7 +25,7 @@ COLUMNS = [("calls", 6), ("hit%", 5), ("total p50", 10), ("p90", 9), ("p99", 9),
 
 def _row(name: str, s: dict) -> list[str]:
     rate = "-" if s["hit_rate"] is None else f"{s['hit_rate'] * 100:.0f}"
-    return [name, str(s["calls"]), rate, ms(s["total"]["p50"]), ms(s["total"]["p90"]), ms(s["total"]["p99"]),
+    return [clean(name), str(s["calls"]), rate, ms(s["total"]["p50"]), ms(s["total"]["p90"]), ms(s["total"]["p99"]),
             ms(s["ttft"]["p50"]), ms(s["queue"]["p50"]), ms(s["overhead"]["p50"]), f"{s['input_tokens']:,}",
             f"{s['output_tokens']:,}", f"{s['saved_tokens']:,}", f"{s['saved_upstream_s']:.1f}",
             str(sum(s["errors"].values()))]
@@ -39,7 +40,7 @@ def table(result: dict) -> str:
     lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     errors = result["all"]["errors"]
     if errors:
-        lines.append("errors: " + ", ".join(f"{k} x{v}" for k, v in sorted(errors.items())))
+        lines.append("errors: " + ", ".join(f"{clean(k)} x{v}" for k, v in sorted(errors.items())))
     return "\n".join(lines)
 
 
@@ -74,7 +75,7 @@ def run_events(args: argparse.Namespace, config: Config) -> int:
         raise ConfigError(str(exc)) from None
     shown = 0
     for event in log.read(since):
-        print(json.dumps(event) if args.json else format_event(event), flush=True)
+        print(json.dumps(event) if args.json else clean(format_event(event)), flush=True)
         shown += 1
     if not shown:   # with --json on stderr: the output stays JSON lines, none
         recent = f" in the last {args.since}" if args.since else ""
@@ -101,7 +102,7 @@ def run_events(args: argparse.Namespace, config: Config) -> int:
                     event = json.loads(line)
                 except ValueError:
                     continue
-                print(json.dumps(event) if args.json else format_event(event), flush=True)
+                print(json.dumps(event) if args.json else clean(format_event(event)), flush=True)
     except KeyboardInterrupt:
         return 0
 

@@ -29,6 +29,7 @@ from proxy.sse import EventParser
 
 from . import client, shared
 from .summary import human_bytes, ms
+from .terminal import clean_tree
 
 BARS = " ▁▂▃▄▅▆▇█"
 ENTER, LEAVE = "\x1b[?1049h\x1b[?25l", "\x1b[?25h\x1b[?1049l"   # alternate screen, cursor hidden/shown
@@ -79,7 +80,9 @@ def _spark(values: list[float | None], width: int, log: bool = False) -> str:
 
 
 def render(doc: dict, url: str, width: int = 100) -> list[str]:
-    """The overview, one string per line, none wider than `width`."""
+    """The overview, one string per line, none wider than `width`; no string from the sidecar reaches the
+    terminal with a control sequence in it."""
+    doc = clean_tree(doc)
     total, limits, cache = doc["summary"]["all"], doc["limits"], doc["cache"]
     limit = "none" if limits["effective_limit"] is None else str(limits["effective_limit"])
     lines = [f"calls {total['calls']}  hit rate {_pct(total['hit_rate'])}, {total['hits']} from cache  "

@@ -33,6 +33,7 @@ class ProxySection:
     max_body_mb: float = 32.0
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
+    header_timeout: float = 60.0
 
 
 @dataclass(frozen=True)

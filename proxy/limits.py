@@ -86,8 +86,8 @@ class Limiter:
 
     def _give_back(self, agent: str, model: str) -> None:
         self.in_flight -= 1
-        self.by_agent[agent] -= 1
-        self.by_model[model] -= 1
+        _decrement(self.by_agent, agent)
+        _decrement(self.by_model, model)
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -225,6 +225,15 @@ class Limiter:
                 "max_concurrency": self.settings.max_concurrency or None, "per_agent": self.settings.per_agent or None,
                 "per_model": self.per_model, "waited": self.waited, "refused": self.refused,
                 "adaptive_decreases": self.decreases}
+
+
+def _decrement(counter: Counter[str], key: str) -> None:
+    """One less for `key`; at zero the key leaves the counter, so idle agents and models hold no memory."""
+    left = counter[key] - 1
+    if left:
+        counter[key] = left
+    else:
+        del counter[key]
 
 
 def _granted(future: asyncio.Future) -> bool:

@@ -52,6 +52,8 @@ class Agent:
 
 
 class Monitor:
+    keep_exited = 32   # exited agents kept in the table (the most recent ones); older ones leave it
+
     def __init__(self, settings: MonitorSection, events: EventLog, limiter, relieve=None):
         self.settings = settings
         self.events = events
@@ -60,6 +62,7 @@ class Monitor:
         self.active: set[str] = set()
         self.errors: deque[bool] = deque(maxlen=settings.error_window)
         self.agents: dict[str, Agent] = {}
+        self._exited_order: dict[str, None] = {}   # the exited agents' ids, oldest exit first
         self.recent_events: deque[dict] = deque(maxlen=100)
         self.system_memory = 0.0
         self._last_sample = 0.0
@@ -100,6 +103,7 @@ class Monitor:
             agent.pid, agent.cmd = message.get("pid", 0), message.get("cmd", agent.cmd)
             agent.process = None
             agent.state = "running" if kind == "started" else "restarted"
+            self._exited_order.pop(agent.id, None)
             if message.get("watch"):   # no launcher pipe to report its exit (--connect, --shared)
                 self._watch(agent)
             if kind == "restarted":
@@ -116,6 +120,13 @@ class Monitor:
     def _exited(self, agent: Agent, status: int | None) -> None:
         agent.state, agent.exit_status = "exited", status
         self.emit(make_event("agent_exited", agent=agent.id, pid=agent.pid, status=status, peak_rss=agent.peak_rss))
+        self._exited_order.pop(agent.id, None)
+        self._exited_order[agent.id] = None
+        while len(self._exited_order) > self.keep_exited:   # checked when an agent exits: no timer, O(1)
+            oldest = next(iter(self._exited_order))
+            del self._exited_order[oldest]
+            if self.agents.get(oldest) is not None and self.agents[oldest].state == "exited":
+                del self.agents[oldest]
 
     def _watch(self, agent: Agent) -> None:
         """Learn of the agent's exit from the kernel (a pidfd), even if its launcher is killed."""

@@ -5,6 +5,12 @@ Two ways in: `sidecar serve` runs it in the foreground; `sidecar run` starts
 config from stdin and stops when stdin closes (the launcher ended, even by
 SIGKILL), so it never outlives its agent. Either way aiohttp's own log records
 are filtered first, so a malformed request's bytes (its headers) are never logged.
+
+Bounded for a long-lived shared sidecar: a connection that sits idle or sends
+an unfinished request head for `[proxy] header_timeout` seconds is closed
+(aiohttp's keep-alive timer, which also runs from the connection's start), and
+at most MAX_CONNECTIONS client connections are open at once: one more gets an
+API-shaped 503 and is closed.
 """
 
 from __future__ import annotations
@@ -23,12 +29,16 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from .app import make_app
 from .config import Config
+from .errors import error_body
+from .routes import AGENT_PREFIX, api_of
 from .run_file import register_run
 from .state import STATE
 
 log = logging.getLogger("sidecar")
 AIOHTTP_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.internal")
 QUOTED = re.compile(r"[:'\"\n]")   # where the part of a parser message that quotes the request begins
+MAX_CONNECTIONS = 1024              # open client connections; the next one is refused with a 503
+REFUSED_LINGER = 5.0                # seconds a refused connection may take to send its head and read the 503
 
 
 class NoRawRequests(logging.Filter):
@@ -91,9 +101,10 @@ async def serve(config: Config, sock: socket.socket, *, control_fd: int | None =
             for line in lines:
                 _control(app, line)
 
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
+                           shutdown_timeout=5.0, keepalive_timeout=config.proxy.header_timeout or 3630.0)
     await runner.setup()
-    site = web.SockSite(runner, sock, shutdown_timeout=5.0)
+    site = CappedSite(runner, sock, max_connections=MAX_CONNECTIONS)
     await site.start()
     if control_fd is not None:  # read only now: messages wait in the pipe until the state is open
         loop.add_reader(control_fd, on_readable)
@@ -114,6 +125,79 @@ async def serve(config: Config, sock: socket.socket, *, control_fd: int | None =
         if run_file is not None:
             run_file.unlink(missing_ok=True)
         await runner.cleanup()
+
+
+class CappedSite(web.SockSite):
+    """A SockSite whose connections beyond `max_connections` are answered by `Refused` instead of the app."""
+
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, *, max_connections: int, **kwargs):
+        super().__init__(runner, sock, **kwargs)
+        self.max_connections = max_connections
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)   # registers the site with its runner
+        server = self._runner.server
+        assert server is not None
+
+        def protocol() -> asyncio.Protocol:
+            if len(server.connections) >= self.max_connections:
+                return Refused(self.max_connections)
+            return server()
+        self._server = await asyncio.get_running_loop().create_server(protocol, sock=self._sock,
+                                                                      backlog=self._backlog)
+
+
+class Refused(asyncio.Protocol):
+    """One connection over the cap: read its request head, answer 503 in the API's shape, close.
+
+    Its one timer (armed only while it is open) closes it if the client neither finishes its head nor
+    goes away after the answer."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.head = bytearray()
+        self.answered = False
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.timer = asyncio.get_running_loop().call_later(REFUSED_LINGER, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered:
+            return   # the rest of its request: read and dropped, so closing does not reset the answer
+        self.head += data
+        if b"\r\n\r\n" in self.head or len(self.head) > 65536:
+            self._answer()
+
+    def eof_received(self) -> bool:
+        if not self.answered and self.head:
+            self._answer()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def _answer(self) -> None:
+        self.answered = True
+        line, _, rest = bytes(self.head).partition(b"\r\n")
+        parts = line.split(b" ")
+        path = parts[1].decode("latin-1") if len(parts) > 1 else "/"
+        headers = {h.partition(b":")[0].strip().lower().decode("latin-1"): ""
+                   for h in rest.split(b"\r\n") if b":" in h}
+        match = AGENT_PREFIX.match(path.partition("?")[0])
+        body = error_body(api_of(match.group(2) or "/" if match else path, headers), "overloaded",
+                          f"sidecar: too many connections ({self.limit} open, the limit); retry shortly, "
+                          f"or use fewer agents or connections per sidecar")
+        self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\nretry-after: 1\r\nretry-after-ms: 1000\r\n"
+                             b"x-sidecar-error: overloaded\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()   # the client reads the answer, then closes (or the timer does)
+        else:
+            self.transport.close()
 
 
 def _stop_when_idle(state, idle_timeout: float, stop: asyncio.Event) -> None:

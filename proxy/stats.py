@@ -3,13 +3,17 @@
 `summarize` is shared by `GET /_sidecar/stats` (recent calls in memory) and
 `sidecar stats` (records read back from the state directory), so both say the
 same thing. `Stats` keeps counters and histograms updated per call in O(1).
+Its label sets stay bounded in a long-lived shared sidecar: at most
+`max_agents` agents have series of their own; when a new one comes, the one
+seen least recently is folded into `agent="other"` (its counts added there,
+so every total stays monotonic) and its series leave the exposition.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections import Counter, defaultdict, deque
+from collections import Counter, OrderedDict, defaultdict, deque
 from typing import Any, Iterable
 
 # LLM calls take from a millisecond (a hit) to minutes (a long generation).
@@ -22,6 +26,8 @@ HISTOGRAMS = {  # record field -> (metric, help, buckets)
     "overhead_ms": ("sidecar_overhead_seconds", "Time the sidecar itself added.", OVERHEAD_BUCKETS),
 }
 PHASES = ("total_ms", "ttft_ms", "queue_ms", "overhead_ms")
+MAX_AGENT_LABELS = 100   # agents with series of their own in /_sidecar/metrics; the rest are agent="other"
+OTHER = "other"
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -89,8 +95,10 @@ def _escape(value: str) -> str:
 class Stats:
     """Live counters and histograms, plus the most recent records for summaries."""
 
-    def __init__(self, window: int = 5000):
+    def __init__(self, window: int = 5000, max_agents: int = MAX_AGENT_LABELS):
         self.recent: deque[dict] = deque(maxlen=window)
+        self.max_agents = max_agents
+        self.agent_series: OrderedDict[str, set[tuple]] = OrderedDict()   # least recently seen first
         self.calls: Counter[tuple] = Counter()
         self.tokens: Counter[tuple] = Counter()
         self.saved_tokens = 0
@@ -100,10 +108,16 @@ class Stats:
 
     def observe(self, record: dict) -> None:
         self.recent.append(record)
-        labels = (("agent", record["agent"]), ("route", record["route"]), ("model", record["model"] or "-"))
-        self.calls[labels + (("cache", record["cache"] or "none"), ("status", str(record["status"])))] += 1
-        self.tokens[labels[:1] + labels[2:] + (("direction", "input"),)] += record["input_tokens"]
-        self.tokens[labels[:1] + labels[2:] + (("direction", "output"),)] += record["output_tokens"]
+        agent = self._agent_label(record["agent"])
+        labels = (("agent", agent), ("route", record["route"]), ("model", record["model"] or "-"))
+        call = labels + (("cache", record["cache"] or "none"), ("status", str(record["status"])))
+        tokens_in = labels[:1] + labels[2:] + (("direction", "input"),)
+        tokens_out = labels[:1] + labels[2:] + (("direction", "output"),)
+        self.calls[call] += 1
+        self.tokens[tokens_in] += record["input_tokens"]
+        self.tokens[tokens_out] += record["output_tokens"]
+        if agent != OTHER:
+            self.agent_series[agent].update((call, tokens_in, tokens_out))
         if record["cache"] in ("hit", "coalesced"):
             self.saved_tokens += record["input_tokens"] + record["output_tokens"]
             self.saved_seconds += record.get("saved_s") or 0.0
@@ -116,6 +130,23 @@ class Stats:
             series = self.histograms[field].setdefault(labels[2:], [0] * (len(buckets) + 1) + [0.0])
             series[bisect.bisect_left(buckets, value / 1000)] += 1
             series[-1] += value / 1000
+
+    def _agent_label(self, agent: str) -> str:
+        """The agent's own label, or "other" once `max_agents` others were seen more recently. O(1) per call;
+        folding an agent costs its own series, once."""
+        if agent == OTHER or agent in self.agent_series:
+            if agent != OTHER:
+                self.agent_series.move_to_end(agent)
+            return agent
+        if self.max_agents <= 0:
+            return OTHER
+        if len(self.agent_series) >= self.max_agents:
+            _, series = self.agent_series.popitem(last=False)
+            for key in series:
+                counter = self.calls if key in self.calls else self.tokens
+                counter[((("agent", OTHER),) + key[1:])] += counter.pop(key)
+        self.agent_series[agent] = set()
+        return agent
 
     def prometheus(self, gauges: dict[str, tuple[str, float]]) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
