@@ -19,7 +19,9 @@ from proxy.config import Config, ConfigError
 from proxy.entry import CorruptEntry, Entry
 from proxy.encoding import decoded
 from proxy.sse import EventParser, MalformedStream, assemble_anthropic, assemble_openai
-from proxy.store import ResponseStore, open_lmdb
+from proxy.store import ResponseStore, StoreError, open_lmdb, set_aside
+
+from .terminal import clean
 
 
 def open_store(config: Config) -> ResponseStore:
@@ -69,7 +71,12 @@ def answer_text(entry: Entry) -> dict:
 def run(args: argparse.Namespace, config: Config) -> int:
     if args.action == "key":
         return show_key(args, config)
-    store = open_store(config)
+    try:
+        store = open_store(config)
+    except StoreError as exc:
+        if args.action != "clear":
+            raise
+        return _set_aside(config, exc)
     try:
         return ACTIONS[args.action](args, config, store)
     finally:
@@ -98,7 +105,7 @@ def list_entries(args, config, store) -> int:
         tokens = f"{meta.get('input_tokens', 0)}/{meta.get('output_tokens', 0)}"
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.created))
         print(f"{key.hex():32}  {created}  {'sse' if entry.stream else 'json':4}  {human(len(entry.body)):>9}  "
-              f"{tokens:>13}  {meta.get('path', '')} {meta.get('model', '')}")
+              f"{tokens:>13}  {clean(meta.get('path', ''))} {clean(meta.get('model', ''))}")
     if len(rows) > args.limit:
         print(f"... {len(rows) - args.limit} more (--limit N)")
     return 0
@@ -115,8 +122,20 @@ def show(args, config, store) -> int:
     return 0
 
 
+def _set_aside(config: Config, exc: StoreError) -> int:
+    """The fix a broken store's error names: move it aside (kept, not deleted) and start afresh."""
+    aside = set_aside(config.state_dir)
+    print(f"the state store could not be read, so it was moved to {aside}; a new, empty one is made on the next "
+          f"start (cache, sessions and call records start afresh)")
+    return 0
+
+
 def clear(args, config, store) -> int:
-    keys = [k for k, _ in store.items()]
+    try:
+        keys = [k for k, _ in store.items()]
+    except StoreError as exc:   # opened, but its pages are broken
+        store.lmdb.close()
+        return _set_aside(config, exc)
     store.delete_now(keys)
     print(f"removed {len(keys)} entries")
     return 0

@@ -84,15 +84,17 @@ class RecordLog:
 
     def read(self, since: float = 0.0) -> Iterator[dict]:
         """Records from `since` (epoch seconds) on, oldest first."""
-        with self.lmdb.env.begin(db=self._db) as txn:
-            cursor = txn.cursor()
-            if not cursor.set_range(struct.pack(">d", since)):
-                return
-            for _, value in cursor:
-                try:
-                    yield orjson.loads(value)
-                except orjson.JSONDecodeError:
-                    continue
+        return self.lmdb.scan(lambda txn: self._walk(txn, since))
+
+    def _walk(self, txn: lmdb.Transaction, since: float) -> Iterator[dict]:
+        cursor = txn.cursor(db=self._db)
+        if not cursor.set_range(struct.pack(">d", since)):
+            return
+        for _, value in cursor:
+            try:
+                yield orjson.loads(value)
+            except orjson.JSONDecodeError:
+                continue
 
 
 def since_seconds(text: str) -> float:

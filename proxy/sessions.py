@@ -112,18 +112,20 @@ class Sessions:
 
     # -- reading --
     def list(self) -> list[dict]:
-        with self.lmdb.env.begin(db=self._db) as txn:
-            cursor = txn.cursor()
-            rows = []
-            if cursor.set_range(b"s:"):
-                for key, value in cursor:
-                    if not key.startswith(b"s:"):
-                        break
-                    meta = orjson.loads(value)
-                    for field in PRIVATE:
-                        meta.pop(field, None)
-                    rows.append(meta)
-        return sorted(rows, key=lambda m: m.get("updated", 0), reverse=True)
+        return sorted(self.lmdb.read(self._list, []), key=lambda m: m.get("updated", 0), reverse=True)
+
+    def _list(self, txn: lmdb.Transaction) -> list[dict]:
+        cursor = txn.cursor(db=self._db)
+        rows = []
+        if cursor.set_range(b"s:"):
+            for key, value in cursor:
+                if not key.startswith(b"s:"):
+                    break
+                meta = orjson.loads(value)
+                for field in PRIVATE:
+                    meta.pop(field, None)
+                rows.append(meta)
+        return rows
 
     def find(self, ref: str) -> dict | None:
         """A session by id, unique id prefix, 'last' (the most recently updated) or 'agent:ID'."""
@@ -137,21 +139,22 @@ class Sessions:
         return self._with_system(matches[0]) if len(matches) == 1 else None
 
     def _with_system(self, meta: dict) -> dict:
-        with self.lmdb.env.begin(db=self._db) as txn:
-            raw = txn.get(f"y:{meta['id']}".encode())
+        raw = self.lmdb.read(lambda txn: txn.get(f"y:{meta['id']}".encode(), db=self._db))
         return {**meta, "system": orjson.loads(raw) if raw else None}
 
     def messages(self, sid: str) -> list[dict]:
         prefix = f"m:{sid}:".encode()
-        with self.lmdb.env.begin(db=self._db) as txn:
-            cursor = txn.cursor()
+
+        def walk(txn: lmdb.Transaction) -> list[dict]:
+            cursor = txn.cursor(db=self._db)
             out = []
             if cursor.set_range(prefix):
                 for key, value in cursor:
                     if not key.startswith(prefix):
                         break
                     out.append(orjson.loads(value))
-        return out
+            return out
+        return self.lmdb.read(walk, [])
 
     def delete_now(self, sid: str) -> None:
         prefix = f"m:{sid}:".encode()

@@ -27,7 +27,7 @@ from .sessions import Sessions
 from .stats import Stats
 from .timing import record_of
 from .routes import Upstreams
-from .store import Lmdb, open_lmdb
+from .store import Lmdb, StoreError, open_lmdb
 from .errors import Fault
 from .upstream import UpstreamClient
 
@@ -70,9 +70,15 @@ class ProxyState:
 
     async def open(self) -> None:
         settings = self.config.cache
-        self.lmdb = open_lmdb(self.config)
         self.monitor = Monitor(self.config.monitor, EventLog(self.config.state_dir), self.limiter,
                                relieve=lambda: relieve_memory(self))
+        try:
+            self.lmdb = open_lmdb(self.config)
+        except StoreError as exc:   # the proxy starts anyway: calls are forwarded, nothing is stored
+            log.error("sidecar: %s; forwarding calls uncached until then", exc)
+            self.lmdb = Lmdb.unavailable(self.config.state_dir)
+            self._store_failed(exc)
+        self.lmdb.report = self._store_failed
         self.backends = await open_backends(self.config, self.lmdb,
                                             lambda kind, state, **detail: self.monitor.emit(make_event(kind, state, **detail)))
         self.limiter.global_slots = self.backends.global_slots
@@ -82,6 +88,15 @@ class ProxyState:
         self.records = RecordLog(self.lmdb, self.config.stats.max_records)
         self.sessions = Sessions(self.lmdb, mirror=self.backends.mirror)
         await self.client.open()
+
+    def _store_failed(self, error: BaseException | None) -> None:
+        """The state store stopped (or resumed) taking writes: the `store_unavailable` event, raised once."""
+        detail = {"store": str(self.lmdb.path if self.lmdb is not None else self.config.state_dir / "lmdb")}
+        if error is not None:
+            detail.update(error=str(error)[:300], effect="calls are answered uncached; no checkpoints or records",
+                          fix="free disk space where the state directory is, or move it ([state] dir / "
+                              "SIDECAR_STATE_DIR); a broken store: 'sidecar cache clear' sets it aside")
+        self.monitor._set("store_unavailable", error is not None, **detail)
 
     def finish(self, call) -> None:
         """A call is over: its record, the live aggregates, the thresholds."""

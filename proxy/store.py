@@ -2,16 +2,24 @@
 
 LMDB gives readers in many processes and one writer at a time with atomic
 commits: several sidecars share one cache, and a SIGKILL never leaves half an
-entry. Reads are memory-mapped lookups done inline (microseconds). Commits
-without fsync (the default) are done inline too, on the event loop, in tens
-of microseconds. Only with `[state] durable = true` do commits go to a writer
+entry. Reads are memory-mapped lookups done inline (microseconds), every one
+through `Lmdb.read` or `Lmdb.scan`, which adopt a map another process grew.
+Commits without fsync (the default) are done inline too, on the event loop, in
+microseconds. Only with `[state] durable = true` do commits go to a writer
 thread (started by the first durable commit), so an fsync never blocks the
 event loop. The map is sized well above the cache's size limit and each
 store evicts least recently used entries inside its own transaction, so the
 map does not fill in normal use; if a commit still hits `MapFullError`, the
 map is doubled and the write retried (twice at most, then the error is
-raised to the caller). A map grown by another process is adopted on the next
-read or write.
+raised to the caller).
+
+No `writemap`: pages are written with pwrite(), so a full disk is a failed
+commit (an error), never a SIGBUS on a sparse mapping; it costs a few
+microseconds per commit. The proxy's writes (`Lmdb.write`) fail open: a
+failing store is reported once through `report` (the `store_unavailable`
+event) and cleared by the next commit that succeeds. A store that cannot be
+opened raises `StoreError` naming the file and the fix; the proxy then runs
+on `Lmdb.unavailable`, where reads find nothing and writes keep nothing.
 """
 
 from __future__ import annotations
@@ -35,13 +43,32 @@ MIN_MAP = 256 << 20
 
 
 class StoreError(Exception):
-    """The state directory cannot be opened; the message says what to do."""
+    """The state store cannot be opened or read; the message names the file and says what to do."""
+
+
+FIX = ("run 'sidecar cache clear' (it sets the broken store aside and starts afresh: cache, sessions and call "
+       "records) or move {dir} aside")
+STORE_ERRORS = (lmdb.Error, OSError)   # what a failing disk or a broken store raises from a transaction
 
 
 def open_state_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path, 0o700)
     return path
+
+
+def broken(path: Path, why: str) -> StoreError:
+    return StoreError(f"the state store {path / 'data.mdb'} {why}; " + FIX.format(dir=path))
+
+
+def set_aside(state_dir: Path) -> Path | None:
+    """Move a store that cannot be opened out of the way (lmdb -> lmdb.broken-TIME); returns where it went."""
+    path = state_dir / "lmdb"
+    if not path.exists():
+        return None
+    aside = path.with_name(f"lmdb.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    return aside
 
 
 class Lmdb:
@@ -52,25 +79,57 @@ class Lmdb:
     def __init__(self, state_dir: Path, map_size: int, durable: bool = False):
         self.path = open_state_dir(state_dir) / "lmdb"
         self.path.mkdir(exist_ok=True, mode=0o700)
+        self.env = None
+        self.report: Callable[[BaseException | None], None] | None = None   # the proxy's store_unavailable
+        self.failing: BaseException | None = None   # the last write's error, until a write succeeds
+        self.durable = durable
+        self._resize = threading.RLock()
+        self._writer: ThreadPoolExecutor | None = None
+        self._open(max(map_size, MIN_MAP), durable)
+
+    def _open(self, map_size: int, durable: bool) -> None:
+        data = self.path / "data.mdb"
+        if data.exists() and not data.is_file():
+            raise broken(self.path, "is not a file")
         old_umask = os.umask(0o077)  # data.mdb and lock.mdb: 0600
         try:
             # sync=False: a commit is in the page cache when it returns, safe from any process crash (SIGKILL
-            # included); durable=true adds an fsync per commit, for power loss too.
-            # writemap: a commit writes into the shared mapping instead of pwrite()-ing each page (half the
-            # cost); the kernel owns those pages, so a killed process loses nothing it committed.
-            self.env = lmdb.open(str(self.path), map_size=max(map_size, MIN_MAP), max_dbs=len(self.DATABASES) + 2,
-                                 max_readers=512, readahead=False, lock=True, sync=durable, metasync=durable,
-                                 writemap=True)
+            # included); durable=true adds an fsync per commit, for power loss too. No writemap: see above.
+            self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=len(self.DATABASES) + 2,
+                                 max_readers=512, readahead=False, lock=True, sync=durable, metasync=durable)
+            self.db = {name.decode(): self.env.open_db(name) for name in self.DATABASES}
+            self._check_version()
+        except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.IncompatibleError,
+                lmdb.VersionMismatchError, lmdb.BadValsizeError) as exc:
+            self._discard()
+            raise broken(self.path, f"is not a readable sidecar store ({exc})") from None
+        except StoreError:
+            self._discard()
+            raise
         except lmdb.Error as exc:
+            self._discard()
             raise StoreError(f"cannot open the state store at {self.path}: {exc}; check permissions and free "
                              f"disk space, or point [state] dir / SIDECAR_STATE_DIR elsewhere") from None
         finally:
             os.umask(old_umask)
-        self.db = {name.decode(): self.env.open_db(name) for name in self.DATABASES}
-        self._check_version()
-        self.durable = durable
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sidecar-lmdb")
-        self._resize = threading.Lock()
+
+    def _discard(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+    @classmethod
+    def unavailable(cls, state_dir: Path) -> "Lmdb":
+        """A stand-in for a store that could not be opened: reads find nothing, writes keep nothing."""
+        self = cls.__new__(cls)
+        self.path, self.env, self.report, self.failing, self.durable = state_dir / "lmdb", None, None, None, False
+        self.db = dict.fromkeys((name.decode() for name in cls.DATABASES), None)
+        self._resize, self._writer = threading.RLock(), None
+        return self
+
+    @property
+    def available(self) -> bool:
+        return self.env is not None
 
     def _check_version(self) -> None:
         with self.env.begin(db=self.db["meta"], write=True) as txn:
@@ -78,30 +137,65 @@ class Lmdb:
             if found is None:
                 txn.put(b"format", FORMAT_VERSION)
             elif found != FORMAT_VERSION:
-                raise StoreError(f"the state store at {self.path} has format {found.decode()}, this sidecar reads "
-                                 f"{FORMAT_VERSION.decode()}; upgrade the sidecar or move the state directory away")
+                shown = found.decode(errors="replace")[:20]
+                raise StoreError(f"the state store {self.path / 'data.mdb'} has format {shown!r}, this sidecar "
+                                 f"reads {FORMAT_VERSION.decode()!r}; upgrade the sidecar, or "
+                                 + FIX.format(dir=self.path))
 
-    def read(self, func: Callable[[lmdb.Transaction], T]) -> T:
-        """Run a short read transaction inline."""
+    def _begin(self) -> lmdb.Transaction:
+        """A read transaction; a map another process grew is adopted (MapResizedError comes at begin)."""
         with self._resize:
-            try:
-                with self.env.begin() as txn:
-                    return func(txn)
-            except lmdb.MapResizedError:  # another process grew the map
-                self.env.set_mapsize(0)
-                with self.env.begin() as txn:
-                    return func(txn)
+            for _ in range(3):
+                try:
+                    return self.env.begin()
+                except lmdb.MapResizedError:
+                    self.env.set_mapsize(0)
+        raise lmdb.MapResizedError("the map kept changing size")
+
+    def read(self, func: Callable[[lmdb.Transaction], T], default: T = None) -> T:
+        """Run a short read transaction inline: the one way to read. `default` when the store is unavailable."""
+        if self.env is None:
+            return default
+        try:
+            with self._resize, self._begin() as txn:   # no map growth in this process while it reads
+                return func(txn)
+        except lmdb.Error as exc:
+            self._read_failed(exc)
+            return default
+
+    def scan(self, func: Callable[[lmdb.Transaction], Iterator[T]]) -> Iterator[T]:
+        """`read` for a walk: yields what func(txn) yields, in one read transaction; nothing when unavailable."""
+        if self.env is None:
+            return
+        try:
+            with self._begin() as txn:
+                yield from func(txn)
+        except lmdb.Error as exc:
+            self._read_failed(exc)
+
+    def _read_failed(self, exc: lmdb.Error) -> None:
+        """A CLI stops with the one-line error; the proxy (a `report`) reports it once and reads nothing."""
+        error = broken(self.path, f"cannot be read ({exc})")
+        if self.report is None:
+            raise error from None
+        if self.failing is None:
+            log.error("sidecar: %s", error)
+            self.report(error)
+        self.failing = error
 
     def write_now(self, func: Callable[[lmdb.Transaction], T]) -> T:
         """Run a write transaction in the calling thread: the event loop's (commits without fsync), the
         writer thread (durable commits) or a CLI's. A full map is doubled and the write retried, twice at
         most; a map another process grew is adopted."""
+        if self.env is None:
+            raise StoreError(f"the state store at {self.path} is unavailable")
         for attempt in range(3):
             try:
                 with self.env.begin(write=True) as txn:
                     return func(txn)
             except lmdb.MapResizedError:
-                self.env.set_mapsize(0)
+                with self._resize:
+                    self.env.set_mapsize(0)
             except lmdb.MapFullError:
                 if attempt == 2:
                     raise
@@ -110,17 +204,46 @@ class Lmdb:
                 log.warning("grew the LMDB map to %d bytes", self.env.info()["map_size"])
         raise lmdb.MapResizedError("map kept changing size")
 
-    async def write(self, func: Callable[[lmdb.Transaction], T]) -> T:
-        """Run a write transaction: inline when commits do not fsync (tens of microseconds, less than a
-        thread hop and no GIL contention), on the writer thread when they do (an fsync takes milliseconds)."""
-        if not self.durable:
-            return self.write_now(func)
-        return await asyncio.get_running_loop().run_in_executor(self._writer, self.write_now, func)
+    async def write(self, func: Callable[[lmdb.Transaction], T]) -> T | None:
+        """The proxy's writes: inline when commits do not fsync (microseconds, less than a thread hop and no
+        GIL contention), on the writer thread when they do (an fsync takes milliseconds). With a `report`,
+        they fail open: a failing store (full disk, broken file) is reported once and the write returns None;
+        the next write that succeeds reports the recovery."""
+        if self.env is None:
+            return None
+        try:
+            if not self.durable:
+                result = self.write_now(func)
+            else:
+                if self._writer is None:
+                    self._writer = ThreadPoolExecutor(1, thread_name_prefix="sidecar-lmdb")
+                result = await asyncio.get_running_loop().run_in_executor(self._writer, self.write_now, func)
+        except STORE_ERRORS as exc:
+            if self.report is None:
+                raise
+            if self.failing is None:
+                log.error("the state store at %s cannot be written: %s; calls go on uncached", self.path, exc)
+                self.report(exc)
+            self.failing = exc
+            return None
+        if self.failing is not None:
+            self.failing = None
+            log.warning("the state store at %s is written again", self.path)
+            if self.report is not None:
+                self.report(None)
+        return result
 
     def close(self) -> None:
-        self._writer.shutdown(wait=True)
-        self.env.sync(True)
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+        if self.env is None:
+            return
+        try:
+            self.env.sync(True)
+        except lmdb.Error as exc:   # a full disk: what is committed is in the page cache all the same
+            log.warning("could not sync the state store at %s: %s", self.path, exc)
         self.env.close()
+        self.env = None
 
 
 def open_lmdb(config) -> Lmdb:
@@ -248,9 +371,8 @@ class ResponseStore:
         def read(txn: lmdb.Transaction) -> dict[str, int]:
             return {"entries": txn.stat(self._responses)["entries"], "bytes": self._total(txn),
                     "max_bytes": self.max_size}
-        return self.lmdb.read(read)
+        return self.lmdb.read(read, {"entries": 0, "bytes": 0, "max_bytes": self.max_size})
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, blob), for list/export; a snapshot."""
-        with self.lmdb.env.begin() as txn:
-            yield from txn.cursor(db=self._responses)
+        return self.lmdb.scan(lambda txn: iter(txn.cursor(db=self._responses)))

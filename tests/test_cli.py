@@ -180,7 +180,7 @@ def test_a_corrupt_store_is_one_line(args, tmp_path, isolated_env):
     done = sidecar(*args, cwd=tmp_path)
     assert done.returncode == 2
     line = one_line(done)
-    assert str(isolated_env / "lmdb") in line and "SIDECAR_STATE_DIR" in line
+    assert str(isolated_env / "lmdb" / "data.mdb") in line and "sidecar cache clear" in line   # the file and the fix
 
 
 @pytest.mark.parametrize("args", [["cache", "list"], ["sessions", "list"], ["stats"], ["events"], ["status"],
