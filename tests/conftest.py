@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -167,6 +168,19 @@ def script(tmp_path: Path):
         return path
 
     return write
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """End a test's child process: terminate, then kill if it lingers; its stdout pipe closed."""
+    if proc.stdout is not None:
+        proc.stdout.close()
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 async def until(predicate, timeout: float = 10.0, what: str = "condition") -> None:

@@ -36,6 +36,7 @@ import pytest
 
 from bench.nasty import ALL, CASES, NO_HEAD, RELAYED, STORED, Case
 from bench.nasty.shapes import TEXT, echo_text, nested
+from conftest import stop_process
 
 BOUND = 5.0                       # every call answered or cut within this many seconds
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,18 +212,6 @@ def child_env(home: Path) -> dict[str, str]:
             "PYTHONPATH": str(ROOT)}
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.stdout is not None:
-        proc.stdout.close()
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 class Upstream:
     """`python -m bench.nasty_upstream --port 0` as a child process."""
 
@@ -235,7 +224,7 @@ class Upstream:
         ready, _, _ = select.select([self.proc.stdout], [], [], 20)
         line = self.proc.stdout.readline().decode().strip() if ready else ""
         if not line.startswith("http://"):
-            stop(self.proc)
+            stop_process(self.proc)
             raise RuntimeError(f"nasty upstream did not start: {self.log.read_text()}")
         self.url = line
         self.port = int(line.rsplit(":", 1)[1])
@@ -301,7 +290,7 @@ class Sidecar:
         deadline = time.monotonic() + 20
         while "serving on " not in (text := self.log.read_text(errors="replace")):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                stop(self.proc)
+                stop_process(self.proc)
                 raise RuntimeError(f"sidecar serve did not start: {text}")
             time.sleep(0.02)  # start-up of another process: a short poll with a deadline
         self.url = text.split("serving on ", 1)[1].split()[0]
@@ -325,14 +314,14 @@ class Sidecar:
 def upstream(tmp_path_factory) -> Upstream:
     nasty = Upstream(tmp_path_factory.mktemp("nasty"))
     yield nasty
-    stop(nasty.proc)
+    stop_process(nasty.proc)
 
 
 @pytest.fixture(scope="module")
 def proxy(upstream, tmp_path_factory) -> Sidecar:
     sidecar = Sidecar(tmp_path_factory.mktemp("sidecar"), upstream)
     yield sidecar
-    stop(sidecar.proc)
+    stop_process(sidecar.proc)
 
 
 @pytest.fixture
@@ -341,7 +330,7 @@ def limited(upstream, tmp_path) -> Sidecar:
     sidecar = Sidecar(tmp_path / "limited", upstream, "[limits]\nmax_concurrency = 1\nqueue_timeout = 30.0\n",
                       read_timeout=30.0)
     yield sidecar
-    stop(sidecar.proc)
+    stop_process(sidecar.proc)
 
 
 @pytest.fixture

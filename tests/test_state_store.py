@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 pytestmark = pytest.mark.timeout(120)
@@ -45,20 +47,10 @@ def start(args: list[str], log: Path, ready: str, env: dict) -> tuple[subprocess
     deadline = time.monotonic() + 30
     while ready not in (text := log.read_text(errors="replace")):
         if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
+            stop_process(proc)
             raise RuntimeError(f"{args} did not start: {text}")
         time.sleep(0.02)   # another process starting: a short poll with a deadline
     return proc, text.split(ready, 1)[1].split()[0]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class Rig:
@@ -79,7 +71,7 @@ class Rig:
     def close(self) -> None:
         for proc in (self.proc, self.mock):
             if proc is not None:
-                stop(proc)
+                stop_process(proc)
 
     def call(self, text: str) -> tuple[int, dict]:
         body = json.dumps({"model": "claude-test", "max_tokens": 30000, "temperature": 0,
