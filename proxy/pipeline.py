@@ -268,6 +268,8 @@ async def take_answer(state: ProxyState, call: Call, flight: Flight, upstream: a
         call.t_done = time.monotonic()
         if watched:
             call.body_out = flight.chunks[0] if len(flight.chunks) == 1 else b"".join(flight.chunks)
+            if not head.incremental:   # nobody relays it yet: subscribers take this one joined body
+                flight.chunks[:] = [call.body_out]
             await run(state, "end", call)   # capture, checkpoint, store
             flight.answer = call.answer
         flight.finish()

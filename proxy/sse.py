@@ -45,11 +45,6 @@ class EventParser:
         self._after_cr = False            # the last chunk ended in \r: a \n starting the next one ends nothing
         self._at_start = True
 
-    @property
-    def pending(self) -> bool:
-        """Whether bytes of an unfinished line or event are waiting (anything but blank lines)."""
-        return bool(self._line or self._data or self._name)
-
     def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
         if not chunk:
             return []
