@@ -104,7 +104,7 @@ class Cache:
     def should_store(self, call: Call) -> bool:
         return call.cache_key is not None and call.cache_mode in WRITES
 
-    def save(self, call: Call, head: Head, capture: Capture, body: bytes) -> asyncio.Task | None:
+    def save(self, call: Call, head: Head, capture: Capture, body: bytes) -> asyncio.Future | None:
         """Store a complete, well-formed 2xx answer in the background; returns the write's task."""
         if not (self.should_store(call) and capture.storable and 200 <= head.status < 300):
             return None
@@ -117,16 +117,17 @@ class Cache:
                       pacing=capture.pacing if head.sse else None, meta=meta)
         return self._spawn(self.store.put(call.cache_key, entry.encode()))
 
-    def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(self._guarded(coro))
-        self.writes.add(task)
-        task.add_done_callback(self.writes.discard)
-        return task
+    def _spawn(self, write) -> asyncio.Future:
+        """Track a background write (a queued commit's future, or a coroutine run as a task); a failure is
+        counted and reported as a fault: the call goes on uncached."""
+        future = asyncio.ensure_future(write)
+        self.writes.add(future)
+        future.add_done_callback(self._written)
+        return future
 
-    async def _guarded(self, coro) -> None:
-        try:
-            await coro
-        except Exception as exc:  # disk full, LMDB error: keep serving uncached
+    def _written(self, future: asyncio.Future) -> None:
+        self.writes.discard(future)
+        if not future.cancelled() and (exc := future.exception()) is not None:
             self.write_errors += 1
             self.on_fault("store", exc)
 
