@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Awaitable
 
 from .cache_key import ANY_KEY, KeyMaker, Uncacheable
 from .call import Call
@@ -24,6 +25,7 @@ from .store import ResponseStore
 
 log = logging.getLogger("sidecar")
 READS = {"read-write", "read-only", "replay"}
+HASH_IN_THREAD = 256 << 10   # bytes of canonical request above which hashing (~0.1 ms) leaves the loop
 WRITES = {"read-write", "refresh"}
 
 
@@ -39,8 +41,9 @@ class Cache:
         self.write_errors = 0
         self.on_fault = lambda stage, exc: None   # the pipeline's fault report (log line and event)
 
-    def plan(self, call: Call, headers) -> None:
-        """Decide whether this call reads and writes the cache, and compute its key."""
+    def plan(self, call: Call, headers) -> Awaitable[None] | None:
+        """Decide whether this call reads and writes the cache, and compute its key (awaitable when the
+        request is large enough to be hashed in a thread)."""
         mode = self.settings.mode
         override = headers.get("x-sidecar-cache", "").lower()
         if override in ("bypass", "refresh"):
@@ -63,8 +66,19 @@ class Cache:
             call.cache_outcome = "bypass"
             return
         call.cache_mode = mode
-        call.request_hash = self.keys.request_hash(canonical)
-        call.cache_key = self.keys.key(call.request_hash, self.keys.partition(headers, call.route.query))
+        if len(canonical) >= HASH_IN_THREAD:
+            return self._keyed_in_thread(call, canonical, headers)
+        self._keyed(call, self.keys.request_hash(canonical), headers)
+        return None
+
+    async def _keyed_in_thread(self, call: Call, canonical: bytes, headers) -> None:
+        """A large request is hashed off the event loop (hashlib releases the GIL): other calls' streams go on."""
+        digest = await asyncio.get_running_loop().run_in_executor(None, self.keys.request_hash, canonical)
+        self._keyed(call, digest, headers)
+
+    def _keyed(self, call: Call, request_hash: bytes, headers) -> None:
+        call.request_hash = request_hash
+        call.cache_key = self.keys.key(request_hash, self.keys.partition(headers, call.route.query))
         call.cache_outcome = "miss"
 
     async def lookup(self, call: Call) -> Entry | None:
