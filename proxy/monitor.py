@@ -43,6 +43,7 @@ class Agent:
     peak_rss: int = 0
     cpu_percent: float = 0.0
     process: psutil.Process | None = None
+    traceparent: str = ""        # the agent run's W3C trace context (TRACEPARENT), the parent of its calls' spans
 
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "pid": self.pid, "cmd": self.cmd, "started": self.started, "state": self.state,
@@ -101,6 +102,7 @@ class Monitor:
         kind = message.get("event", "started")
         if kind in ("started", "restarted"):
             agent.pid, agent.cmd = message.get("pid", 0), message.get("cmd", agent.cmd)
+            agent.traceparent = message.get("traceparent", agent.traceparent)
             agent.process = None
             agent.state = "running" if kind == "started" else "restarted"
             self._exited_order.pop(agent.id, None)

@@ -14,6 +14,7 @@
     store         stages, cache       end        side: the answer is not stored
     relay         (here)              -          a cut, as a broken upstream would cut it
     record        stages, state       done       side: no record, stats or live update
+    telemetry     stages, telemetry   done       side: no span or measurements (OTLP export, when on)
 
 The side stages are `STAGES`, run hook by hook in that order by `run`: a stage
 that fails is a fault (one log line, a `sidecar_fault` event) and is off for
@@ -51,7 +52,7 @@ from .upstream import end_body_with_connection, end_to_end, request_headers
 CALL = web.RequestKey("call", Call)
 # The side stages, in the order their hooks run.
 STAGES = (stages.Restore, stages.CacheKey, stages.CacheLookup, stages.Capture, stages.Checkpoint, stages.Store,
-          stages.Record)
+          stages.Record, stages.Telemetry)
 
 
 # ---- the way of one call ---------------------------------------------------------------------------------

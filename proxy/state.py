@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Callable
+from typing import Any, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -53,6 +53,7 @@ class ProxyState:
     after_call: Callable[[], None] | None = None   # the live page's push, when it is served
     started: float = field(default_factory=time.time)
     stage_hooks: dict = field(default_factory=dict)   # the pipeline's side stages, hook by hook
+    telemetry: Any = None                              # the OpenTelemetry exporter, when [telemetry] is on
     _fault_seen: dict = field(default_factory=dict)   # (stage, error type) -> when its last event went out
 
     @classmethod
@@ -87,6 +88,9 @@ class ProxyState:
         self.cache.on_fault = self.fault
         self.records = RecordLog(self.lmdb, self.config.stats.max_records)
         self.sessions = Sessions(self.lmdb, mirror=self.backends.mirror)
+        if self.config.telemetry.otlp_endpoint:   # imported only then: the SDK is an optional extra
+            from . import telemetry
+            self.telemetry = telemetry.start(self.config.telemetry, self.upstreams, self._export_failing)
         await self.client.open()
 
     def _store_failed(self, error: BaseException | None) -> None:
@@ -97,6 +101,12 @@ class ProxyState:
                           fix="free disk space where the state directory is, or move it ([state] dir / "
                               "SIDECAR_STATE_DIR); a broken store: 'sidecar cache clear' sets it aside")
         self.monitor._set("store_unavailable", error is not None, **detail)
+
+    def _export_failing(self, failing: bool) -> None:
+        """OTLP exports fail (or work again): the `telemetry_unavailable` event, raised once."""
+        self.monitor._set("telemetry_unavailable", failing, endpoint=self.config.telemetry.otlp_endpoint,
+                          effect="spans and metrics are dropped; calls are not affected",
+                          fix="start the OTLP/HTTP receiver, or correct [telemetry] otlp_endpoint")
 
     def finish(self, call) -> None:
         """A call is over: its record, the live aggregates, the thresholds."""
@@ -137,6 +147,8 @@ class ProxyState:
 
     async def close(self) -> None:
         await self.client.close()
+        if self.telemetry is not None:
+            await self.telemetry.close()
         if self.monitor is not None:
             await self.monitor.drain()
         if self.records is not None:
