@@ -92,7 +92,7 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
         problem = telemetry.missing()
         if problem:   # said once, before the agent takes the terminal; the agent runs all the same
             print(f"sidecar: {problem}", file=sys.stderr)
-        traced = {"traceparent": tracecontext.for_run(os.environ.get("TRACEPARENT"))}
+        traced = tracecontext.for_run(os.environ.get("TRACEPARENT"))
     proxy: ProxyProcess | None = None
     restore = config.launcher.restore
     if connect:

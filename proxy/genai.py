@@ -32,6 +32,7 @@ USAGE = (
     ("reasoning_tokens", "gen_ai.usage.reasoning.output_tokens"),
 )
 CACHE_INPUT = ("cache_read_input_tokens", "cache_creation_input_tokens")
+UNMETERED = ("count_tokens",)   # operations that spend no tokens
 REQUEST_SETTINGS = (("max_tokens", "gen_ai.request.max_tokens"), ("max_completion_tokens", "gen_ai.request.max_tokens"),
                     ("temperature", "gen_ai.request.temperature"), ("top_p", "gen_ai.request.top_p"),
                     ("top_k", "gen_ai.request.top_k"), ("seed", "gen_ai.request.seed"))
@@ -69,6 +70,8 @@ def error_type(call: Call) -> str:
 
 def usage(call: Call) -> dict[str, int]:
     """The usage attributes the call's record knows."""
+    if operation(call) in UNMETERED:
+        return {}
     attrs = {name: getattr(call, field) for field, name in USAGE if getattr(call, field, None) is not None}
     cached = sum(getattr(call, field, 0) or 0 for field in CACHE_INPUT) if call.route.api == "anthropic" else 0
     attrs["gen_ai.usage.input_tokens"] = call.input_tokens + cached

@@ -44,6 +44,7 @@ class Agent:
     cpu_percent: float = 0.0
     process: psutil.Process | None = None
     traceparent: str = ""        # the agent run's W3C trace context (TRACEPARENT), the parent of its calls' spans
+    trace_root: bool = False     # the launcher began that trace: the run's span is ours to export
 
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "pid": self.pid, "cmd": self.cmd, "started": self.started, "state": self.state,
@@ -103,6 +104,7 @@ class Monitor:
         if kind in ("started", "restarted"):
             agent.pid, agent.cmd = message.get("pid", 0), message.get("cmd", agent.cmd)
             agent.traceparent = message.get("traceparent", agent.traceparent)
+            agent.trace_root = message.get("trace_root", agent.trace_root)
             agent.process = None
             agent.state = "running" if kind == "started" else "restarted"
             self._exited_order.pop(agent.id, None)

@@ -27,12 +27,13 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExportResult, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from yarl import URL
 
-from . import __version__, genai
+from . import __version__, genai, telemetry, tracecontext
 from .call import Call
 from .config import TelemetrySection
 from .routes import Upstreams
@@ -84,10 +85,23 @@ def _reporting(exporter: type, success, signal: str, health: Health) -> type:
     return Reporting
 
 
+class RunIds(RandomIdGenerator):
+    """Random ids, except for the agent run's span: it takes the ids the agent was given in TRACEPARENT.
+    (Spans are only made on the event loop's thread, so `chosen` is never shared.)"""
+
+    chosen: tuple[int, int] | None = None
+
+    def generate_trace_id(self) -> int:
+        return self.chosen[0] if self.chosen else super().generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        return self.chosen[1] if self.chosen else super().generate_span_id()
+
+
 class Telemetry:
     def __init__(self, settings: TelemetrySection, upstreams: Upstreams, health: Health):
         base = settings.otlp_endpoint.rstrip("/")
-        self.endpoint = base
+        self.endpoint = telemetry.shown(base)
         self.capture_content = settings.capture_content
         self.servers = {api: server_of(url) for api, url in upstreams.bases.items()}
         resource = Resource.create({"service.version": __version__})
@@ -96,7 +110,8 @@ class Telemetry:
         spans = _reporting(OTLPSpanExporter, SpanExportResult.SUCCESS, "traces", health)(endpoint=base + "/v1/traces")
         metrics = _reporting(OTLPMetricExporter, MetricExportResult.SUCCESS, "metrics", health)(
             endpoint=base + "/v1/metrics")
-        self.tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        self.ids = RunIds()
+        self.tracer_provider = TracerProvider(resource=resource, id_generator=self.ids, shutdown_on_exit=False)
         self.tracer_provider.add_span_processor(BatchSpanProcessor(spans))
         self.meter_provider = MeterProvider(resource=resource, metric_readers=[PeriodicExportingMetricReader(metrics)],
                                             shutdown_on_exit=False)
@@ -145,7 +160,24 @@ class Telemetry:
             self.first_token.record(call.t_first_token - call.t_received, outcome)
         if call.cache_outcome not in UNBILLED and "gen_ai.usage.input_tokens" in attrs:
             self.tokens.record(attrs["gen_ai.usage.input_tokens"], {**base, "gen_ai.token.type": "input"})
-            self.tokens.record(attrs.get("gen_ai.usage.output_tokens", 0), {**base, "gen_ai.token.type": "output"})
+            if base["gen_ai.operation.name"] != "embeddings":   # embeddings have input only
+                self.tokens.record(attrs.get("gen_ai.usage.output_tokens", 0), {**base, "gen_ai.token.type": "output"})
+
+    def export_run(self, agent) -> None:
+        """The agent run's span, from its start to its exit: the root of the trace the launcher began."""
+        attrs = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.id": agent.id, "gen_ai.agent.name": agent.id,
+                 "process.pid": agent.pid}
+        if agent.exit_status is not None:
+            attrs["process.exit.code"] = agent.exit_status
+        self.ids.chosen = tracecontext.ids_of(agent.traceparent)
+        try:
+            span = self.tracer.start_span(f"invoke_agent {agent.id}", context=Context(), kind=SpanKind.INTERNAL,
+                                          attributes=attrs, start_time=int(agent.started * 1e9))
+        finally:
+            self.ids.chosen = None
+        if agent.exit_status:
+            span.set_status(Status(StatusCode.ERROR, f"exit status {agent.exit_status}"))
+        span.end()
 
     def parent(self, call: Call, run_traceparent: str) -> "Context":
         """The agent's span for this call (its traceparent header), else the agent run's, else none."""

@@ -91,6 +91,8 @@ class ProxyState:
         if self.config.telemetry.otlp_endpoint:   # imported only then: the SDK is an optional extra
             from . import telemetry
             self.telemetry = telemetry.start(self.config.telemetry, self.upstreams, self._export_failing)
+            if self.telemetry is not None:
+                self.monitor.listeners.append(self._agent_run_span)
         await self.client.open()
 
     def _store_failed(self, error: BaseException | None) -> None:
@@ -104,9 +106,22 @@ class ProxyState:
 
     def _export_failing(self, failing: bool) -> None:
         """OTLP exports fail (or work again): the `telemetry_unavailable` event, raised once."""
-        self.monitor._set("telemetry_unavailable", failing, endpoint=self.config.telemetry.otlp_endpoint,
+        from .telemetry import shown
+        self.monitor._set("telemetry_unavailable", failing, endpoint=shown(self.config.telemetry.otlp_endpoint),
                           effect="spans and metrics are dropped; calls are not affected",
                           fix="start the OTLP/HTTP receiver, or correct [telemetry] otlp_endpoint")
+
+    def _agent_run_span(self, event: dict) -> None:
+        """An agent whose run's trace the launcher began has exited (the first time): its run's span."""
+        if event["kind"] != "agent_exited":
+            return
+        agent = self.monitor.agents.get(event.get("agent"))
+        if agent is not None and agent.trace_root:
+            agent.trace_root = False   # once per run: a restarted agent's calls stay under the same span
+            try:
+                self.telemetry.export_run(agent)
+            except Exception as exc:   # fails open, as the telemetry stage does
+                self.fault("telemetry", exc)
 
     def finish(self, call) -> None:
         """A call is over: its record, the live aggregates, the thresholds."""

@@ -12,12 +12,22 @@ import logging
 from importlib.util import find_spec
 from typing import Callable
 
+from yarl import URL
+
 from .config import TelemetrySection
 from .routes import Upstreams
 
 log = logging.getLogger("sidecar")
 INSTALL = "pip install 'agent-sidecar[otel]'"
 NEEDED = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+
+
+def shown(endpoint: str) -> str:
+    """The endpoint as events and logs may show it: without any credentials in its user part or query."""
+    try:
+        return str(URL(endpoint).with_user(None).with_query(None))
+    except (ValueError, TypeError):
+        return "(unparsable endpoint)"
 
 
 def missing() -> str | None:

@@ -321,16 +321,21 @@ async def test_sidecar_run_gives_the_agent_traceparent_and_its_calls_join_the_tr
     assert done.returncode == 0, done.err
     version, trace_id, span_id, flags = done.out.strip().split("-")
     assert (version, len(trace_id), len(span_id), flags) == ("00", 32, 16, "01")
-    await receiver.wait_for(lambda: receiver.spans)
-    span = receiver.spans[0]
-    assert (span["trace_id"], span["parent"]) == (trace_id, span_id)
-    # a launcher that itself runs inside a trace hands the agent that trace
+    await receiver.wait_for(lambda: len(receiver.spans) >= 2)
+    call = next(s for s in receiver.spans if s["name"] == f"chat {MODEL}")
+    run = next(s for s in receiver.spans if s["name"].startswith("invoke_agent "))
+    assert (call["trace_id"], call["parent"]) == (trace_id, span_id)
+    assert (run["trace_id"], run["span_id"], run["parent"]) == (trace_id, span_id, "")   # the run is the root
+    assert run["attrs"]["gen_ai.operation.name"] == "invoke_agent" and run["attrs"]["process.exit.code"] == 0
+    assert run["start"] <= call["start"] and call["end"] <= run["end"]
+    # a launcher that itself runs inside a trace hands the agent that trace; its span is not ours to export
     outer = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     done = await sidecar.run("run", "--quiet", "--", sys.executable, str(agent), unique_prompt()[0]["content"],
                              env={**env, "TRACEPARENT": outer})
     assert done.out.strip() == outer
-    await receiver.wait_for(lambda: len(receiver.spans) >= 2)
-    assert (receiver.spans[1]["trace_id"], receiver.spans[1]["parent"]) == tuple(outer.split("-")[1:3])
+    await receiver.wait_for(lambda: any(s["trace_id"] == outer.split("-")[1] for s in receiver.spans))
+    joined = [s for s in receiver.spans if s["trace_id"] == outer.split("-")[1]]
+    assert [(s["name"], s["parent"]) for s in joined] == [(f"chat {MODEL}", outer.split("-")[2])]
 
 
 async def test_no_traceparent_without_telemetry(sidecar, script, mock: MockUpstream):
