@@ -42,16 +42,20 @@ def operation(call: Call) -> str:
     return OPERATIONS.get(call.route.path) or call.route.path.rstrip("/").rpartition("/")[2] or "chat"
 
 
+def model_of(call: Call) -> str:
+    return call.model if isinstance(call.model, str) else ""   # whatever a client sent, a name or nothing
+
+
 def span_name(call: Call) -> str:
-    return f"{operation(call)} {call.model}" if call.model else operation(call)
+    return f"{operation(call)} {model_of(call)}" if model_of(call) else operation(call)
 
 
 def base_attributes(call: Call, answer: dict | None, server: tuple[str, int] | None) -> dict[str, Any]:
     """What the metrics share with the span: operation, provider, models, server, error."""
     attrs: dict[str, Any] = {"gen_ai.operation.name": operation(call),
                              "gen_ai.provider.name": PROVIDERS.get(call.route.api, call.route.api)}
-    if call.model:
-        attrs["gen_ai.request.model"] = call.model
+    if model_of(call):
+        attrs["gen_ai.request.model"] = model_of(call)
     model = (answer or {}).get("model")
     if isinstance(model, str) and model:
         attrs["gen_ai.response.model"] = model
@@ -157,15 +161,19 @@ def content_attributes(call: Call, answer: dict | None) -> dict[str, str]:
 
 def output_messages(api: str, answer: dict) -> list[dict]:
     if api == "anthropic":
-        return [{"role": "assistant", "parts": _parts(answer.get("content")), "finish_reason": answer.get("stop_reason")}]
-    return [{**_message(c.get("message") or {}, "assistant"), "finish_reason": c.get("finish_reason")}
+        return [{"role": "assistant", "parts": _parts(answer.get("content")),
+                 "finish_reason": answer.get("stop_reason")}]
+    return [{**_message(c.get("message"), "assistant"), "finish_reason": c.get("finish_reason")}
             for c in answer.get("choices") or () if isinstance(c, dict)]
 
 
-def _message(message: dict, role: str = "") -> dict:
+def _message(message: Any, role: str = "") -> dict:
+    message = message if isinstance(message, dict) else {}
     parts = _parts(message.get("content"))
     for call in message.get("tool_calls") or ():   # OpenAI: the assistant's function calls
-        function = call.get("function") or {} if isinstance(call, dict) else {}
+        if not isinstance(call, dict):
+            continue
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
         parts.append({"type": "tool_call", "id": call.get("id"), "name": function.get("name", ""),
                       "arguments": _arguments(function.get("arguments"))})
     if message.get("role") == "tool":   # OpenAI: a tool's result is the whole message

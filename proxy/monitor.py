@@ -104,7 +104,8 @@ class Monitor:
         if kind in ("started", "restarted"):
             agent.pid, agent.cmd = message.get("pid", 0), message.get("cmd", agent.cmd)
             agent.traceparent = message.get("traceparent", agent.traceparent)
-            agent.trace_root = message.get("trace_root", agent.trace_root)
+            if kind == "started":   # its run's span is exported at its first exit, not again after a restart
+                agent.trace_root = message.get("trace_root", False)
             agent.process = None
             agent.state = "running" if kind == "started" else "restarted"
             self._exited_order.pop(agent.id, None)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from . import telemetry
 from .cache import Cache
 from .backends import Backends, open_backends
 from .cache_key import KeyMaker
@@ -88,11 +89,9 @@ class ProxyState:
         self.cache.on_fault = self.fault
         self.records = RecordLog(self.lmdb, self.config.stats.max_records)
         self.sessions = Sessions(self.lmdb, mirror=self.backends.mirror)
-        if self.config.telemetry.otlp_endpoint:   # imported only then: the SDK is an optional extra
-            from . import telemetry
-            self.telemetry = telemetry.start(self.config.telemetry, self.upstreams, self._export_failing)
-            if self.telemetry is not None:
-                self.monitor.listeners.append(self._agent_run_span)
+        self.telemetry = telemetry.start(self.config.telemetry, self.upstreams, self._export_failing)
+        if self.telemetry is not None:
+            self.monitor.listeners.append(self._agent_run_span)
         await self.client.open()
 
     def _store_failed(self, error: BaseException | None) -> None:
@@ -106,8 +105,8 @@ class ProxyState:
 
     def _export_failing(self, failing: bool) -> None:
         """OTLP exports fail (or work again): the `telemetry_unavailable` event, raised once."""
-        from .telemetry import shown
-        self.monitor._set("telemetry_unavailable", failing, endpoint=shown(self.config.telemetry.otlp_endpoint),
+        endpoint = telemetry.shown(self.config.telemetry.otlp_endpoint)
+        self.monitor._set("telemetry_unavailable", failing, endpoint=endpoint,
                           effect="spans and metrics are dropped; calls are not affected",
                           fix="start the OTLP/HTTP receiver, or correct [telemetry] otlp_endpoint")
 
@@ -162,8 +161,6 @@ class ProxyState:
 
     async def close(self) -> None:
         await self.client.close()
-        if self.telemetry is not None:
-            await self.telemetry.close()
         if self.monitor is not None:
             await self.monitor.drain()
         if self.records is not None:
@@ -174,6 +171,8 @@ class ProxyState:
             await self.backends.close()
         if self.lmdb is not None:
             self.lmdb.close()
+        if self.telemetry is not None:   # last: a receiver that is down may take its few seconds
+            await self.telemetry.close()
 
 
 

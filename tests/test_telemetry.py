@@ -12,6 +12,7 @@ import asyncio
 import gzip
 import json
 import re
+import signal
 import socket
 import sys
 
@@ -27,7 +28,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTrac
 
 from bench.mock_upstream import MockUpstream
 from conftest import unique_prompt, upstream_env
+from proxy.call import Call
+from proxy.genai import content_attributes
 from proxy.otlp_export import DURATION_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS
+from proxy.routes import Route
 
 MODEL = "claude-mock-1"
 OPENAI_MODEL = "gpt-4o-mini"
@@ -246,6 +250,21 @@ async def test_openai_calls_are_genai_spans(sidecar, mock: MockUpstream, receive
         assert "gen_ai.conversation.id" in attrs
 
 
+async def test_a_failed_call_is_an_error_span(sidecar, mock: MockUpstream, receiver: Receiver):
+    url = await serve(sidecar, mock, receiver.url)
+    async with a_client(url) as sdk:
+        with pytest.raises(anthropic.BadRequestError):   # the API refuses max_tokens 0
+            await sdk.messages.create(model=MODEL, max_tokens=0, messages=unique_prompt())
+    await receiver.wait_for(lambda: receiver.spans)
+    span = receiver.spans[0]
+    assert span["status"] == 2 and span["attrs"]["error.type"] == "400"   # STATUS_CODE_ERROR
+    assert span["attrs"]["http.response.status_code"] == 400
+    assert not any(key.startswith("gen_ai.usage.") for key in span["attrs"])
+    await receiver.wait_for(lambda: receiver.latest_points("gen_ai.client.operation.duration"))
+    (point,) = receiver.latest_points("gen_ai.client.operation.duration")
+    assert point["attrs"]["error.type"] == "400" and not receiver.latest_points("gen_ai.client.token.usage")
+
+
 async def test_genai_metrics_are_exported(sidecar, mock: MockUpstream, receiver: Receiver):
     url = await serve(sidecar, mock, receiver.url)
     prompt = unique_prompt()
@@ -366,13 +385,16 @@ async def test_a_receiver_that_is_down_changes_no_call(sidecar, mock: MockUpstre
     # the exporter gives up on a batch after OTEL_EXPORTER_OTLP_TIMEOUT (2 s) of retries
     await until_async(lambda: states(), ["raised"], 20, "the telemetry_unavailable event")
     back = await Receiver().start(port)   # the receiver comes back: exports resume, the event clears
-    try:
-        async with a_client(url) as sdk:
-            await sdk.messages.create(model=MODEL, max_tokens=16, messages=unique_prompt())
-        await back.wait_for(lambda: back.spans)
-        await until_async(lambda: states(), ["raised", "cleared"], 20, "the event cleared")
-    finally:
-        await back.stop()
+    async with a_client(url) as sdk:
+        await sdk.messages.create(model=MODEL, max_tokens=16, messages=unique_prompt())
+    await back.wait_for(lambda: back.spans)
+    await until_async(lambda: states(), ["raised", "cleared"], 20, "the event cleared")
+    await back.stop()   # down again, with a span pending: the proxy still stops when told, within its bound
+    async with a_client(url) as sdk:
+        await sdk.messages.create(model=MODEL, max_tokens=16, messages=unique_prompt())
+    server = sidecar.procs[-1]
+    server.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(server.wait(), 30) == 0
 
 
 BLOCKED = ("import sys; sys.modules['opentelemetry.sdk'] = None; "
@@ -393,3 +415,57 @@ async def test_without_the_extra_one_line_says_how_to_install_it(sidecar, mock: 
                              env={**upstream_env(mock), "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"},
                              program=(sys.executable, "-c", BLOCKED))
     assert done.returncode == 0 and done.err.count("pip install 'agent-sidecar[otel]'") == 1, done.err
+
+
+# ---- the conventions' message form, for both APIs --------------------------------------------------------
+
+
+def content_of(api: str, path: str, body: dict, answer: dict) -> dict:
+    call = Call(Route("a", api, path, ""), "POST")
+    call.json = body
+    return {k: json.loads(v) for k, v in content_attributes(call, answer).items()}
+
+
+def test_anthropic_tool_round_trip_in_the_conventions_form():
+    body = {"model": MODEL, "system": [{"type": "text", "text": "Use tools."}], "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "ask the tool"},
+                                          {"type": "tool_use", "id": "toolu_1", "name": "weather",
+                                           "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "rainy"},
+                                     {"type": "image", "source": {"type": "base64", "data": "AAAA"}}]}]}
+    answer = {"content": [{"type": "text", "text": "It rains."}], "stop_reason": "end_turn"}
+    got = content_of("anthropic", "/v1/messages", body, answer)
+    assert got["gen_ai.system_instructions"] == [{"type": "text", "content": "Use tools."}]
+    assert got["gen_ai.input.messages"] == [
+        {"role": "user", "parts": [{"type": "text", "content": "Weather in Paris?"}]},
+        {"role": "assistant", "parts": [{"type": "reasoning", "content": "ask the tool"},
+                                        {"type": "tool_call", "id": "toolu_1", "name": "weather",
+                                         "arguments": {"city": "Paris"}}]},
+        {"role": "user", "parts": [{"type": "tool_call_response", "id": "toolu_1", "response": "rainy"},
+                                   {"type": "image"}]}]   # an image is named, its data left out
+    assert got["gen_ai.output.messages"] == [
+        {"role": "assistant", "parts": [{"type": "text", "content": "It rains."}], "finish_reason": "end_turn"}]
+
+
+def test_openai_tool_round_trip_in_the_conventions_form():
+    body = {"model": OPENAI_MODEL, "messages": [
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Paris"}'}},
+            "not a call"]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "rainy"}]}
+    answer = {"choices": [{"message": {"role": "assistant", "content": "It rains."}, "finish_reason": "stop"},
+                          {"message": "odd", "finish_reason": "length"}]}
+    got = content_of("openai", "/v1/chat/completions", body, answer)
+    assert "gen_ai.system_instructions" not in got   # OpenAI's system message is part of the chat history
+    assert got["gen_ai.input.messages"] == [
+        {"role": "system", "parts": [{"type": "text", "content": "Use tools."}]},
+        {"role": "user", "parts": [{"type": "text", "content": "Weather in Paris?"}]},
+        {"role": "assistant", "parts": [{"type": "tool_call", "id": "call_1", "name": "weather",
+                                         "arguments": {"city": "Paris"}}]},
+        {"role": "tool", "parts": [{"type": "tool_call_response", "id": "call_1", "response": "rainy"}]}]
+    assert got["gen_ai.output.messages"] == [
+        {"role": "assistant", "parts": [{"type": "text", "content": "It rains."}], "finish_reason": "stop"},
+        {"role": "assistant", "parts": [], "finish_reason": "length"}]
