@@ -12,6 +12,7 @@ import asyncio
 import gzip
 import json
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -355,6 +356,38 @@ async def test_sidecar_run_gives_the_agent_traceparent_and_its_calls_join_the_tr
     await receiver.wait_for(lambda: any(s["trace_id"] == outer.split("-")[1] for s in receiver.spans))
     joined = [s for s in receiver.spans if s["trace_id"] == outer.split("-")[1]]
     assert [(s["name"], s["parent"]) for s in joined] == [(f"chat {MODEL}", outer.split("-")[2])]
+
+
+CLAUDE = shutil.which("claude")
+
+
+@pytest.mark.skipif(CLAUDE is None, reason="Claude Code is not installed (npm i -g @anthropic-ai/claude-code)")
+@pytest.mark.timeout(120)
+async def test_claude_code_calls_are_spans_under_its_run(sidecar, mock: MockUpstream, receiver: Receiver, tmp_path):
+    mock.profile.validate = False   # Claude Code sends a mid-conversation "system" role the strict mock refuses
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    sidecar.cwd = workdir
+    env = {**upstream_env(mock), "HOME": str(tmp_path / "home"), "ANTHROPIC_API_KEY": "sk-ant-test-key-not-real",
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1",
+           "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, **FAST_EXPORT}
+    done = await sidecar.run("run", "--quiet", "--", CLAUDE, "-p", "say hi", env=env, timeout=60)
+    assert done.returncode == 0, done.err
+    sent = [r for r in mock.received if r.path == "/v1/messages"]
+    await receiver.wait_for(lambda: len(receiver.spans) >= len(sent) + 1)
+    run = next(s for s in receiver.spans if s["name"].startswith("invoke_agent claude-"))
+    calls = [s for s in receiver.spans if s["attrs"].get("gen_ai.operation.name") == "chat"]
+    assert len(calls) == len(sent) >= 1
+    sessions = (await sidecar.run("sessions", "list")).out
+    for span, request in zip(sorted(calls, key=lambda s: s["start"]), sent):
+        attrs = span["attrs"]
+        assert span["name"] == f"chat {request.json['model']}" and span["trace_id"] == run["trace_id"]
+        assert attrs["gen_ai.provider.name"] == "anthropic" and attrs["gen_ai.request.stream"] is True
+        assert attrs["gen_ai.response.id"].startswith("msg_") and attrs["gen_ai.response.finish_reasons"]
+        assert attrs["gen_ai.usage.input_tokens"] > 0 and attrs["gen_ai.usage.output_tokens"] > 0
+        assert attrs["gen_ai.conversation.id"].startswith("c") and attrs["gen_ai.conversation.id"] in sessions
+        assert span["parent"] == (request.headers["traceparent"].split("-")[2] if "traceparent" in request.headers
+                                  else run["span_id"])
 
 
 async def test_no_traceparent_without_telemetry(sidecar, script, mock: MockUpstream):
