@@ -358,6 +358,21 @@ async def test_sidecar_run_gives_the_agent_traceparent_and_its_calls_join_the_tr
     assert [(s["name"], s["parent"]) for s in joined] == [(f"chat {MODEL}", outer.split("-")[2])]
 
 
+async def test_an_agent_attached_to_sidecar_serve_gets_its_run_traced_too(
+        sidecar, script, mock: MockUpstream, receiver: Receiver):
+    url = await serve(sidecar, mock, receiver.url)
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url}
+    done = await sidecar.run("run", "--quiet", "--connect", url, "--", sys.executable, str(script(AGENT)),
+                             unique_prompt()[0]["content"], env=env)
+    assert done.returncode == 0, done.err
+    _, trace_id, span_id, _ = done.out.strip().split("-")
+    await receiver.wait_for(lambda: len(receiver.spans) >= 2)   # the server exports the run when the agent exits
+    run = next(s for s in receiver.spans if s["name"].startswith("invoke_agent python-"))
+    call = next(s for s in receiver.spans if s["name"] == f"chat {MODEL}")
+    assert (run["trace_id"], run["span_id"]) == (trace_id, span_id)
+    assert (call["trace_id"], call["parent"]) == (trace_id, span_id) and call["attrs"]["sidecar.agent"] in run["name"]
+
+
 CLAUDE = shutil.which("claude")
 
 
