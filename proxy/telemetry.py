@@ -54,4 +54,8 @@ def start(settings: TelemetrySection, upstreams: Upstreams, on_health: Callable[
     if problem:
         log.warning("sidecar: %s", problem)
         return None
-    return otlp_export.Telemetry(settings, upstreams, otlp_export.Health(on_health))
+    try:
+        return otlp_export.Telemetry(settings, upstreams, otlp_export.Health(on_health))
+    except Exception as exc:   # a bad OTEL_* variable, say: the proxy starts all the same
+        log.error("sidecar: OpenTelemetry export could not start (%r); calls are served without it", exc)
+        return None
