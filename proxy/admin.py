@@ -23,7 +23,7 @@ from typing import AsyncIterator
 import orjson
 from aiohttp import web
 
-from . import __version__
+from . import __version__, tracecontext
 from .live_page import HEADERS
 from .overview import overview
 from .redact import redact
@@ -39,7 +39,7 @@ MAX_AGENTS = 1000                          # in the agent table; the oldest exit
 MAX_CMD = 8192                             # characters of an agent's command line
 MAX_MESSAGE = 64 * 1024                    # bytes of one agent event
 EVENTS = ("started", "exited", "restarted")
-FIELDS = frozenset({"id", "event", "pid", "cmd", "status", "watch"})
+FIELDS = frozenset({"id", "event", "pid", "cmd", "status", "watch", "traceparent", "trace_root"})
 
 
 def token_path(state_dir: Path, pid: int) -> Path:
@@ -157,6 +157,10 @@ def agent_event(body: bytes) -> dict:
         raise _bad("status must be an integer (the exit status) or null")
     if not isinstance(message.get("watch", False), bool):
         raise _bad("watch must be true or false")
+    if "traceparent" in message and not tracecontext.valid(message["traceparent"]):
+        raise _bad("traceparent must be a W3C traceparent: 00-<32 hex>-<16 hex>-<2 hex>")
+    if not isinstance(message.get("trace_root", False), bool):
+        raise _bad("trace_root must be true or false")
     return message
 
 

@@ -120,6 +120,13 @@ class LauncherSection:
 
 
 @dataclass(frozen=True)
+class TelemetrySection:
+    """OpenTelemetry export (proxy/telemetry.py): the OTLP/HTTP receiver, and whether message content goes too."""
+    otlp_endpoint: str = ""
+    capture_content: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     proxy: ProxySection = ProxySection()
     upstream: UpstreamSection = UpstreamSection()
@@ -131,6 +138,7 @@ class Config:
     monitor: MonitorSection = MonitorSection()
     shared: SharedSection = SharedSection()
     launcher: LauncherSection = LauncherSection()
+    telemetry: TelemetrySection = TelemetrySection()
 
     @property
     def state_dir(self) -> Path:
@@ -232,6 +240,10 @@ def load_layers(layers: list[Mapping[str, Any]], names: list[str]) -> Config:
         model, sep, count = entry.rpartition("=")
         if not (sep and model.strip() and count.strip().isdigit()):
             raise ConfigError(f"{names[-1]} [limits]: 'per_model' entries look like \"MODEL=N\", not {entry!r}")
+    endpoint = config.telemetry.otlp_endpoint
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"[telemetry] otlp_endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT) must be the OTLP/HTTP "
+                          f"receiver's base URL, like http://127.0.0.1:4318, not {endpoint!r}")
     return config
 
 
@@ -246,12 +258,15 @@ def read_file(path: str | Path) -> dict[str, Any]:
 
 
 def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    """`SIDECAR_<SECTION>_<KEY>` variables, plus the base URLs an agent's user already set."""
+    """`SIDECAR_<SECTION>_<KEY>` variables, plus the base URLs an agent's user already set and the OTLP endpoint."""
     layer: dict[str, dict[str, str]] = {}
     # A base URL the user already points at (another gateway, a mock) becomes the upstream.
     for var, key in (("ANTHROPIC_BASE_URL", "anthropic"), ("OPENAI_BASE_URL", "openai")):
         if environ.get(var):
             layer.setdefault("upstream", {})[key] = environ[var]
+    # The standard OpenTelemetry variable turns export on, as it does for any instrumented program.
+    if environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        layer.setdefault("telemetry", {})["otlp_endpoint"] = environ["OTEL_EXPORTER_OTLP_ENDPOINT"]
     for var, value in environ.items():
         if not var.startswith("SIDECAR_") or var in _NOT_SETTINGS:
             continue

@@ -14,6 +14,7 @@
     checkpoint    stages, sessions    chunk/end  side: the turn is not checkpointed
     relay         (here)              -          a cut, as a broken upstream would cut it
     record        stages, state       done       side: no record, stats or live update
+    telemetry     stages, telemetry   done       side: no span or measurements (OTLP export, when on)
 
 The side stages are `STAGES`, run hook by hook in that order by `run`: a stage
 that fails is a fault (one log line, a `sidecar_fault` event) and is off for
@@ -52,7 +53,7 @@ CALL = web.RequestKey("call", Call)
 # The side stages, in the order their hooks run. Store queues the cache entry before Checkpoint queues the
 # turn, so at a JSON answer's end both go into one LMDB commit (the store's group commit), awaited once.
 STAGES = (stages.Restore, stages.CacheKey, stages.CacheLookup, stages.Capture, stages.Store, stages.Checkpoint,
-          stages.Record)
+          stages.Record, stages.Telemetry)
 
 
 # ---- the way of one call ---------------------------------------------------------------------------------

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Callable
+from typing import Any, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from . import telemetry
 from .cache import Cache
 from .backends import Backends, open_backends
 from .cache_key import KeyMaker
@@ -53,6 +54,7 @@ class ProxyState:
     after_call: Callable[[], None] | None = None   # the live page's push, when it is served
     started: float = field(default_factory=time.time)
     stage_hooks: dict = field(default_factory=dict)   # the pipeline's side stages, hook by hook
+    telemetry: Any = None                              # the OpenTelemetry exporter, when [telemetry] is on
     _fault_seen: dict = field(default_factory=dict)   # (stage, error type) -> when its last event went out
 
     @classmethod
@@ -87,6 +89,9 @@ class ProxyState:
         self.cache.on_fault = self.fault
         self.records = RecordLog(self.lmdb, self.config.stats.max_records)
         self.sessions = Sessions(self.lmdb, mirror=self.backends.mirror)
+        self.telemetry = telemetry.start(self.config.telemetry, self.upstreams, self._export_failing)
+        if self.telemetry is not None:
+            self.monitor.listeners.append(self._agent_run_span)
         await self.client.open()
 
     def _store_failed(self, error: BaseException | None) -> None:
@@ -97,6 +102,25 @@ class ProxyState:
                           fix="free disk space where the state directory is, or move it ([state] dir / "
                               "SIDECAR_STATE_DIR); a broken store: 'sidecar cache clear' sets it aside")
         self.monitor._set("store_unavailable", error is not None, **detail)
+
+    def _export_failing(self, failing: bool) -> None:
+        """OTLP exports fail (or work again): the `telemetry_unavailable` event, raised once."""
+        endpoint = telemetry.shown(self.config.telemetry.otlp_endpoint)
+        self.monitor._set("telemetry_unavailable", failing, endpoint=endpoint,
+                          effect="spans and metrics are dropped; calls are not affected",
+                          fix="start the OTLP/HTTP receiver, or correct [telemetry] otlp_endpoint")
+
+    def _agent_run_span(self, event: dict) -> None:
+        """An agent whose run's trace the launcher began has exited (the first time): its run's span."""
+        if event["kind"] != "agent_exited":
+            return
+        agent = self.monitor.agents.get(event.get("agent"))
+        if agent is not None and agent.trace_root:
+            agent.trace_root = False   # once per run: a restarted agent's calls stay under the same span
+            try:
+                self.telemetry.export_run(agent)
+            except Exception as exc:   # fails open, as the telemetry stage does
+                self.fault("telemetry", exc)
 
     def finish(self, call) -> None:
         """A call is over: its record, the live aggregates, the thresholds."""
@@ -147,6 +171,8 @@ class ProxyState:
             await self.backends.close()
         if self.lmdb is not None:
             self.lmdb.close()
+        if self.telemetry is not None:   # last: a receiver that is down may take its few seconds
+            await self.telemetry.close()
 
 
 
