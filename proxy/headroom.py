@@ -86,11 +86,11 @@ def reading(headers, now: float | None = None) -> dict[str, tuple[int, int, floa
     return found
 
 
-def needs_of(body: bytes, buckets) -> dict[str, int]:
-    """What one attempt takes from the buckets: one request, and its input tokens (from its size)."""
+def needs_of(body: bytes) -> dict[str, int]:
+    """What one attempt takes from the buckets: one request, and its input tokens (from its size), from
+    Anthropic's input-token bucket and from the tokens bucket (OpenAI's, Anthropic's most restrictive one)."""
     tokens = len(body) // BYTES_PER_TOKEN + 1
-    token_bucket = "input_tokens" if "input_tokens" in buckets else "tokens"
-    return {"requests": 1, token_bucket: tokens}
+    return {"requests": 1, "input_tokens": tokens, "tokens": tokens}
 
 
 @dataclass(slots=True)
@@ -117,9 +117,6 @@ class LocalBudget:
 
     def __init__(self):
         self.budgets: dict[str, dict[str, Bucket]] = {}
-
-    def known(self, key: str) -> dict[str, Bucket]:
-        return self.budgets.get(key, {})
 
     async def take(self, ticket: Ticket, now: float, force: bool = False) -> float | None:
         """Reserve the ticket's needs (None), or say until when to wait: an epoch time, or inf (until a report)."""
@@ -203,7 +200,7 @@ class Pacer:
     async def hold(self, key: str, body: bytes, deadline: float) -> Ticket:
         """Return once this attempt's need is reserved: at once, at a reset, a report, or the deadline
         (monotonic), whichever comes first."""
-        ticket = Ticket(key, needs_of(body, self.budget.known(key)))
+        ticket = Ticket(key, needs_of(body))
         now = time.time()
         until = await self.budget.take(ticket, now)
         if until is None:
