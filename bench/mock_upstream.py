@@ -9,7 +9,7 @@ can be told from a new one).  Latency, pacing, a concurrency cap, token-bucket r
 
 Standalone:  python -m bench.mock_upstream --port 9000 --ttft 0.4 --tps 60 [--log]
 Control:     GET /_mock/stats, POST /_mock/reset, /_mock/inject {"kind": ..., "times": N},
-             /_mock/profile {field: value}, /_mock/wall {"seconds": 60, "status": 529}
+             /_mock/profile {field: value}, /_mock/wall {"seconds": 60, "status": 529} (from the next call)
 """
 
 from __future__ import annotations
@@ -97,8 +97,9 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
         self._injected.extend([(kind, kw)] * times)
 
     def wall(self, seconds: float, status: int = 529) -> None:
-        """From now on, for `seconds`, every model call is answered `status` (overloaded), then recovery."""
-        self._wall = Wall(until=time.monotonic() + seconds, status=status)
+        """For `seconds` from the next model call on, every model call is answered `status` (overloaded),
+        then the upstream recovers."""
+        self._wall = Wall(seconds, status)
 
     def rate_limits(self) -> RateLimits:
         """The token buckets of the current profile (new, full buckets when the profile's limits change)."""
@@ -152,7 +153,7 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
             return self._error(True, 404, "invalid_request_error", msg)
         if route is None:
             return self._error(False, 404, "not_found_error", "Not Found")
-        if self._wall.active and path in self._metered:
+        if path in self._metered and self._wall.meet():
             return await self._overloaded(openai)
         cap = self.profile.max_concurrency
         if cap and self.in_flight >= cap:

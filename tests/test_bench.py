@@ -14,12 +14,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = {"overhead", "ttft", "hits", "session", "storm", "footprint", "recording", "redis"}
+SCENARIOS = {"overhead", "ttft", "hits", "session", "storm", "footprint", "recording", "redis", "overload"}
 NEW_FIGURES = {
     "recording": [f"{w}.{k}" for w in ("json_c1", "json_c32")
                   for k in ("cpu_s_per_1000.on", "cpu_s_per_1000.off", "cpu_s_per_1000.diff", "cpu_pct_of_on")],
     "redis": [f"{w}.{m}.{t}" for w, m in (("json_c1", "p50_ms"), ("json_c1", "p99_ms"), ("json_c32", "rps"))
               for t in ("direct", "redis", "lmdb", "redis_vs_lmdb")] + ["cross_hits.first_fetch", "cross_hits.rounds"],
+    "overload": [f"{k}.{t}" for k in ("client_errors", "wall_requests", "wall_peak_in_flight", "wall_peak_after_first",
+                                      "completion_s") for t in ("direct", "sidecar")],
 }
 REDIS_SERVER = Path("/usr/bin/redis-server")
 
@@ -53,5 +55,5 @@ def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
                 (name, key, figures[key])
     assert doc["targets"] and all(isinstance(t["met"], bool) for t in doc["targets"])
     for title in ("Pass-through overhead", "Cache hits", "Rate-limit storm", "Footprint", "Recording cost",
-                  "Two sidecars on one Redis", "Machine:"):
+                  "Two sidecars on one Redis", "Overload wall", "Machine:"):
         assert title in done.stdout

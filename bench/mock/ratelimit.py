@@ -10,8 +10,9 @@ the buckets cannot cover is answered 429 with `retry-after`. By default the
 buckets are far larger than any test needs; `Profile.rate_requests` /
 `rate_input_tokens` make them bind.
 
-A wall answers every model call with 529 (or the status given) for a while,
-each after `Profile.wall_latency`, then the upstream recovers; it counts the
+A wall answers every model call with 529 (or the status given) for a while
+from the first call it meets, each after `Profile.wall_latency`, then the
+upstream recovers; it counts the
 requests it answered and how many were in flight at once.
 """
 
@@ -105,9 +106,11 @@ class RateLimits:
 
 @dataclass
 class Wall:
-    """An overload wall: every model call answered `status` until `until` (monotonic)."""
-    until: float = 0.0
+    """An overload wall: every model call answered `status` for `seconds`, counted from the first call it meets
+    (so a slow-starting client still meets all of it)."""
+    seconds: float = 0.0
     status: int = 529
+    until: float = 0.0           # monotonic; set by the first call
     requests: int = 0            # answered by the wall
     in_flight: int = 0
     peak_in_flight: int = 0      # wall requests at the upstream at once
@@ -117,9 +120,15 @@ class Wall:
 
     @property
     def active(self) -> bool:
+        return time.monotonic() < self.until or self.seconds > 0 and not self.until
+
+    def meet(self) -> bool:
+        """A model call arrives: whether the wall answers it (the first one starts the wall's clock)."""
+        if self.seconds > 0 and not self.until:
+            self.until = time.monotonic() + self.seconds
         return time.monotonic() < self.until
 
     def stats(self) -> dict:
         return {"active": self.active, "status": self.status, "requests": self.requests,
                 "peak_in_flight": self.peak_in_flight, "peak_in_flight_after_first": self.peak_late_in_flight,
-                "left_s": round(max(0.0, self.until - time.monotonic()), 3)}
+                "left_s": round(max(0.0, self.until - time.monotonic()) if self.until else self.seconds, 3)}
