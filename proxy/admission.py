@@ -37,7 +37,7 @@ async def admit(state, call: Call, attempts: Attempts) -> Gate:
     probe = await state.circuits.admit(wall, deadline)   # raises WallHeld at the deadline
     attempts.in_wall = probe
     try:
-        ticket = await state.pacer.hold(budget, call.body, deadline)
+        ticket = await state.pacer.hold(budget, call.body, deadline) if state.config.limits.pace else Ticket(budget, {})
     except BaseException:
         state.circuits.unanswered(wall, probe)
         raise

@@ -4,7 +4,8 @@ A circuit per upstream budget (API and model). Closed, calls pass. After
 `OPEN_AFTER` overload answers in a row (no other answer between them), it
 opens: calls are held in line, and one at a time, the oldest, goes out as a
 probe, after a backoff that doubles per failed probe from [retry] base_delay
-up to max_delay (never sooner than the upstream's retry-after). The first
+up to max_delay or 8 s, whichever is less (the SDKs' own longest backoff; never
+sooner than the upstream's retry-after). The first
 answer that is not an overload closes it, and the held calls go on to the
 limiter, which lets them out at the concurrency it learned before the wall
 (a wall is not a signal about our concurrency, so it does not lower it).
@@ -33,6 +34,7 @@ OVERLOAD = frozenset({429, 503, 529})
 OPEN_AFTER = 3               # overload answers in a row that open a circuit
 CLIENT_TIMEOUT = 600.0       # the official SDKs' default request timeout, in seconds
 HOLD_SHARE = 0.9             # a held call answers before this share of the clients' timeout
+PROBE_MAX_DELAY = 8.0        # the SDKs' own longest backoff: a wall is probed at least as often as one agent would
 MAX_ERROR_BODY = 64 * 1024   # bytes of an overload answer kept to answer held calls with
 
 
@@ -91,7 +93,7 @@ class Circuits:
     async def admit(self, key: str, deadline: float) -> bool:
         """Return when this attempt may go out (True: as the probe); raise WallHeld at the deadline."""
         circuit = self.circuits.get(key)
-        if circuit is None or not circuit.open:
+        if circuit is None or not circuit.open or not self.settings.overload_circuit:
             return False
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
@@ -123,6 +125,8 @@ class Circuits:
                  retry_after: float | None = None) -> None:
         """An attempt's answer: an overload counts toward opening; anything else closes the circuit."""
         circuit = self.circuits.get(key)
+        if not self.settings.overload_circuit:
+            return
         if status not in OVERLOAD:
             if circuit is not None:
                 self._close(circuit)
@@ -141,7 +145,7 @@ class Circuits:
             circuit.next_probe = now + max(circuit.delay, retry_after or 0.0)
             self._report()
         elif circuit.open and probe:
-            circuit.delay = min(self.settings.max_delay, circuit.delay * 2)
+            circuit.delay = min(self.settings.max_delay, PROBE_MAX_DELAY, circuit.delay * 2)
             circuit.next_probe = now + max(circuit.delay, retry_after or 0.0)
         if probe:
             self._probe_over(circuit)

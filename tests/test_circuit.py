@@ -113,3 +113,41 @@ async def test_a_wall_of_503s_or_429s_is_a_wall_too(start_app, mock: MockUpstrea
     assert [r for r in results if isinstance(r, BaseException)] == []
     assert mock.stats()["wall"]["peak_in_flight_after_first"] <= 1
     assert px.state.circuits.held >= 1
+
+
+async def test_the_live_page_says_the_upstream_is_overloaded_and_shows_its_headroom(start_app, mock: MockUpstream,
+                                                                                     tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_dashboard import chromium
+    driver = await asyncio.to_thread(chromium, tmp_path)
+    mock.profile = Profile(retry_after=0.1, wall_latency=0.02)
+    px = await start_app(mock.url, retry={**FAST, "max_total": 30.0})
+    held = []
+    try:
+        async with anthropic.AsyncAnthropic(base_url=px.url, api_key=KEY, max_retries=0) as sdk:
+            await ask(sdk, "before the wall")   # an answer that reports the rate-limit headroom
+            mock.wall(30.0)
+            held = [asyncio.create_task(ask(sdk, f"held {i}")) for i in range(4)]
+            await asyncio.to_thread(driver.get, px.url + "/_sidecar/")
+
+            def shown():
+                banner = driver.find_element(By.ID, "overloaded")
+                return banner.is_displayed() and f"anthropic {MODEL}" in banner.text and "529" in banner.text
+            await asyncio.to_thread(WebDriverWait(driver, 15).until, lambda _: shown(), "the overload banner")
+            assert "input_tokens" in driver.find_element(By.ID, "headroom").text
+            assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+        await asyncio.to_thread(driver.quit)
+
+
+async def test_the_circuit_can_be_switched_off(start_app, mock: MockUpstream):
+    mock.profile = Profile(retry_after=0.1, wall_latency=0.02)
+    px = await start_app(mock.url, retry={**FAST, "overload_circuit": False})
+    mock.wall(1.0)
+    results = await agents(px.url, n=4)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert px.state.circuits.held == 0 and mock.stats()["wall"]["peak_in_flight_after_first"] > 1

@@ -160,3 +160,11 @@ async def test_a_reset_in_the_past_or_unreadable_never_holds_a_call(start_app, a
         for i in range(3):
             await ask(sdk, f"stale {i}")
     assert px.state.pacer.held == 0
+
+
+async def test_pacing_can_be_switched_off(start_app, mock: MockUpstream):
+    mock.profile = Profile(ttft=0.05, **BUCKET)
+    px = await start_app(mock.url, limits={"pace": False})
+    results = await run_agents(px.url, "unpaced")
+    assert [r for r in results if isinstance(r, BaseException)] == []   # the sidecar's retries still cover them
+    assert mock.rate_limited > 0 and px.state.pacer.held == 0
