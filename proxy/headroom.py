@@ -24,6 +24,7 @@ one budget for the fleet.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import re
@@ -37,6 +38,7 @@ BYTES_PER_TOKEN = 4          # a JSON request body has at least this many bytes 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?")
 
 
+@functools.lru_cache(maxsize=256)   # the same reset times come back on answer after answer
 def rfc3339(value: str | None) -> float | None:
     """An RFC 3339 time as epoch seconds, or None."""
     if not value:
@@ -48,6 +50,7 @@ def rfc3339(value: str | None) -> float | None:
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
 
 
+@functools.lru_cache(maxsize=256)
 def duration(value: str | None) -> float | None:
     """OpenAI's reset durations ("6ms", "0s", "1.5s", "1m30s", "2h0m5s") in seconds, or None."""
     if not value:
@@ -70,20 +73,27 @@ def reading(headers, now: float | None = None) -> dict[str, tuple[int, int, floa
     """The buckets an answer reports: name -> (limit, remaining, reset as epoch seconds)."""
     now = time.time() if now is None else now
     found = {}
-    for name in BUCKETS:
-        dashed = name.replace("_", "-")
-        limit = _int(headers.get(f"anthropic-ratelimit-{dashed}-limit"))
-        if limit is not None:
-            remaining = _int(headers.get(f"anthropic-ratelimit-{dashed}-remaining"))
-            reset = rfc3339(headers.get(f"anthropic-ratelimit-{dashed}-reset"))
+    for name, limit_header, remaining_header, reset_header, absolute in _HEADERS:
+        limit = headers.get(limit_header)
+        if limit is None:
+            continue
+        limit, remaining = _int(limit), _int(headers.get(remaining_header))
+        if absolute:
+            reset = rfc3339(headers.get(reset_header))
         else:
-            limit = _int(headers.get(f"x-ratelimit-limit-{dashed}"))
-            remaining = _int(headers.get(f"x-ratelimit-remaining-{dashed}"))
-            delay = duration(headers.get(f"x-ratelimit-reset-{dashed}"))
+            delay = duration(headers.get(reset_header))
             reset = None if delay is None else now + delay
         if limit is not None and remaining is not None and limit > 0:
             found[name] = (limit, max(0, remaining), reset if reset is not None else now)
     return found
+
+
+# (bucket, limit, remaining and reset headers, whether the reset is a time or a duration), Anthropic's then OpenAI's
+_HEADERS = [(name, f"anthropic-ratelimit-{name.replace('_', '-')}-limit",
+             f"anthropic-ratelimit-{name.replace('_', '-')}-remaining",
+             f"anthropic-ratelimit-{name.replace('_', '-')}-reset", True) for name in BUCKETS] + \
+           [(name, f"x-ratelimit-limit-{name}", f"x-ratelimit-remaining-{name}", f"x-ratelimit-reset-{name}", False)
+            for name in ("requests", "tokens")]
 
 
 def needs_of(body: bytes) -> dict[str, int]:
