@@ -53,6 +53,19 @@ async def test_one_probe_at_a_time_through_a_wall_and_every_held_call_completes(
     assert overload["open"] == [] and overload["held"] >= AGENTS - 1 and overload["holding"] == 0
     kinds = [(e["kind"], e["state"]) for e in px.events() if e["kind"] == "upstream_overloaded"]
     assert kinds == [("upstream_overloaded", "raised"), ("upstream_overloaded", "cleared")]
+    # The failed probes said nothing about our concurrency: the limit learned before the wall still holds,
+    # and the held calls went out side by side after it.
+    [circuit] = px.state.circuits.circuits.values()
+    assert circuit.probes >= 3 and px.state.limiter.decreases <= 2
+    assert mock.peak_in_flight >= 2
+
+
+def test_a_hold_never_reaches_the_clients_own_timeout():
+    from proxy.circuit import CLIENT_TIMEOUT, Circuits
+    from proxy.config import RetrySection
+    circuits = Circuits(RetrySection(max_total=3600.0))
+    assert circuits.deadline(100.0, 100.0 + 3600.0) == 100.0 + CLIENT_TIMEOUT * 0.9
+    assert circuits.deadline(100.0, 100.0 + 120.0) == 220.0
 
 
 async def test_a_wall_lasting_past_max_total_ends_held_calls_with_the_upstreams_own_error(start_app, mock: MockUpstream):
