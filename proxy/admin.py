@@ -30,7 +30,8 @@ from .redact import redact
 from .routes import AGENT_ID
 from .run_file import write_private
 from .state import STATE
-from .stats import _labels as labels, summarize
+from .stats import _labels as labels
+from .stats import summarize
 
 log = logging.getLogger("sidecar")
 TOKEN_HEADER = "x-sidecar-token"          # launcher/client.py sends it under the same name

@@ -30,7 +30,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 BUCKETS = ("requests", "tokens", "input_tokens", "output_tokens")
 MAX_BUDGETS = 256            # budgets (API, credential, model) remembered; the oldest are forgotten
@@ -47,7 +47,7 @@ def rfc3339(value: str | None) -> float | None:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 @functools.lru_cache(maxsize=256)

@@ -15,9 +15,9 @@ import aiohttp
 import anthropic
 import orjson
 import pytest
+from conftest import unique_prompt
 
 from bench.mock_upstream import MockUpstream, Profile
-from conftest import unique_prompt
 
 KEY = "sk-ant-test"
 MODEL = "claude-mock-1"

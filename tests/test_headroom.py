@@ -23,7 +23,7 @@ KEY = "sk-ant-test"
 MODEL = "claude-mock-1"
 CALLS = 8
 PROMPT = "Summarise this build log line by line. " * 20     # ~200 input tokens a call
-BUCKET = dict(rate_input_tokens=1000, rate_window=2.0)     # the bucket covers about four calls at once
+BUCKET = {"rate_input_tokens": 1000, "rate_window": 2.0}     # the bucket covers about four calls at once
 
 
 def ask(sdk: anthropic.AsyncAnthropic, n: int):
@@ -132,6 +132,7 @@ async def test_headroom_is_shown_in_metrics_and_top(start_app, mock: MockUpstrea
     async with anthropic.AsyncAnthropic(base_url=px.url, api_key=KEY) as sdk:
         await ask(sdk, "shown")
     status, _, body = await px.get("/_sidecar/metrics")
+    assert status == 200
     text = body.decode()
     assert 'sidecar_ratelimit_remaining{budget="anthropic claude-mock-1 ' in text
     assert 'bucket="input_tokens"' in text and "sidecar_ratelimit_limit" in text
