@@ -47,7 +47,10 @@ async def admit(state, call: Call, attempts: Attempts) -> Gate:
 async def answered(state, gate: Gate, upstream: aiohttp.ClientResponse, retrying: bool) -> None:
     """The answer's head: its rate-limit reading to the pacing, its status to the circuit."""
     gate.settled = True
-    await state.pacer.answered(gate.ticket, upstream.headers)
+    try:   # what an upstream's headers say is untrusted input: a failure here is a fault, never the call's
+        await state.pacer.answered(gate.ticket, upstream.headers)
+    except Exception as exc:
+        state.fault("pacing", exc)
     last = await _kept(upstream) if retrying and upstream.status in OVERLOAD else None
     state.circuits.answered(gate.wall, gate.probe, upstream.status, last,
                            requested_delay(upstream.headers, status=upstream.status))

@@ -65,7 +65,7 @@ def duration(value: str | None) -> float | None:
 def _int(value: str | None) -> int | None:
     try:
         return int(float(value)) if value is not None else None
-    except ValueError:
+    except (ValueError, OverflowError):   # "x", "nan", "inf": no reading
         return None
 
 

@@ -169,3 +169,15 @@ async def test_pacing_can_be_switched_off(start_app, mock: MockUpstream):
     results = await run_agents(px.url, "unpaced")
     assert [r for r in results if isinstance(r, BaseException)] == []   # the sidecar's retries still cover them
     assert mock.rate_limited > 0 and px.state.pacer.held == 0
+
+
+async def test_a_failing_headroom_reading_is_a_fault_and_the_call_goes_on(start_app, mock: MockUpstream):
+    px = await start_app(mock.url)
+
+    async def broken(ticket, buckets):
+        raise RuntimeError("headroom bug")
+    px.state.pacer.budget.report = broken
+    async with anthropic.AsyncAnthropic(base_url=px.url, api_key=KEY, max_retries=0) as sdk:
+        await ask(sdk, "fault")
+    faults = [e for e in px.events() if e["kind"] == "sidecar_fault"]
+    assert faults and faults[0]["stage"] == "pacing"
