@@ -30,6 +30,7 @@ from .redact import redact
 from .routes import AGENT_ID
 from .run_file import write_private
 from .state import STATE
+from .stats import _labels as labels
 from .stats import summarize
 
 log = logging.getLogger("sidecar")
@@ -94,8 +95,32 @@ async def metrics(request: web.Request) -> web.Response:
         "sidecar_cache_entries": ("Entries in the response cache.", cache["entries"]),
         "sidecar_cache_bytes": ("Bytes in the response cache.", cache["bytes"]),
     }
-    return web.Response(body=redact(state.stats.prometheus(gauges).encode()),
+    text = state.stats.prometheus(gauges) + upstream_metrics(state)
+    return web.Response(body=redact(text.encode()),
                         headers={**HEADERS, "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def upstream_metrics(state) -> str:
+    """The upstream's rate-limit headroom per budget and bucket, and the overload circuits, in Prometheus text."""
+    pacing, overload = state.pacer.snapshot(), state.circuits.snapshot()
+    lines = []
+    for name, what in (("limit", "Rate-limit bucket size the upstream reports."),
+                       ("remaining", "What the upstream last said remains in the bucket."),
+                       ("reserved", "Taken from the bucket by calls whose answers have not reported yet."),
+                       ("reset_in_s", "Seconds until the upstream says the bucket is full again.")):
+        lines += [f"# HELP sidecar_ratelimit_{name} {what}", f"# TYPE sidecar_ratelimit_{name} gauge"]
+        for budget, buckets in pacing["budgets"].items():
+            for bucket, values in buckets.items():
+                lines.append(f"sidecar_ratelimit_{name}{labels([('budget', budget), ('bucket', bucket)])} {values[name]}")
+    for name, what, value in (("paced_holding", "Calls held now until the rate-limit headroom covers them.",
+                               pacing["holding"]),
+                              ("paced_total", "Calls ever held by the rate-limit pacing.", pacing["held"]),
+                              ("overload_open", "Upstreams answering overloaded to everything (circuits open).",
+                               len(overload["open"])),
+                              ("overload_holding", "Calls held now by an open overload circuit.", overload["holding"]),
+                              ("overload_held_total", "Calls ever held by an overload circuit.", overload["held"])):
+        lines += [f"# HELP sidecar_{name} {what}", f"# TYPE sidecar_{name} gauge", f"sidecar_{name} {value}"]
+    return "\n".join(lines) + "\n"
 
 
 async def limits(request: web.Request) -> web.Response:

@@ -75,6 +75,7 @@ class LimitsSection:
     max_queue: int = 1000
     queue_timeout: float = 300.0
     adaptive: bool = True
+    pace: bool = True
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class RetrySection:
     max_total: float = 120.0
     base_delay: float = 0.5
     max_delay: float = 20.0
+    overload_circuit: bool = True
 
 
 @dataclass(frozen=True)

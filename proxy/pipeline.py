@@ -7,6 +7,8 @@
     cache key     stages, cache       request    side: the call is not cached
     cache lookup  stages, replay      request    side: a miss            (a hit is replayed: the way ends)
     join          flight              -          -                       (an identical call in flight is joined)
+    admit         admission           -          held through a wall / until headroom (bounded); then the
+                  (circuit, headroom)             upstream's last overload answer, or an API-shaped 529
     slot          limits              -          refusal: a 429 the client backs off from
     forward       upstream, retry     -          an API-shaped 502/504 before the head, a cut after it
     capture       stages, capture     head/chunk/end   side: relayed, neither stored nor checkpointed
@@ -38,8 +40,9 @@ from typing import Any, Callable
 import aiohttp
 from aiohttp import web
 
-from . import intake, replay, stages
+from . import admission, intake, replay, stages
 from .call import Call
+from .circuit import WallHeld
 from .convert import form_of
 from .errors import SidecarError, UpstreamError, answer_for, from_library
 from .flight import Flight, Head
@@ -203,8 +206,10 @@ async def exchange(state: ProxyState, call: Call, flight: Flight) -> None:
         forwarded = request_headers(call.headers)
         attempts = Attempts(state.config.retry, call, state.limiter)
         while True:
-            token = await take_slot(state, call, attempts.retrying)
+            # An overload wall's circuit, then the rate-limit pacing: either may hold the attempt (bounded).
+            gate = await admission.admit(state, call, attempts) if call.model_call else None
             try:
+                token = await take_slot(state, call, attempts.retrying)
                 try:
                     attempts.sending()
                     upstream = await state.client.send(call.method, url, forwarded, call.body)
@@ -214,15 +219,22 @@ async def exchange(state: ProxyState, call: Call, flight: Flight) -> None:
                         raise
                 else:
                     delay = attempts.after_response(upstream) if call.model_call else None
+                    if gate is not None:
+                        await admission.answered(state, gate, upstream, retrying=delay is not None)
                     if delay is None:
                         await take_answer(state, call, flight, upstream)
                         return
                     upstream.release()
-            finally:   # the slot of this attempt, given back however it ended
-                if call.model_call:
-                    state.limiter.release(call.route.agent, call.model, token)
+                finally:   # the slot of this attempt, given back however it ended
+                    if call.model_call:
+                        state.limiter.release(call.route.agent, call.model, token)
+            finally:
+                if gate is not None:
+                    admission.settle(state, gate)
             state.counters["retries"] += 1
             await asyncio.sleep(delay)
+    except WallHeld as held:   # held through an overload wall until its deadline: the upstream's last word
+        answer_with(flight, held)
     except SidecarError as exc:
         flight.abort(exc)
     except asyncio.CancelledError:
@@ -233,6 +245,17 @@ async def exchange(state: ProxyState, call: Call, flight: Flight) -> None:
     finally:
         flight.finish(failed=True)   # a no-op when the answer ended properly
         state.flights.remove(flight)
+
+
+def answer_with(flight: Flight, held: WallHeld) -> None:
+    """A call that waited out its deadline in a wall gets the upstream's own last overload answer."""
+    last = held.last
+    if last is None:
+        flight.abort(held.error)
+        return
+    flight.start_head(Head(last.status, last.reason, last.headers, sse=False, incremental=False))
+    flight.append(last.body)
+    flight.finish()
 
 
 async def take_slot(state: ProxyState, call: Call, retrying: bool):

@@ -16,6 +16,8 @@ from aiohttp import web
 
 from . import telemetry
 from .cache import Cache
+from .circuit import Circuits
+from .headroom import Pacer
 from .backends import Backends, open_backends
 from .cache_key import KeyMaker
 from .config import Config
@@ -42,6 +44,8 @@ class ProxyState:
     client: UpstreamClient
     upstreams: Upstreams
     limiter: Limiter | None = None
+    circuits: Circuits | None = None   # overload walls: one probe at a time
+    pacer: Pacer = field(default_factory=Pacer)   # rate-limit headroom: hold what would run into a 429
     cache: Cache | None = None
     lmdb: Lmdb | None = None
     flights: Flights = field(default_factory=Flights)
@@ -60,7 +64,7 @@ class ProxyState:
     @classmethod
     def build(cls, config: Config) -> "ProxyState":
         return cls(config=config, client=UpstreamClient(config.proxy), limiter=Limiter(config.limits),
-                   upstreams=Upstreams(config.upstream.anthropic, config.upstream.openai))
+                   circuits=Circuits(config.retry), upstreams=Upstreams(config.upstream.anthropic, config.upstream.openai))
 
     @property
     def agent_id(self) -> str:
@@ -84,6 +88,10 @@ class ProxyState:
         self.backends = await open_backends(self.config, self.lmdb,
                                             lambda kind, state, **detail: self.monitor.emit(make_event(kind, state, **detail)))
         self.limiter.global_slots = self.backends.global_slots
+        if self.backends.budget is not None:   # the fleet's one rate-limit budget
+            self.pacer = Pacer(self.backends.budget)
+            self.backends.budget.on_report = self.pacer.wake
+        self.circuits.on_change = lambda crossed, **detail: self.monitor._set("upstream_overloaded", crossed, **detail)
         keys = KeyMaker(self.backends.secret, settings.ignore_fields, settings.key_headers, settings.credential_headers)
         self.cache = Cache(settings, self.backends.store, keys)
         self.cache.on_fault = self.fault
