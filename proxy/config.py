@@ -56,7 +56,8 @@ class StateSection:
 @dataclass(frozen=True)
 class CacheSection:
     mode: str = field(default="read-write", metadata=_choice("read-write", "read-only", "refresh", "off", "replay"))
-    routes: tuple[str, ...] = ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/embeddings")
+    routes: tuple[str, ...] = ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/embeddings",
+                               "/v1/responses")
     ignore_fields: tuple[str, ...] = ("metadata.user_id", "stream", "stream_options")
     key_headers: tuple[str, ...] = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project")
     credential_headers: tuple[str, ...] = ()
