@@ -15,6 +15,8 @@ import pytest
 from openai.types.responses import ResponseStreamEvent
 
 from bench.mock_upstream import MockUpstream
+from proxy.cache_key import EACH, field_path, without
+from proxy.config import CacheSection, ConfigError, load_layers
 from proxy.sse import EventParser
 
 MODEL = "gpt-mock-1"
@@ -179,3 +181,44 @@ async def test_get_of_a_response_passes_through_uncached(px, mock):
     assert got.model_dump() == again.model_dump() == made.model_dump()
     assert mock.count(f"/v1/responses/{made.id}") == 2
     assert [r["route"] for r in await px.records()] == ["/v1/responses"]   # a GET is not a model call
+
+
+# ---- keys that ignore per-run noise --------------------------------------------------------------------
+
+
+def test_field_paths_take_list_wildcards():
+    assert field_path("input[*].id") == ("input", EACH, "id")
+    assert field_path("a[*][*].b.c") == ("a", EACH, EACH, "b", "c")
+    for bad in ("input[*]", "a..b", "a[0].b", "[*].id", "a[*x].b", ""):
+        with pytest.raises(ValueError, match="e.g. input"):
+            field_path(bad)
+    body = {"input": [{"id": "msg_1", "role": "user", "content": [{"type": "input_text", "text": "hi", "id": "x"}]},
+                      "plain", {"type": "function_call_output", "output": "ok"}], "model": "m"}
+    before = orjson.dumps(body)
+    assert without(body, [field_path("input[*].id"), field_path("input[*].content[*].id"),
+                          field_path("model.nothing"), field_path("absent[*].id")]) == {
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                  "plain", {"type": "function_call_output", "output": "ok"}], "model": "m"}
+    assert orjson.dumps(body) == before   # the request itself is never changed
+
+
+def test_a_field_path_that_names_no_field_is_refused_at_start(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[cache\] ignore_fields: 'input\[\*\]' ends with \[\*\]"):
+        load_layers([{"cache": {"ignore_fields": ["input[*]"]}}], ["config.toml"])
+
+
+async def test_codex_run_noise_is_not_in_the_key_and_wildcards_take_item_ids(start_app, mock):
+    px = await start_app(mock.url, cache={"ignore_fields": [*CacheSection.ignore_fields, "input[*].id"]})
+
+    def codex_like(run: int, text: str = "fix the bug") -> dict:
+        return {"model": MODEL, "prompt_cache_key": f"thread-{run}", "stream": True,
+                "client_metadata": {"thread_id": f"thread-{run}", "turn_id": f"turn-{run}", "ts": 1000 + run},
+                "input": [{"type": "message", "id": f"item-{run}", "role": "user",
+                           "content": [{"type": "input_text", "text": text}]}]}
+
+    _, first, recorded = await post(px.url, codex_like(1))
+    await px.state.cache.drain()
+    _, again, replayed = await post(px.url, codex_like(2))
+    _, other, _ = await post(px.url, codex_like(3, "fix another bug"))
+    assert (first["x-sidecar-cache"], again["x-sidecar-cache"], other["x-sidecar-cache"]) == ("miss", "hit", "miss")
+    assert replayed == recorded and mock.count("/v1/responses") == 2
