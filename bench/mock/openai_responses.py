@@ -256,7 +256,8 @@ class ResponseStore:
             output.append(item)
             history = history + [["message", "assistant", text]]
         status = "completed" if tool is not None or n == output_tokens else "incomplete"
-        usage = {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+        usage = {"input_tokens": input_tokens,
+                 "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
                  "output_tokens": n + reasoning_tokens,
                  "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
                  "total_tokens": input_tokens + n + reasoning_tokens}
