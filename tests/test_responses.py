@@ -227,7 +227,7 @@ async def test_codex_run_noise_is_not_in_the_key_and_wildcards_take_item_ids(sta
 # ---- checkpoints and restore of Responses conversations ------------------------------------------------
 
 
-async def test_a_chain_is_checkpointed_as_one_conversation_and_restored_into_its_continuation(px, mock):
+async def test_a_chain_is_checkpointed_as_one_conversation_and_restored_into_its_continuation(px, mock, sidecar):
     instructions = "You are a helpful agent. Today is Monday."
     async with client(px.url) as o:
         first = await o.responses.create(model=MODEL, instructions=instructions, tools=TOOLS,
@@ -249,6 +249,14 @@ async def test_a_chain_is_checkpointed_as_one_conversation_and_restored_into_its
     assert items[1]["id"] == first.output[0].id and items[5]["id"] == done.output[0].id
     assert items[-1]["call_id"] == pending.output[0].call_id and session["messages"] == 8
     assert px.state.sessions.find(session["id"])["system"] == instructions
+    env = {"SIDECAR_STATE_DIR": str(px.state_dir)}
+    shown = await sidecar.run("sessions", "show", session["id"], env=env)
+    assert "[function_call]\n" in shown.out and '"name":"get_weather"' in shown.out and "PELICAN" in shown.out
+    exported = await sidecar.run("sessions", "export", session["id"], "--format", "messages", env=env)
+    doc = orjson.loads(exported.out)
+    assert doc["instructions"] == instructions and doc["input"] == items[:6]   # up to the last complete answer
+    async with client(mock.url) as o:   # as the SDK takes it, and the API accepts it
+        await o.responses.create(**doc, tools=TOOLS)
 
     # The agent died with a call unanswered; its next life opens a new conversation, which takes the
     # history up to the last complete answer. A title call with other instructions does not.
