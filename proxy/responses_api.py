@@ -86,19 +86,24 @@ def assemble(events: list[tuple[str, bytes]]) -> dict | None:
 
 
 class _Events:
-    """Events numbered as they are written."""
+    """Events numbered as they are made."""
 
     def __init__(self) -> None:
         self.sequence = 0
 
-    def __call__(self, kind: str, **fields: Any) -> bytes:
-        data = orjson.dumps({"type": kind, "sequence_number": self.sequence, **fields})
+    def __call__(self, kind: str, **fields: Any) -> dict:
         self.sequence += 1
-        return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+        return {"type": kind, "sequence_number": self.sequence - 1, **fields}
 
 
 def synthesize(response: dict) -> Iterator[bytes]:
-    """The stream the real API sends for a complete response object."""
+    """The stream the real API sends for a complete response object, as SSE."""
+    for event in events_of(response):
+        yield b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+def events_of(response: dict) -> Iterator[dict]:
+    """The events of that stream, for any transport (SSE, or a WebSocket's messages)."""
     event = _Events()
     start = {**response, "status": "in_progress", "output": [], "usage": None, "incomplete_details": None}
     yield event("response.created", response=start)
@@ -108,7 +113,7 @@ def synthesize(response: dict) -> Iterator[bytes]:
     yield event(END, response=response)
 
 
-def _item_events(event: _Events, index: int, item: dict) -> Iterator[bytes]:
+def _item_events(event: _Events, index: int, item: dict) -> Iterator[dict]:
     kind, item_id = item.get("type"), item.get("id") or ""
     at = {"item_id": item_id, "output_index": index}
     if kind == "message":
@@ -141,7 +146,7 @@ def _item_events(event: _Events, index: int, item: dict) -> Iterator[bytes]:
     yield event("response.output_item.done", output_index=index, item=item)
 
 
-def _part_events(event: _Events, at: dict, part: dict) -> Iterator[bytes]:
+def _part_events(event: _Events, at: dict, part: dict) -> Iterator[dict]:
     kind = part.get("type")
     field = "refusal" if kind == "refusal" else "text"
     text = part.get(field, "")

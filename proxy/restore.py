@@ -70,7 +70,7 @@ class Restore:
 
     def apply(self, call: Call) -> None:
         path = call.route.path
-        if (path == RESPONSES_PATH) != (self.path is not None) or "previous_response_id" in call.json:
+        if (path == RESPONSES_PATH) != (self.path is not None) or call.json.get("previous_response_id"):
             return   # another API's conversation, or one whose history the upstream keeps
         messages = turns_of(path, call.json)[1]
         lead = 0   # OpenAI-style system messages stay first

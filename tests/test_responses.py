@@ -104,6 +104,21 @@ async def test_a_stored_function_call_streams_with_argument_deltas(px, mock):
                            "response.function_call_arguments.done", "response.output_item.done"]
 
 
+async def test_a_stored_reasoning_answer_streams_every_item_in_order(px, mock):
+    body = {"model": MODEL, "input": "think first", "reasoning": {"effort": "low"},
+            "include": ["reasoning.encrypted_content"]}
+    async with client(px.url) as o:
+        stored = await o.responses.create(**body)
+        async with o.responses.stream(**body) as s:
+            streamed = await s.get_final_response()
+    assert [i.type for i in stored.output] == ["reasoning", "message"] and mock.count("/v1/responses") == 1
+    assert streamed.output[0].encrypted_content == stored.output[0].encrypted_content
+    assert streamed.output_text == stored.output_text
+    _, _, raw = await post(px.url, {**body, "stream": True})
+    assert [(e["type"], e.get("output_index")) for e in events_of(raw)][2:5] == [
+        ("response.output_item.added", 0), ("response.output_item.done", 0), ("response.output_item.added", 1)]
+
+
 @pytest.mark.parametrize("failure", ["error_mid_stream", "drop_mid_stream", "incomplete", "incomplete_json"])
 async def test_answers_that_are_not_complete_are_never_stored(px, mock, failure):
     body = {"model": MODEL, "input": f"will it keep {failure}?", "stream": not failure.endswith("json")}
