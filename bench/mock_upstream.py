@@ -56,8 +56,8 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI):
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._reset_counters()
-        self._routes = {key: getattr(self, name)
-                        for api in (AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI) for key, name in api.ROUTES.items()}
+        self._routes = {key: getattr(self, name) for api in (AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI)
+                        for key, name in api.ROUTES.items()}
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_get("/_mock/stats", self._ctl_stats)
         self.app.router.add_post("/_mock/reset", self._ctl_reset)

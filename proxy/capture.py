@@ -96,7 +96,8 @@ class Capture:
                 self.malformed = True
         if self.complete:
             tail = chunk.rstrip(b"\r\n")   # this chunk must end with the final event's data
-            if tail and not tail.endswith(b"}" if self.call.route.api == "anthropic" or self.responses else OPENAI_END):
+            last = b"}" if self.call.route.api == "anthropic" or self.responses else OPENAI_END
+            if tail and not tail.endswith(last):
                 self.malformed = True
             self._assemble()
             return True
