@@ -1,4 +1,4 @@
-"""A local emulator of the Anthropic and OpenAI HTTP APIs for tests and benchmarks.
+"""A local emulator of the Anthropic and OpenAI (chat, embeddings, Responses) HTTP APIs for tests and benchmarks.
 
 Real JSON shapes, SSE event sequences, error bodies and headers, so the official SDKs
 (and a proxy in front of it) parse it as they parse the real services.  Reply text is a
@@ -30,6 +30,7 @@ from .mock.anthropic import AnthropicAPI, anthropic_problem
 from .mock.common import SSE_HEADERS, Fail, Profile, Received
 from .mock.openai_chat import OpenAIChatAPI
 from .mock.ratelimit import RateLimits, Wall
+from .mock.openai_responses import OpenAIResponsesAPI
 
 __all__ = ["MockUpstream", "Profile", "Received", "KINDS", "anthropic_problem"]
 
@@ -43,10 +44,10 @@ _FAILURES = {
 }
 _MID_STREAM = ("drop_mid_stream", "error_mid_stream")
 KINDS = (*_FAILURES, "drop", *_MID_STREAM)
-_OPENAI_PREFIXES = ("/v1/chat/", "/v1/embeddings", "/v1/completions")
+_OPENAI_PREFIXES = ("/v1/chat/", "/v1/embeddings", "/v1/completions", "/v1/responses")
 
 
-class MockUpstream(AnthropicAPI, OpenAIChatAPI):
+class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI):
     """The emulator: an aiohttp app plus counters, an injection queue and a profile.
     Each API's routes live in its own module under bench/mock/, mixed in here."""
 
@@ -60,7 +61,8 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
         self._runner: web.AppRunner | None = None
         self._reset_counters()
         self._routes = {key: getattr(self, name)
-                        for api in (AnthropicAPI, OpenAIChatAPI) for key, name in api.ROUTES.items()}
+                        for api in (AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI)
+                        for key, name in api.ROUTES.items()}
         # What each model route counts against the input-token bucket (the others count one request).
         self._metered = {"/v1/messages": self.anthropic_input_tokens,
                          "/v1/chat/completions": self.openai_input_tokens, "/v1/embeddings": lambda data: 1}
@@ -147,7 +149,8 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
         openai = path.startswith(_OPENAI_PREFIXES)
         if path == "/" and request.method in ("GET", "HEAD"):
             return web.Response(text="OK")  # Claude Code's connectivity check
-        route = self._routes.get((request.method, path))
+        route = (self._routes.get((request.method, path))  # or a route ending in /{id}
+                 or self._routes.get((request.method, path.rsplit("/", 1)[0] + "/*")))
         if route is None and openai:
             msg = f"Invalid URL ({request.method} {path})"
             return self._error(True, 404, "invalid_request_error", msg)
