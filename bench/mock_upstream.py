@@ -1,4 +1,4 @@
-"""A local emulator of the Anthropic and OpenAI HTTP APIs for tests and benchmarks.
+"""A local emulator of the Anthropic and OpenAI (chat, embeddings, Responses) HTTP APIs for tests and benchmarks.
 
 Real JSON shapes, SSE event sequences, error bodies and headers, so the official SDKs
 (and a proxy in front of it) parse it as they parse the real services.  Reply text is a
@@ -26,6 +26,7 @@ from aiohttp import web
 from .mock.anthropic import AnthropicAPI, anthropic_problem
 from .mock.common import SSE_HEADERS, Fail, Profile, Received, rfc3339
 from .mock.openai_chat import OpenAIChatAPI
+from .mock.openai_responses import OpenAIResponsesAPI
 
 __all__ = ["MockUpstream", "Profile", "Received", "KINDS", "anthropic_problem"]
 
@@ -39,10 +40,10 @@ _FAILURES = {
 }
 _MID_STREAM = ("drop_mid_stream", "error_mid_stream")
 KINDS = (*_FAILURES, "drop", *_MID_STREAM)
-_OPENAI_PREFIXES = ("/v1/chat/", "/v1/embeddings", "/v1/completions")
+_OPENAI_PREFIXES = ("/v1/chat/", "/v1/embeddings", "/v1/completions", "/v1/responses")
 
 
-class MockUpstream(AnthropicAPI, OpenAIChatAPI):
+class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI):
     """The emulator: an aiohttp app plus counters, an injection queue and a profile.
     Each API's routes live in its own module under bench/mock/, mixed in here."""
 
@@ -56,7 +57,7 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
         self._runner: web.AppRunner | None = None
         self._reset_counters()
         self._routes = {key: getattr(self, name)
-                        for api in (AnthropicAPI, OpenAIChatAPI) for key, name in api.ROUTES.items()}
+                        for api in (AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI) for key, name in api.ROUTES.items()}
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_get("/_mock/stats", self._ctl_stats)
         self.app.router.add_post("/_mock/reset", self._ctl_reset)
@@ -125,7 +126,8 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
         openai = path.startswith(_OPENAI_PREFIXES)
         if path == "/" and request.method in ("GET", "HEAD"):
             return web.Response(text="OK")  # Claude Code's connectivity check
-        route = self._routes.get((request.method, path))
+        route = (self._routes.get((request.method, path))  # or a route ending in /{id}
+                 or self._routes.get((request.method, path.rsplit("/", 1)[0] + "/*")))
         if route is None and openai:
             msg = f"Invalid URL ({request.method} {path})"
             return self._error(True, 404, "invalid_request_error", msg)
