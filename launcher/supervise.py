@@ -26,7 +26,7 @@ from pathlib import Path
 from proxy.config import Config
 from proxy.listen import bind
 
-from . import client
+from . import client, codex
 from .proxy_process import ProxyProcess, unblock_signals
 from .summary import format_summary
 
@@ -98,6 +98,10 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
         host, port = sock.getsockname()[:2]
         proxy_url = base = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
         config = config.replace("proxy", agent_id=agent, port=port)
+    cmd, own_upstream = codex.repoint(cmd, base, os.environ, own_proxy=not connect)   # Codex: a -c override
+    if own_upstream:
+        config = config.replace("upstream", openai=own_upstream)
+    if not connect:
         proxy = ProxyProcess(config, sock, config.state_dir / "logs" / "proxy.log")
 
     settings = config.launcher
