@@ -37,6 +37,7 @@ HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websoc
 # Close codes that are never sent in a close frame (RFC 6455 7.4.1): the other side gets a plain close.
 UNSENDABLE = frozenset({1005, 1006, 1015})
 CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
+CLOSING: set[asyncio.Task] = set()   # upstream closes under way (asyncio keeps only weak references to tasks)
 
 
 def is_upgrade(request: web.Request) -> bool:
@@ -125,9 +126,13 @@ class Socket:
         except SidecarError as exc:   # a relayed socket whose upstream cannot be reached any more
             log.warning("websocket %s: %s", self.route.path, exc.message)
         finally:
-            await self.close_upstream(client.close_code)
             if self.exchanges is not None:
                 self.exchanges.closed("client_disconnected")
+            # aiohttp cancels this handler once the agent's connection is gone: the upstream's close goes on
+            closing = asyncio.ensure_future(self.close_upstream(client.close_code))
+            CLOSING.add(closing)
+            closing.add_done_callback(CLOSING.discard)
+            await asyncio.shield(closing)
 
     async def send_up(self, data: str | bytes) -> None:
         upstream = await self.connect()
