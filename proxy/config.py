@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .cache_key import field_path
+
 
 class ConfigError(Exception):
     """A setting is missing, unknown or of the wrong type; the message says which and where."""
@@ -56,8 +58,10 @@ class StateSection:
 @dataclass(frozen=True)
 class CacheSection:
     mode: str = field(default="read-write", metadata=_choice("read-write", "read-only", "refresh", "off", "replay"))
-    routes: tuple[str, ...] = ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/embeddings")
-    ignore_fields: tuple[str, ...] = ("metadata.user_id", "stream", "stream_options")
+    routes: tuple[str, ...] = ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/embeddings",
+                               "/v1/responses")
+    ignore_fields: tuple[str, ...] = ("metadata.user_id", "stream", "stream_options", "prompt_cache_key",
+                                      "client_metadata")
     key_headers: tuple[str, ...] = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project")
     credential_headers: tuple[str, ...] = ()
     deterministic_only: bool = False
@@ -228,6 +232,11 @@ def load_layers(layers: list[Mapping[str, Any]], names: list[str]) -> Config:
                 merged[section][key] = _coerce(value, fields[key], f"{where}: {variable} ([{section}] {key})"
                                                if variable else f"{where} [{section}]")
     config = Config(**{name: SECTIONS[name](**values) for name, values in merged.items()})
+    for entry in config.cache.ignore_fields:
+        try:
+            field_path(entry)
+        except ValueError as exc:
+            raise ConfigError(f"{names[-1]} [cache] ignore_fields: {exc}") from None
     for entry in config.limits.per_model:
         model, sep, count = entry.rpartition("=")
         if not (sep and model.strip() and count.strip().isdigit()):
