@@ -19,9 +19,13 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 NAMES = frozenset({"codex"})
+# Codex gives every input item a new id on every run. An id is the request only in an `item_reference`
+# item, which Codex never sends (it runs with store: false, where there is nothing stored to refer to):
+# so its own sidecar leaves the ids out of its keys; a shared one keeps the rules it was given.
+ITEM_IDS = ("input[*].id",)
 SETTING = "openai_base_url"
 CONFIG_FLAGS = ("-c", "--config")
 
@@ -95,18 +99,25 @@ def signs_in_with_chatgpt(env: Mapping[str, str]) -> bool:
     return mode != "apikey"
 
 
-def repoint(cmd: list[str], base: str, env: Mapping[str, str], own_proxy: bool) -> tuple[list[str], str | None]:
-    """(the command to run, the user's own OpenAI base URL for the sidecar's upstream, if any)."""
+class Launch(NamedTuple):
+    cmd: list[str]                  # the command to run
+    upstream: str | None = None     # the user's own OpenAI base URL: the sidecar's upstream for this run
+    ignore_fields: tuple[str, ...] = ()   # more per-run noise for this agent's own sidecar to leave out of keys
+
+
+def repoint(cmd: list[str], base: str, env: Mapping[str, str], own_proxy: bool) -> Launch:
+    """How to run `cmd` through the sidecar at `base`: unchanged unless it is Codex."""
     if not is_codex(cmd):
-        return cmd, None
+        return Launch(cmd)
     given, at = overrides(cmd)
     config = user_config(env)
     provider = given.get("model_provider", config.get("model_provider"))
     if provider not in (None, "openai") or signs_in_with_chatgpt(env):
-        return cmd, None
+        return Launch(cmd)
     own = given.get(SETTING, config.get(SETTING))
     if own is not None and not own_proxy:
-        return cmd, None
+        return Launch(cmd)
     rest = [arg for i, arg in enumerate(cmd) if i not in set(at)]
     url = base.rstrip("/") + "/v1"
-    return [rest[0], "-c", f'{SETTING}="{url}"', *rest[1:]], (own if isinstance(own, str) else None)
+    return Launch([rest[0], "-c", f'{SETTING}="{url}"', *rest[1:]], own if isinstance(own, str) else None,
+                  ITEM_IDS if own_proxy else ())

@@ -15,7 +15,8 @@ import orjson
 import pytest
 from aiohttp import WSMsgType, web
 
-from proxy import stages
+from proxy.capture import Capture
+from proxy.exchange import Chain
 
 AUTH = {"authorization": "Bearer sk-test", "openai-beta": "responses_websockets=2026-02-06"}
 MODEL = "gpt-4o-mini"
@@ -151,15 +152,143 @@ async def test_unreachable_upstream_is_the_sockets_error_event(start_proxy, unus
     assert events[0]["error"]["message"].startswith("sidecar:")
 
 
-async def test_a_failing_side_stage_leaves_the_socket_working(proxy_url, mock, monkeypatch):
-    def broken(self, call, chunk):
-        raise RuntimeError("capture broke")
-    monkeypatch.setattr(stages.Capture, "chunk", broken)
+def boom(*args, **kwargs):
+    raise RuntimeError("injected failure")
+
+
+async def aboom(*args, **kwargs):
+    raise RuntimeError("injected failure")
+
+
+BREAKERS = {   # stage name in the fault event -> how to break it on a running proxy's state
+    "cache key": lambda state, mp: mp.setattr(state.cache, "plan", boom),
+    "cache lookup": lambda state, mp: mp.setattr(state.cache, "lookup", aboom),
+    "capture": lambda state, mp: mp.setattr(Capture, "feed", boom),
+    "store": lambda state, mp: mp.setattr(state.cache, "save", boom),
+    "store (write)": lambda state, mp: mp.setattr(state.cache.store, "put", aboom),
+    "record": lambda state, mp: mp.setattr(state.records, "add", boom),
+    "websocket": lambda state, mp: mp.setattr(Chain, "answered", boom),
+}
+
+
+@pytest.mark.parametrize("broken", list(BREAKERS))
+async def test_a_broken_side_stage_leaves_the_socket_as_it_was(broken, start_app, mock, monkeypatch):
+    px = await start_app(mock.url)
+    BREAKERS[broken](px.state, monkeypatch)
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(mock.url + "/v1/responses", headers=AUTH) as ws:
-            direct = await exchange(ws, create("Still there?"))
-        async with session.ws_connect(proxy_url + "/v1/responses", headers=AUTH) as ws:
-            through = await exchange(ws, create("Still there?"))
+            direct = await warm_up_then_turn(ws, "Still there?")
+        async with session.ws_connect(px.url + "/v1/responses", headers=AUTH) as ws:
+            through = await warm_up_then_turn(ws, "Still there?")
             again = await exchange(ws, create("Still there?"))   # the socket goes on
-    assert final_text(through) == final_text(direct) == final_text(again)
-    assert mock.socket_requests == 3   # nothing was stored
+    assert [len(answer) for answer in through] == [len(answer) for answer in direct]
+    assert final_text([orjson.loads(through[1][-1])]) == final_text([orjson.loads(direct[1][-1])])
+    assert again[-1]["type"] == "response.completed"
+    await px.state.cache.drain()
+    await px.state.records.drain()
+    faults = [e for e in px.events() if e["kind"] == "sidecar_fault"]
+    assert faults and {e["stage"] for e in faults} == {broken.split(" (")[0]}, faults
+
+async def raw_exchange(ws, message: dict) -> list[str]:
+    """As `exchange`, the messages as sent (text, byte for byte)."""
+    await ws.send_str(orjson.dumps(message).decode())
+    texts = []
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        assert msg.type == WSMsgType.TEXT, msg
+        texts.append(msg.data)
+        if orjson.loads(msg.data)["type"] in ("response.completed", "response.failed", "response.incomplete",
+                                              "error"):
+            return texts
+
+
+async def warm_up_then_turn(ws, text: str) -> tuple[list[str], list[str]]:
+    """Codex's way: a `generate: false` request with no input, then the turn naming its answer."""
+    warm = await raw_exchange(ws, create("", generate=False, input=[]))
+    warm_id = orjson.loads(warm[-1])["response"]["id"]
+    return warm, await raw_exchange(ws, create(text, previous_response_id=warm_id))
+
+
+async def test_a_stored_chain_is_replayed_on_a_new_socket_without_the_upstream(proxy_url, mock):
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(proxy_url + "/v1/responses", headers=AUTH) as ws:
+            first = await warm_up_then_turn(ws, "Tell me about rivers.")
+        sent, upgrades = mock.socket_requests, mock.count()
+        assert sent == 2 and upgrades == 1
+        async with session.ws_connect(proxy_url + "/v1/responses", headers=AUTH) as ws:
+            again = await warm_up_then_turn(ws, "Tell me about rivers.")
+    assert again == first                                     # the same messages, byte for byte, in order
+    assert (mock.socket_requests, mock.count()) == (sent, upgrades)   # not even a handshake upstream
+
+
+async def test_a_miss_after_hits_goes_up_whole(proxy_url, mock):
+    """The upstream never saw the answers the cache gave: a request naming one is sent with all it builds on."""
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(proxy_url + "/v1/responses", headers=AUTH) as ws:
+            await warm_up_then_turn(ws, "Tell me about lakes.")
+        async with session.ws_connect(proxy_url + "/v1/responses", headers=AUTH) as ws:
+            _, turn = await warm_up_then_turn(ws, "Tell me about lakes.")   # hits
+            turn_id = orjson.loads(turn[-1])["response"]["id"]
+            follow = await exchange(ws, create("And about seas?", previous_response_id=turn_id))
+    assert follow[-1]["type"] == "response.completed", follow[-1]
+    sent = mock.socket_messages[-1]
+    assert "previous_response_id" not in sent
+    texts = [part.get("text") for item in sent["input"] for part in item.get("content") or ()]
+    assert "Tell me about lakes." in texts and "And about seas?" in texts
+    assert any(item.get("role") == "assistant" for item in sent["input"])   # the cached answer's output
+
+    async with aiohttp.ClientSession() as session:   # and on the socket that made them, ids go up as sent
+        async with session.ws_connect(proxy_url + "/v1/responses", headers=AUTH) as ws:
+            _, turn = await warm_up_then_turn(ws, "Tell me about ponds.")
+            turn_id = orjson.loads(turn[-1])["response"]["id"]
+            await exchange(ws, create("And puddles?", previous_response_id=turn_id))
+    assert mock.socket_messages[-1]["previous_response_id"] == turn_id
+
+
+async def test_an_answer_stored_over_http_serves_the_socket(proxy_url, mock):
+    body = {k: v for k, v in create("Name a colour.").items() if k != "type"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy_url + "/v1/responses", json=body, headers=AUTH) as resp:
+            assert resp.status == 200
+            await resp.read()
+        count = mock.count()
+        async with session.ws_connect(proxy_url + "/v1/responses", headers=AUTH) as ws:
+            events = await exchange(ws, create("Name a colour."))
+    assert events[-1]["type"] == "response.completed" and final_text(events)
+    assert mock.count() == count and mock.socket_requests == 0
+
+
+@pytest.mark.parametrize("kind", ["error_mid_stream", "rate_limit", "drop_mid_stream"])
+async def test_a_failed_answer_is_relayed_and_never_stored(proxy_url, mock, kind):
+    mock.inject(kind)
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(proxy_url + "/v1/responses", headers=AUTH) as ws:
+            await ws.send_str(orjson.dumps(create("Will this work?")).decode())
+            last = None
+            while True:
+                msg = await asyncio.wait_for(ws.receive(), 10)
+                if msg.type != WSMsgType.TEXT:
+                    break   # the upstream's socket went away: so did the agent's
+                last = orjson.loads(msg.data)
+                if last["type"] in ("response.completed", "error"):
+                    break
+        if kind == "drop_mid_stream":
+            assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED) and last["type"] != "response.completed"
+        else:
+            assert last["type"] == "error"
+            assert kind != "rate_limit" or last["status"] == 429
+        async with session.ws_connect(proxy_url + "/v1/responses", headers=AUTH) as ws:
+            events = await exchange(ws, create("Will this work?"))
+    assert events[-1]["type"] == "response.completed"
+    assert mock.socket_requests == 2   # the failed one was not kept: asked again
+
+
+async def test_replay_mode_miss_is_the_sockets_error_event(start_proxy, mock):
+    proxy = await start_proxy(mock.url, mock.url + "/v1", cache={"mode": "replay"})
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(proxy + "/v1/responses", headers=AUTH) as ws:
+            events = await exchange(ws, create("Never recorded."))
+    assert events[0]["type"] == "error" and events[0]["status"] == 404
+    assert events[0]["error"]["code"] == "cache_miss"
+    assert events[0]["error"]["message"].startswith("sidecar:")
+    assert mock.count() == 0

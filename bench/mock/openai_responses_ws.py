@@ -9,6 +9,10 @@ the HTTP status (`{"type": "error", "status": 400, "error": {...}}`). A
 `generate: false` request (Codex's warm-up) is answered at once with no output.
 Codex offers its tools as `custom` tools inside an `additional_tools` input
 item; asked to "use a tool", the mock calls its `exec` tool, as a model would.
+Injected failures (`MockUpstream.inject`) act per request: `rate_limit` and the
+other statuses are error events, `error_mid_stream` ends the answer with the
+stream's error event after its first events, `drop_mid_stream` (and `drop`)
+closes the socket there without a close frame.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from .common import Fail, rand
-from .openai_responses import ResponsesTurn, _asks_for_tool, _input_items, _shell
+from .openai_responses import ResponsesTurn, _asks_for_tool, _input_items, _shell, error_event
 
 CODE_TOOL = "exec"                      # Codex's code-mode tool (a custom tool, free-form JavaScript)
 CODE_INPUT = 'text("the mock tool ran")'
@@ -121,6 +125,16 @@ class ResponsesSocket:
         return turn
 
 
+# injected kind -> (status, -, error type, code, message), as the HTTP mock's failures
+_STATUS_FAILURES = {
+    "rate_limit": (429, None, "requests", "rate_limit_exceeded",
+                   "Number of requests has exceeded your rate limit. Please try again later."),
+    "overloaded": (529, None, "server_error", None, "Overloaded"),
+    "server_error": (500, None, "server_error", None, "Internal server error"),
+    "bad_gateway": (502, None, "server_error", None, "Bad gateway"),
+}
+
+
 class OpenAIResponsesSocketAPI:
     """The socket route; mixed into MockUpstream (profile, responses, _openai_headers, counters)."""
 
@@ -156,6 +170,19 @@ class OpenAIResponsesSocketAPI:
             except Fail as f:
                 await ws.send_str(error_message(f.status, f.kind, f.message, f.kw.get("code"), f.kw.get("param")))
                 continue
-            for event in turn.events:
+            kind, kw = self._injected.popleft() if self._injected else (None, {})
+            if kind in _STATUS_FAILURES:
+                status, _, kind_name, code, message = _STATUS_FAILURES[kind]
+                await ws.send_str(error_message(status, kind_name, message, code))
+                continue
+            events = turn.events
+            if kind in ("error_mid_stream", "drop_mid_stream", "drop"):
+                events = events[:3]
+            for event in events:
                 await ws.send_str(orjson.dumps(event).decode())
+            if kind == "error_mid_stream":
+                await ws.send_str(orjson.dumps(error_event(len(events))).decode())
+            elif kind in ("drop_mid_stream", "drop"):
+                request.transport.abort()   # no close frame: the connection is just gone
+                break
         return ws
