@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+import aiohttp
 import orjson
 from multidict import CIMultiDict
 
@@ -44,6 +45,16 @@ def error_event(exc: SidecarError) -> str:
     status, _, kind, code = KINDS[exc.kind]
     return orjson.dumps({"type": "error", "status": status, "error": {
         "type": kind, "code": code, "message": exc.message, "param": None}}).decode()
+
+
+def refusal_event(exc: aiohttp.WSServerHandshakeError) -> str:
+    """The upstream refused the socket at the first miss: the error event with its status and headers."""
+    headers = {str(k): v for k, v in (exc.headers or {}).items()
+               if k.lower() not in ("content-length", "content-type", "connection", "transfer-encoding")}
+    kind = "invalid_request_error" if exc.status < 500 else "server_error"
+    return orjson.dumps({"type": "error", "status": exc.status, "headers": headers, "error": {
+        "type": kind, "code": None, "param": None,
+        "message": f"sidecar: the upstream refused the Responses socket (HTTP {exc.status} {exc.message})"}}).decode()
 
 
 def framed(kind: str, data: bytes) -> bytes:
@@ -184,16 +195,23 @@ class Exchanges:
         try:
             exchange.slot = (await pipeline.take_slot(state, call, False),)
             upstream = await self.socket.connect()
+        except aiohttp.WSServerHandshakeError as exc:
+            call.error, call.status = "upstream_refused", exc.status
+            await self._failed(exchange, refusal_event(exc))
+            return
         except Exception as exc:
             error = exc if isinstance(exc, SidecarError) else state.fault("forward", exc)
             call.error, call.status = error.kind, KINDS[error.kind][0]
-            self._release(exchange)
-            self._done(call)
-            await self.socket.client.send_str(error_event(error))
+            await self._failed(exchange, error_event(error))
             return
         self.pending.append(exchange)
         call.t_sent = time.monotonic()
         await upstream.send_str(text)
+
+    async def _failed(self, exchange: Exchange, event: str) -> None:
+        self._release(exchange)
+        self._done(exchange.call)
+        await self.socket.client.send_str(event)
 
     async def _replay(self, call: Call, whole: list | None, hit) -> None:
         events = events_of(hit.chunks)
@@ -202,7 +220,8 @@ class Exchanges:
         call.t_first_byte = time.monotonic()
         client = self.socket.client
         for _, data in events:
-            await client.send_str(data.decode())
+            if data:
+                await client.send_str(data.decode())
         call.t_done = time.monotonic()
         await pipeline.run(self.state, "end", call)   # the checkpoint of a hit
         self._done(call)

@@ -125,6 +125,10 @@ class Socket:
                     await self.send_up(msg.data)
         except SidecarError as exc:   # a relayed socket whose upstream cannot be reached any more
             log.warning("websocket %s: %s", self.route.path, exc.message)
+            await client.close(code=WSCloseCode.TRY_AGAIN_LATER, message=exc.message[:120].encode())
+        except Exception as exc:   # a bug: once upgraded, the socket can only be closed, never answered
+            self.state.fault("websocket", exc)
+            await client.close(code=WSCloseCode.INTERNAL_ERROR, message=b"sidecar: internal fault")
         finally:
             if self.exchanges is not None:
                 self.exchanges.closed("client_disconnected")

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from proxy.capture import Capture
-from proxy.exchange import Chain
+from proxy.exchange import Chain, Exchanges
 
 AUTH = {"authorization": "Bearer sk-test", "openai-beta": "responses_websockets=2026-02-06"}
 MODEL = "gpt-4o-mini"
@@ -139,6 +139,14 @@ async def test_responses_socket_answers_as_the_api_does(proxy_url, mock):
     sent = mock.received[-1]
     assert sent.headers["authorization"] == "Bearer sk-test"
     assert sent.headers["openai-beta"] == "responses_websockets=2026-02-06"
+
+
+async def test_refused_upstream_socket_is_the_sockets_error_event_with_its_status(proxy_url, mock):
+    async with aiohttp.ClientSession() as session:   # no key: the mock refuses the upgrade with a 401
+        async with session.ws_connect(proxy_url + "/v1/responses") as ws:
+            events = await exchange(ws, create("who am I?"))
+    assert len(events) == 1 and events[0]["type"] == "error"
+    assert events[0]["status"] == 401 and events[0]["error"]["message"].startswith("sidecar:")
 
 
 async def test_unreachable_upstream_is_the_sockets_error_event(start_proxy, unused_tcp_port):
@@ -292,3 +300,14 @@ async def test_replay_mode_miss_is_the_sockets_error_event(start_proxy, mock):
     assert events[0]["error"]["code"] == "cache_miss"
     assert events[0]["error"]["message"].startswith("sidecar:")
     assert mock.count() == 0
+
+
+async def test_a_bug_after_the_upgrade_closes_the_socket_with_1011(start_app, mock, monkeypatch):
+    px = await start_app(mock.url)
+    monkeypatch.setattr(Exchanges, "from_client", aboom)
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(px.url + "/v1/responses", headers=AUTH) as ws:
+            await ws.send_str(orjson.dumps(create("Hello?")).decode())
+            msg = await asyncio.wait_for(ws.receive(), 10)
+    assert msg.type == WSMsgType.CLOSE and msg.data == 1011
+    assert any(e["kind"] == "sidecar_fault" and e["stage"] == "websocket" for e in px.events())
