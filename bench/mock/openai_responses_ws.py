@@ -56,6 +56,12 @@ def _custom_tool(items: list) -> dict | None:
     return None
 
 
+def _usage(input_tokens: int, output_tokens: int) -> dict:
+    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens}
+
+
 def _tool_turn(data: dict, tool: dict) -> ResponsesTurn:
     """A response whose one output item is a call of the custom tool, with its input deltas."""
     rid = "resp_" + rand(48).lower()
@@ -66,18 +72,15 @@ def _tool_turn(data: dict, tool: dict) -> ResponsesTurn:
         events.append({"type": kind, "sequence_number": len(events), **fields})
 
     item_id, call_id = "ctc_" + rand(48).lower(), "call_" + rand(24)
-    item = {"id": item_id, "type": "custom_tool_call", "status": "in_progress", "call_id": call_id, **tool,
-            "input": ""}
+    item = {"id": item_id, "type": "custom_tool_call", "call_id": call_id, **tool, "input": ""}
     emit("response.created", response=response)
     emit("response.in_progress", response=response)
     emit("response.output_item.added", output_index=0, item=item)
     emit("response.custom_tool_call_input.delta", item_id=item_id, output_index=0, delta=CODE_INPUT)
     emit("response.custom_tool_call_input.done", item_id=item_id, output_index=0, input=CODE_INPUT)
-    item = {**item, "status": "completed", "input": CODE_INPUT}
+    item = {**item, "input": CODE_INPUT}
     emit("response.output_item.done", output_index=0, item=item)
-    usage = {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 8,
-             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 18}
-    final = {**response, "status": "completed", "output": [item], "usage": usage}
+    final = {**response, "status": "completed", "output": [item], "usage": _usage(10, 8)}
     emit("response.completed", response=final)
     return ResponsesTurn(final, events)
 
@@ -85,9 +88,7 @@ def _tool_turn(data: dict, tool: dict) -> ResponsesTurn:
 def _warm_up(data: dict) -> ResponsesTurn:
     rid = "resp_" + rand(48).lower()
     response = _shell(data, rid, int(time.time()), data.get("model"))
-    usage = {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 0,
-             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 0}
-    final = {**response, "status": "completed", "usage": usage}
+    final = {**response, "status": "completed", "usage": _usage(0, 0)}
     return ResponsesTurn(final, [{"type": "response.created", "sequence_number": 0, "response": response},
                                  {"type": "response.completed", "sequence_number": 1, "response": final}])
 
