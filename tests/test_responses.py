@@ -222,3 +222,58 @@ async def test_codex_run_noise_is_not_in_the_key_and_wildcards_take_item_ids(sta
     _, other, _ = await post(px.url, codex_like(3, "fix another bug"))
     assert (first["x-sidecar-cache"], again["x-sidecar-cache"], other["x-sidecar-cache"]) == ("miss", "hit", "miss")
     assert replayed == recorded and mock.count("/v1/responses") == 2
+
+
+# ---- checkpoints and restore of Responses conversations ------------------------------------------------
+
+
+async def test_a_chain_is_checkpointed_as_one_conversation_and_restored_into_its_continuation(px, mock):
+    instructions = "You are a helpful agent. Today is Monday."
+    async with client(px.url) as o:
+        first = await o.responses.create(model=MODEL, instructions=instructions, tools=TOOLS,
+                                         input="Remember the word PELICAN.")
+        call = await o.responses.create(model=MODEL, instructions=instructions, tools=TOOLS,
+                                        input="Now use a tool to check.", previous_response_id=first.id)
+        output = {"type": "function_call_output", "call_id": call.output[0].call_id, "output": "a water bird"}
+        async with o.responses.stream(model=MODEL, instructions=instructions, tools=TOOLS, input=[output],
+                                      previous_response_id=call.id) as s:
+            done = await s.get_final_response()
+        pending = await o.responses.create(model=MODEL, instructions=instructions, tools=TOOLS,
+                                           input="And use a tool again.", previous_response_id=done.id)
+    [session] = px.state.sessions.list()
+    items = px.state.sessions.messages(session["id"])
+    assert [i.get("type", "message") for i in items] == [
+        "message", "message", "message", "function_call", "function_call_output", "message", "message",
+        "function_call"]
+    assert items[0] == {"role": "user", "content": "Remember the word PELICAN."}
+    assert items[1]["id"] == first.output[0].id and items[5]["id"] == done.output[0].id
+    assert items[-1]["call_id"] == pending.output[0].call_id and session["messages"] == 8
+    assert px.state.sessions.find(session["id"])["system"] == instructions
+
+    # The agent died with a call unanswered; its next life opens a new conversation, which takes the
+    # history up to the last complete answer. A title call with other instructions does not.
+    assert px.state.sessions.arm("last") is not None
+    async with client(px.url) as o:
+        await o.responses.create(model=MODEL, instructions="Write a title.", input="What word was it?")
+        assert mock.received[-1].json["input"] == "What word was it?"
+        later = "You are a helpful agent. Today is Tuesday."
+        answer = await o.responses.create(model=MODEL, instructions=later, tools=TOOLS, input="What word was it?")
+        sent = mock.received[-1].json["input"]
+        assert sent[:6] == items[:6] and sent[6] == {"role": "user", "content": "What word was it?"}
+        # Its next turn names the answer's id: the upstream holds the history, nothing is put in front.
+        await o.responses.create(model=MODEL, instructions=later, tools=TOOLS, input="Thanks.",
+                                 previous_response_id=answer.id)
+        assert mock.received[-1].json["input"] == "Thanks."   # the mock accepted every history it was sent
+
+
+async def test_a_chain_branching_from_an_earlier_answer_replaces_the_later_turns(px, mock):
+    async with client(px.url) as o:
+        one = await o.responses.create(model=MODEL, input="one")
+        two = await o.responses.create(model=MODEL, input="two", previous_response_id=one.id)
+        await o.responses.create(model=MODEL, input="three", previous_response_id=two.id)
+        other = await o.responses.create(model=MODEL, input="two, again", previous_response_id=one.id)
+        await o.responses.create(model=MODEL, input="four", previous_response_id=other.id)
+    [session] = px.state.sessions.list()
+    texts = [i["content"] if isinstance(i["content"], str) else i["content"][0]["text"]
+             for i in px.state.sessions.messages(session["id"])]
+    assert texts[::2] == ["one", "two, again", "four"] and len(texts) == 6
