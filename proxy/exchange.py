@@ -47,10 +47,15 @@ def error_event(exc: SidecarError) -> str:
         "type": kind, "code": code, "message": exc.message, "param": None}}).decode()
 
 
+def refusal_headers(exc: aiohttp.WSServerHandshakeError) -> dict[str, str]:
+    """The headers of the upstream's refused upgrade that are about the refusal, not its framing."""
+    return {str(k): v for k, v in (exc.headers or {}).items()
+            if k.lower() not in ("content-length", "content-type", "connection", "transfer-encoding")}
+
+
 def refusal_event(exc: aiohttp.WSServerHandshakeError) -> str:
     """The upstream refused the socket at the first miss: the error event with its status and headers."""
-    headers = {str(k): v for k, v in (exc.headers or {}).items()
-               if k.lower() not in ("content-length", "content-type", "connection", "transfer-encoding")}
+    headers = refusal_headers(exc)
     kind = "invalid_request_error" if exc.status < 500 else "server_error"
     return orjson.dumps({"type": "error", "status": exc.status, "headers": headers, "error": {
         "type": kind, "code": None, "param": None,

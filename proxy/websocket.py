@@ -25,7 +25,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 
 from .errors import SidecarError, error_body, from_library
-from .exchange import RESPONSES, Exchanges
+from .exchange import RESPONSES, Exchanges, refusal_headers
 from .routes import Route
 from .state import ProxyState
 from .upstream import request_headers
@@ -55,15 +55,18 @@ async def relay(request: web.Request, state: ProxyState, route: Route) -> web.St
             return refused(route, exc)
     client = web.WebSocketResponse(protocols=socket.upstream_protocols(), compress=True,
                                    max_msg_size=state.body_limit)
-    await client.prepare(request)
+    try:
+        await client.prepare(request)
+    except BaseException:   # the agent went away before its socket was up: so does the upstream's
+        await socket.close_upstream(None)
+        raise
     await socket.run(client)
     return client
 
 
 def refused(route: Route, exc: aiohttp.WSServerHandshakeError) -> web.Response:
     """The upstream said no to the upgrade: the agent gets its status and headers."""
-    headers = {k: v for k, v in (exc.headers or {}).items()
-               if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-type")}
+    headers = refusal_headers(exc)
     body = error_body(route.api, "bad_gateway", f"sidecar: the upstream refused the WebSocket upgrade "
                                                 f"(HTTP {exc.status} {exc.message})")
     return web.Response(status=exc.status, headers=headers, body=body, content_type="application/json")
@@ -100,7 +103,7 @@ class Socket:
                 self.upstream = await self.state.client.session.ws_connect(
                     url, headers=self.forwarded, protocols=self.protocols, compress=15, max_msg_size=0,
                     autoclose=False, timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0))
-            except aiohttp.WSServerHandshakeError:
+            except aiohttp.WSServerHandshakeError:   # the upstream's answer, not a failure to reach it
                 raise
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
                 raise from_library(exc, url) from exc
@@ -148,6 +151,7 @@ class Socket:
     async def pump_upstream(self) -> None:
         """Every upstream message to the agent as it arrives; the upstream's close closes the agent's socket."""
         upstream, client = self.upstream, self.client
+        reason = b""
         try:
             while True:
                 msg = await upstream.receive()
@@ -158,6 +162,7 @@ class Socket:
                 elif msg.type == WSMsgType.BINARY:
                     await client.send_bytes(msg.data)
                 elif msg.type in CLOSED:
+                    reason = msg.extra.encode()[:123] if isinstance(msg.extra, str) else b""
                     break
         except (ConnectionError, RuntimeError) as exc:   # the agent's side is gone: run() closes the rest
             log.debug("websocket %s: %r", self.route.path, exc)
@@ -167,7 +172,7 @@ class Socket:
             self.exchanges.closed("upstream_closed")
         if not client.closed:
             await client.close(code=code if code and code not in UNSENDABLE else WSCloseCode.GOING_AWAY,
-                               message=b"upstream closed" if code is None else b"")
+                               message=reason if code is not None else b"upstream closed")
 
     async def close_upstream(self, code: int | None) -> None:
         upstream = self.upstream

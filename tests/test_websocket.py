@@ -92,7 +92,7 @@ async def test_socket_relays_frames_headers_and_both_closes(start_proxy, echo):
             assert (await ws.receive()).data == b"\x00\x01binary"
             await ws.send_str("close 4001")   # the upstream closes: the agent's socket closes with its code
             msg = await asyncio.wait_for(ws.receive(), 10)
-            assert msg.type == WSMsgType.CLOSE and msg.data == 4001
+            assert msg.type == WSMsgType.CLOSE and msg.data == 4001 and msg.extra == "as asked"
     assert echo["headers"]["Authorization"] == "Bearer sk-test"
     assert echo["headers"]["openai-beta"] == "responses_websockets=2026-02-06"
 
