@@ -10,6 +10,7 @@ How the launcher repoints Codex (launcher/codex.py) is tested without it.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -72,6 +73,11 @@ async def test_codex_exec_through_the_sidecar_then_from_the_cache(sidecar, mock,
     assert second.out == direct.out
     assert sent_second == 0 and connects_second == 0   # every answer from the cache: no upstream socket at all
     assert "Falling back" not in second.err and "Reconnecting" not in second.err
+    stats = await sidecar.run("stats", "--json", "--by", "route")   # the sidecar's own records of both runs
+    assert stats.returncode == 0, stats.err
+    responses = json.loads(stats.out)["groups"]["/v1/responses"]
+    assert (responses["calls"], responses["hits"]) == (4, 2)
+    assert responses["input_tokens"] > 0
 
 
 @needs_codex
