@@ -133,7 +133,6 @@ class Exchanges:
         self.headers = headers
         self.chain = Chain()
         self.pending: deque[Exchange] = deque()   # sent up, answer not over yet
-        self.head_headers = CIMultiDict()
 
     def upstream_opened(self) -> None:
         self.chain.upstream_has = None   # a new upstream socket knows no earlier answer
@@ -248,7 +247,7 @@ class Exchanges:
                 exchange.started = True
                 call.t_first_byte = time.monotonic()
                 call.status, call.streamed = 200, True
-                call.head = Head(200, "OK", CIMultiDict(self.head_headers), sse=True, incremental=True)
+                call.head = Head(200, "OK", CIMultiDict(), sse=True, incremental=True)   # the socket's 101 said it all
                 await pipeline.run(self.state, "head", call, call.head)
             exchange.chunks.append(chunk)
             if b"\r" in data and call.capture is not None:   # SSE would read it as a line end: not stored
