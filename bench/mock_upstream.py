@@ -31,6 +31,7 @@ from .mock.common import SSE_HEADERS, Fail, Profile, Received
 from .mock.openai_chat import OpenAIChatAPI
 from .mock.ratelimit import RateLimits, Wall
 from .mock.openai_responses import OpenAIResponsesAPI
+from .mock.openai_responses_ws import OpenAIResponsesSocketAPI
 
 __all__ = ["MockUpstream", "Profile", "Received", "KINDS", "anthropic_problem"]
 
@@ -47,7 +48,7 @@ KINDS = (*_FAILURES, "drop", *_MID_STREAM)
 _OPENAI_PREFIXES = ("/v1/chat/", "/v1/embeddings", "/v1/completions", "/v1/responses")
 
 
-class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI):
+class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI, OpenAIResponsesSocketAPI):
     """The emulator: an aiohttp app plus counters, an injection queue and a profile.
     Each API's routes live in its own module under bench/mock/, mixed in here."""
 
@@ -121,6 +122,8 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI):
         self.rate_limited = 0
         self._limits_shape = None   # full buckets again
         self._wall = Wall()
+        self.socket_requests = 0   # response.create messages on Responses sockets (each also in socket_messages)
+        self.socket_messages: list = []
         self.in_flight = getattr(self, "in_flight", 0)  # streams still running stay counted
         self.peak_in_flight = self.in_flight
 
@@ -149,6 +152,8 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI):
         openai = path.startswith(_OPENAI_PREFIXES)
         if path == "/" and request.method in ("GET", "HEAD"):
             return web.Response(text="OK")  # Claude Code's connectivity check
+        if path == "/v1/responses" and request.headers.get("upgrade", "").lower() == "websocket":
+            return await self._responses_socket(request, start)
         route = (self._routes.get((request.method, path))  # or a route ending in /{id}
                  or self._routes.get((request.method, path.rsplit("/", 1)[0] + "/*")))
         if route is None and openai:

@@ -27,7 +27,7 @@ from proxy import telemetry, tracecontext
 from proxy.config import Config
 from proxy.listen import bind
 
-from . import client
+from . import client, codex
 from .proxy_process import ProxyProcess, unblock_signals
 from .summary import format_summary
 
@@ -107,6 +107,13 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
         host, port = sock.getsockname()[:2]
         proxy_url = base = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
         config = config.replace("proxy", agent_id=agent, port=port)
+    launch = codex.repoint(cmd, base, os.environ, own_proxy=not connect)   # Codex: a -c override
+    cmd = launch.cmd
+    if launch.upstream:
+        config = config.replace("upstream", openai=launch.upstream)
+    if launch.ignore_fields:
+        config = config.replace("cache", ignore_fields=(*config.cache.ignore_fields, *launch.ignore_fields))
+    if not connect:
         proxy = ProxyProcess(config, sock, config.state_dir / "logs" / "proxy.log")
 
     settings = config.launcher

@@ -61,7 +61,7 @@ class CacheSection:
     routes: tuple[str, ...] = ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/embeddings",
                                "/v1/responses")
     ignore_fields: tuple[str, ...] = ("metadata.user_id", "stream", "stream_options", "prompt_cache_key",
-                                      "client_metadata")
+                                      "client_metadata", "input[*].internal_chat_message_metadata_passthrough")
     key_headers: tuple[str, ...] = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project")
     credential_headers: tuple[str, ...] = ()
     deterministic_only: bool = False

@@ -2,6 +2,8 @@
 
     stage         module              hook       what a failure does
     receive       intake              -          refusal: an API-shaped 4xx, nothing goes upstream
+    (websocket)   websocket, exchange -          an upgrade is relayed both ways; each Responses exchange
+                                                 on it runs the stages below as its own call
     route         routes              -          -
     restore       stages, restore     request    side: the request goes on unchanged
     cache key     stages, cache       request    side: the call is not cached
@@ -40,7 +42,7 @@ from typing import Any, Callable
 import aiohttp
 from aiohttp import web
 
-from . import admission, intake, replay, stages
+from . import admission, intake, replay, stages, websocket
 from .call import Call
 from .circuit import WallHeld
 from .convert import form_of
@@ -71,6 +73,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     call.accept_encoding = headers.get("accept-encoding", "")
     try:
         intake.check_target(request, state.config.proxy.allow_remote)   # receive
+        if websocket.is_upgrade(request):                               # a socket: its own way (websocket.py)
+            return await websocket.relay(request, state, call.route)
         await intake.read_body(request, call, state.body_limit)
         if call.model_call:
             hit = await run(state, "request", call)   # restore, cache key, cache lookup
