@@ -1,4 +1,4 @@
-"""A local emulator of the Anthropic and OpenAI HTTP APIs for tests and benchmarks.
+"""A local emulator of the Anthropic, OpenAI and Gemini HTTP APIs for tests and benchmarks.
 
 Real JSON shapes, SSE event sequences, error bodies and headers, so the official SDKs
 (and a proxy in front of it) parse it as they parse the real services.  Reply text is a
@@ -25,6 +25,7 @@ from aiohttp import web
 
 from .mock.anthropic import AnthropicAPI, anthropic_problem
 from .mock.common import SSE_HEADERS, Fail, Profile, Received, rfc3339
+from .mock.gemini import GeminiAPI, is_gemini
 from .mock.openai_chat import OpenAIChatAPI
 
 __all__ = ["MockUpstream", "Profile", "Received", "KINDS", "anthropic_problem"]
@@ -42,7 +43,7 @@ KINDS = (*_FAILURES, "drop", *_MID_STREAM)
 _OPENAI_PREFIXES = ("/v1/chat/", "/v1/embeddings", "/v1/completions")
 
 
-class MockUpstream(AnthropicAPI, OpenAIChatAPI):
+class MockUpstream(AnthropicAPI, OpenAIChatAPI, GeminiAPI):
     """The emulator: an aiohttp app plus counters, an injection queue and a profile.
     Each API's routes live in its own module under bench/mock/, mixed in here."""
 
@@ -123,9 +124,12 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
 
     async def _answer(self, request, path, body, data, start) -> web.StreamResponse:
         openai = path.startswith(_OPENAI_PREFIXES)
+        gemini = is_gemini(path, request.headers, request.query_string)
         if path == "/" and request.method in ("GET", "HEAD"):
             return web.Response(text="OK")  # Claude Code's connectivity check
-        route = self._routes.get((request.method, path))
+        route = self._gemini_route(request.method, path) if gemini else self._routes.get((request.method, path))
+        if route is None and gemini:
+            return self._gemini_error(404, f"Method not found: {request.method} {path}")
         if route is None and openai:
             msg = f"Invalid URL ({request.method} {path})"
             return self._error(True, 404, "invalid_request_error", msg)
@@ -134,15 +138,16 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
         cap = self.profile.max_concurrency
         if cap and self.in_flight >= cap:
             self.rate_limited += 1
-            return self._failure(openai, "rate_limit", {})
+            return self._gemini_failure("rate_limit", {}) if gemini else self._failure(openai, "rate_limit", {})
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             kind, kw = self._injected.popleft() if self._injected else (None, {})
-            if kind in _MID_STREAM and not (isinstance(data, dict) and data.get("stream") is True):
+            streams = isinstance(data, dict) and data.get("stream") is True or path.endswith(":streamGenerateContent")
+            if kind in _MID_STREAM and not streams:
                 kind = "drop" if kind == "drop_mid_stream" else "overloaded"  # no stream to cut
             if kind in _FAILURES:
-                return self._failure(openai, kind, kw)
+                return self._gemini_failure(kind, kw) if gemini else self._failure(openai, kind, kw)
             if kind == "drop":
                 return self._drop(request)
             if body and data is None:
@@ -151,6 +156,8 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
                             else "There was an error parsing the body of your request.")
             return await route(request, data, kind, start)
         except Fail as f:
+            if gemini:
+                return self._gemini_error(f.status, f.message)
             return self._error(openai, f.status, f.kind, f.message, **f.kw)
         finally:
             self.in_flight -= 1

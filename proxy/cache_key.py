@@ -2,8 +2,9 @@
 
 Canonical request = method, API path (no agent prefix), query, the headers
 that change the answer, and the JSON body with sorted keys and the ignored
-fields removed. Whether the call streams is ignored on purpose: one answer
-serves both forms. The credential partition is a keyed hash (HMAC with a
+fields removed (a dotted path; `name[*]` goes into every item of a list).
+Whether the call streams is ignored on purpose: one answer serves both forms
+(a Gemini stream is keyed as its JSON method, gemini_api.key_target). The credential partition is a keyed hash (HMAC with a
 secret kept in the state directory) of every credential the call carries:
 `x-api-key`, `authorization`, `api-key` (Azure OpenAI), `x-goog-api-key`, a
 `key=` query parameter (Gemini, left out of the canonical query) and the
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import orjson
+
+from .gemini_api import key_target
 
 # The partition of a call carrying only these is HMAC("x-api-key\0authorization"), as it always was:
 # existing entries keep hitting. Any other credential present is appended after them, tagged by its name.
@@ -67,11 +70,23 @@ def without(body: Any, dotted: Iterable[tuple[str, ...]]) -> Any:
 
 def _drop(node: dict, path: tuple[str, ...]) -> None:
     head = path[0]
-    if len(path) == 1:
+    if head.endswith("[*]"):   # every item of a list (copied, as the dicts are)
+        items = node.get(head[:-3])
+        if isinstance(items, list):
+            node[head[:-3]] = [_without_in(item, path[1:]) for item in items]
+    elif len(path) == 1:
         node.pop(head, None)
     elif isinstance(node.get(head), dict):
         node[head] = child = dict(node[head])
         _drop(child, path[1:])
+
+
+def _without_in(item: Any, path: tuple[str, ...]) -> Any:
+    if not path or not isinstance(item, dict):
+        return item
+    item = dict(item)
+    _drop(item, path)
+    return item
 
 
 class KeyMaker:
@@ -88,6 +103,7 @@ class KeyMaker:
     def canonical(self, method: str, path: str, query: str, headers, body: Any) -> bytes:
         if QUERY_KEY in query:   # a credential: it goes to the partition, never into the request hash
             query = "&".join(part for part in query.split("&") if not part.startswith(QUERY_KEY))
+        path, query = key_target(path, query)
         doc = {"method": method, "path": path, "query": query,
                "headers": {h: headers[h] for h in self.headers if h in headers},
                "body": without(body, self.ignore)}

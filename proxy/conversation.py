@@ -4,6 +4,11 @@ An id is the client's own session id where it sends one (Claude Code:
 `metadata.user_id`'s session_id), else a hash of the agent and the
 conversation's root (system prompt head and first user message).
 
+The turns are a body's `messages` (Anthropic, OpenAI) or `contents` (Gemini,
+whose system prompt is `systemInstruction`, whose model turns have the role
+`model` and whose tools are `functionDeclarations`): `turns_field` and
+`system_of` say which.
+
 A shape tells the conversation an agent continues apart from the side
 conversations it opens (a title call, a sub-agent): the same tools, and a
 system prompt that is the same apart from its environment. Claude Code's
@@ -19,8 +24,20 @@ from typing import Any
 
 import orjson
 
+from . import gemini_api
+
 CHAT_ROUTES = {"/v1/messages": "anthropic", "/v1/chat/completions": "openai"}
 SYSTEM_ROLES = ("system", "developer")
+ASSISTANT_ROLES = ("assistant", "model")
+
+
+def turns_field(body: dict) -> str:
+    return "contents" if "messages" not in body and "contents" in body else "messages"
+
+
+def system_of(body: dict) -> Any:
+    system = body.get("system")
+    return body.get("systemInstruction") if system is None else system
 
 
 def digest(value: Any) -> str:
@@ -44,9 +61,9 @@ def session_id(agent: str, body: dict, headers) -> str:
     own = client_session(body, headers)
     if own:
         return "c" + digest(["client", own])[:15]
-    messages = body.get("messages") or []
-    first_user = next((m for m in messages if m.get("role") == "user"), None)
-    system = body.get("system")
+    messages = body.get(turns_field(body)) or []
+    first_user = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+    system = system_of(body)
     head = system[:4096] if isinstance(system, str) else orjson.dumps(system)[:4096].decode("utf-8", "ignore")
     return "r" + digest([agent, head, first_user])[:15]
 
@@ -57,6 +74,8 @@ def answer_message(api: str, answer: dict | None) -> dict | None:
         return None
     if api == "anthropic":
         return {"role": "assistant", "content": answer.get("content") or []}
+    if api == "gemini":
+        return gemini_api.answer_turn(answer)
     choice = (answer.get("choices") or [{}])[0]
     message = choice.get("message") or {}
     turn = {"role": "assistant", "content": message.get("content")}
@@ -71,12 +90,17 @@ def tools_digest(body: dict) -> str:
     tools = body.get("tools")
     names = [(t.get("type"), t.get("name") or (t.get("function") or {}).get("name"))
              for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
+    names += [("function", d.get("name")) for t in tools if isinstance(t, dict)   # Gemini's
+              for d in t.get("functionDeclarations") or () if isinstance(d, dict)] if isinstance(tools, list) else []
     return digest(names)
 
 
 def system_texts(system: Any, messages: list) -> list[str]:
-    """The system prompt as one text per block: Anthropic's `system`, else OpenAI's leading system messages."""
-    if system is None:
+    """The system prompt as one text per block: Anthropic's `system`, Gemini's `systemInstruction` parts, else
+    OpenAI's leading system messages."""
+    if isinstance(system, dict) and isinstance(system.get("parts"), list):
+        blocks = system["parts"]
+    elif system is None:
         blocks = []
         for message in messages:
             if not isinstance(message, dict) or message.get("role") not in SYSTEM_ROLES:
@@ -125,7 +149,7 @@ class Shape:
 
     @classmethod
     def of(cls, body: dict) -> Shape:
-        return cls(tuple(system_texts(body.get("system"), body.get("messages") or [])), tools_digest(body))
+        return cls(tuple(system_texts(system_of(body), body.get(turns_field(body)) or [])), tools_digest(body))
 
     def continued_by(self, other: Shape) -> bool:
         """Same tools, and a system prompt whose every block keeps at least half of its text, at its start

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import orjson
 
+from . import gemini_api
 from .call import Call
 from .encoding import UndecodableBody, decoded
 from .entry import Entry
 from .sse import EventParser, assemble_anthropic, assemble_openai, synthesize_anthropic, synthesize_openai
+
+ASSEMBLE = {"anthropic": assemble_anthropic, "openai": assemble_openai, "gemini": gemini_api.assemble}
 
 
 class Unconvertible(ValueError):
@@ -23,6 +26,8 @@ class Unconvertible(ValueError):
 
 def form_of(call: Call) -> tuple:
     """What shape of answer the request asks for; a recorded answer of another shape is converted."""
+    if call.route.api == "gemini":   # the method and alt=sse say it, not the body
+        return ("sse",) if gemini_api.streams(call.route.path, call.route.query) else ("json",)
     if not call.wants_stream:
         return ("json",)
     options = call.json.get("stream_options")
@@ -45,7 +50,7 @@ def message_of(entry: Entry, api: str) -> dict:
         else:
             parser = EventParser()
             events = parser.feed(body) + parser.feed(b"\n\n")
-            message = (assemble_openai if api == "openai" else assemble_anthropic)(events)
+            message = ASSEMBLE[api](events)
     except (ValueError, UndecodableBody) as exc:
         raise Unconvertible(f"stored answer unreadable: {exc}") from exc
     if not isinstance(message, dict):
@@ -62,7 +67,8 @@ def as_json(message: dict) -> bytes:
 
 def as_stream(message: dict, api: str, include_usage: bool) -> bytes:
     try:
-        events = synthesize_openai(message, include_usage) if api == "openai" else synthesize_anthropic(message)
+        events = synthesize_openai(message, include_usage) if api == "openai" else \
+            gemini_api.synthesize(message) if api == "gemini" else synthesize_anthropic(message)
         return b"".join(events)
     except (TypeError, ValueError, LookupError, AttributeError) as exc:   # a shape synthesis cannot follow
         raise Unconvertible(str(exc)) from exc

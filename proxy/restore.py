@@ -14,7 +14,7 @@ from __future__ import annotations
 import orjson
 
 from .call import Call
-from .conversation import SYSTEM_ROLES, Shape, digest, system_texts
+from .conversation import ASSISTANT_ROLES, SYSTEM_ROLES, Shape, digest, system_texts, turns_field
 
 
 def _tool_uses(message: dict) -> set[str]:
@@ -22,6 +22,9 @@ def _tool_uses(message: dict) -> set[str]:
     ids = {b.get("id") for b in content if isinstance(b, dict) and b.get("type") == "tool_use"} \
         if isinstance(content, list) else set()
     ids |= {c.get("id") for c in message.get("tool_calls") or []}
+    parts = message.get("parts")   # Gemini's functionCall parts
+    ids |= {p["functionCall"].get("name") for p in parts if isinstance(p, dict) and isinstance(p.get("functionCall"), dict)} \
+        if isinstance(parts, list) else set()
     return ids
 
 
@@ -31,7 +34,7 @@ def trim_for_api(messages: list[dict]) -> list[dict]:
     end = len(messages)
     while end > 0:
         last = messages[end - 1]
-        if last.get("role") == "assistant" and not _tool_uses(last):
+        if last.get("role") in ASSISTANT_ROLES and not _tool_uses(last):
             break
         end -= 1
     prefix = messages[:end]
@@ -54,7 +57,8 @@ class Restore:
         self.root: str | None = None
 
     def apply(self, call: Call) -> None:
-        messages = call.json["messages"]
+        field = turns_field(call.json)
+        messages = call.json[field]
         lead = 0   # OpenAI-style system messages stay first
         while lead < len(messages) and isinstance(messages[lead], dict) \
                 and messages[lead].get("role") in SYSTEM_ROLES:
@@ -73,7 +77,7 @@ class Restore:
             return   # a side conversation (a title call, a sub-agent), even with the same first message
         old = self._without_system if lead else self.messages
         forwarded = messages[:lead] + old + messages[lead:]
-        body = {**call.json, "messages": forwarded}
+        body = {**call.json, field: forwarded}
         raw = orjson.dumps(body)   # first: should it fail, the call goes on as it came, whole
         call.forwarded_messages, call.json, call.body, call.restored = forwarded, body, raw, True
         self.root = root

@@ -21,7 +21,9 @@ import lmdb
 import orjson
 
 from .call import Call
-from .conversation import CHAT_ROUTES, answer_message, client_session, digest, session_id, tools_digest
+from . import gemini_api
+from .conversation import (CHAT_ROUTES, answer_message, client_session, digest, session_id, system_of, tools_digest,
+                           turns_field)
 from .restore import Restore
 from .store import Lmdb
 
@@ -43,8 +45,8 @@ class Sessions:
     # -- checkpoints --
     @staticmethod
     def applies(call: Call) -> bool:
-        return call.method == "POST" and call.route.path in CHAT_ROUTES and isinstance(call.json, dict) \
-            and isinstance(call.json.get("messages"), list)
+        return call.method == "POST" and (call.route.path in CHAT_ROUTES or gemini_api.is_generate(call.route.path)) \
+            and isinstance(call.json, dict) and isinstance(call.json.get(turns_field(call.json)), list)
 
     def has_turn(self, call: Call) -> bool:
         """Whether this very request was the conversation's last checkpointed turn (so its answer is kept)."""
@@ -58,9 +60,9 @@ class Sessions:
             return
         sid = call.session or session_id(call.route.agent, call.json, headers)
         call.session = sid
-        messages = [*(call.forwarded_messages or call.json["messages"]), reply]
+        messages = [*(call.forwarded_messages or call.json[turns_field(call.json)]), reply]
         rows = [orjson.dumps(m) for m in messages]
-        system = call.json.get("system")
+        system = system_of(call.json)
         meta = {"id": sid, "agent": call.route.agent, "api": call.route.api, "model": call.model,
                 "client_session": client_session(call.json, headers), "tools_digest": tools_digest(call.json)}
         await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system))

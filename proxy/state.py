@@ -58,7 +58,7 @@ class ProxyState:
     @classmethod
     def build(cls, config: Config) -> "ProxyState":
         return cls(config=config, client=UpstreamClient(config.proxy), limiter=Limiter(config.limits),
-                   upstreams=Upstreams(config.upstream.anthropic, config.upstream.openai))
+                   upstreams=Upstreams(config.upstream.anthropic, config.upstream.openai, config.upstream.gemini))
 
     @property
     def agent_id(self) -> str:
