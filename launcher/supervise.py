@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from proxy.config import Config
+from proxy.config import UPSTREAM_VARIABLES, VARIABLE_SUFFIX, Config
 from proxy.listen import bind
 
 from . import client
@@ -55,9 +55,15 @@ def agent_id_for(cmd: list[str], config: Config) -> str:
     return f"{name}-{secrets.token_hex(3)}"
 
 
+# Every base-URL variable a client reads (proxy/config.py), set for the agent: one an SDK reads first must not
+# send its calls around the sidecar.
+BASE_URL_VARIABLES = tuple(var for var, _ in UPSTREAM_VARIABLES)
+
+
 def agent_env(base: str, proxy_url: str, agent: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(ANTHROPIC_BASE_URL=base, OPENAI_BASE_URL=base + "/v1", SIDECAR_URL=proxy_url, SIDECAR_AGENT_ID=agent)
+    env.update({var: base + VARIABLE_SUFFIX[api] for var, api in UPSTREAM_VARIABLES})
+    env.update(SIDECAR_URL=proxy_url, SIDECAR_AGENT_ID=agent)
     return env
 
 
@@ -173,7 +179,7 @@ def print_summary(proxy_url: str, agent: str, started: float, peak_rss: int) -> 
         doc = client.call(proxy_url, f"/_sidecar/stats?agent={agent}&since={started}", timeout=5.0)
     except client.SidecarUnreachable:
         return
-    print(format_summary(doc["summary"]["all"], doc.get("events", []), peak_rss), file=sys.stderr)
+    print(format_summary(doc["summary"]["all"], doc.get("events", []), peak_rss, BASE_URL_VARIABLES), file=sys.stderr)
 
 
 def _supervise(child: subprocess.Popen, proxy: ProxyProcess | None) -> tuple[int, int, bool]:
