@@ -37,6 +37,16 @@ FAILURES = {"rate_limit": (429, "Resource has been exhausted (e.g. check quota).
 FILL = {"string": None, "integer": 1, "number": 1, "boolean": True}
 
 
+def field(doc: object, name: str, default: object = None) -> object:
+    """A request field by its JSON name or its proto name (`functionDeclarations` or `function_declarations`):
+    the API takes both, and the Python SDK sends some fields in snake case."""
+    if not isinstance(doc, dict):
+        return default
+    if name in doc:
+        return doc[name]
+    return doc.get(re.sub(r"[A-Z]", lambda m: "_" + m.group().lower(), name), default)
+
+
 def is_gemini(path: str, headers, query: str) -> bool:
     """Gemini's own paths; /v1/models... (every API's) with a Gemini key."""
     return path.startswith(PREFIXES) or MODEL_METHOD.match(path) is not None or path.startswith("/v1/models") \
@@ -62,7 +72,7 @@ def _texts(content: object) -> str:
 
 def _declarations(tools: object) -> list[dict]:
     return [d for tool in tools or () if isinstance(tool, dict)
-            for d in tool.get("functionDeclarations") or () if isinstance(d, dict)] if isinstance(tools, list) else []
+            for d in field(tool, "functionDeclarations") or () if isinstance(d, dict)] if isinstance(tools, list) else []
 
 
 def _function_call(data: dict, words: list[str]) -> dict | None:
@@ -76,7 +86,7 @@ def _function_call(data: dict, words: list[str]) -> dict | None:
     if "use a tool" not in text.lower():
         return None
     tool = next((d for d in declared if d.get("name") and d["name"] in text), declared[0])
-    schema = tool.get("parametersJsonSchema") or tool.get("parameters") or {}
+    schema = field(tool, "parametersJsonSchema") or tool.get("parameters") or {}
     args = {}
     for name, spec in (schema.get("properties") or {}).items():
         kind = str(spec.get("type", "")).lower() if isinstance(spec, dict) else ""
@@ -119,8 +129,8 @@ def problem(data: object, strict: bool) -> str | None:
                     f"{content.get('role')!r})")
         if not strict or i == 0:
             continue
-        called = any(isinstance(p, dict) and "functionCall" in p for p in contents[i - 1]["parts"])
-        answers = any(isinstance(p, dict) and "functionResponse" in p for p in content["parts"])
+        called = any(field(p, "functionCall") for p in contents[i - 1]["parts"])
+        answers = any(field(p, "functionResponse") for p in content["parts"])
         if called and not answers:
             return ("Please ensure that function response turn comes immediately after a function "
                     "call turn.")
@@ -180,16 +190,16 @@ class GeminiAPI:
         return self._json(self._gemini_model_entry(*found), self._gemini_headers(start))
 
     def _gemini_material(self, model: str, data: dict) -> bytes:
-        return orjson.dumps([model, data.get("systemInstruction"), data.get("contents")],
+        return orjson.dumps([model, field(data, "systemInstruction"), data.get("contents")],
                             option=orjson.OPT_SORT_KEYS)
 
     async def _gemini_count_tokens(self, request, data, kind, start) -> web.Response:
-        inner = data.get("generateContentRequest") if isinstance(data, dict) else None
+        inner = field(data, "generateContentRequest")
         body = inner if isinstance(inner, dict) else data
         if message := problem(body, strict=False):
             raise Fail(400, "INVALID_ARGUMENT", message.replace("GenerateContentRequest", "CountTokensRequest"))
         n = len(self._gemini_material(MODEL_METHOD.match(request.path).group(3), body)) // 4 + 1
-        return self._json({"totalTokens": n, "promptTokensDetails": [{"modality": "TEXT", "tokenCount": n}]},
+        return self._json({"totalTokens": n},
                           self._gemini_headers(start))
 
     async def _gemini_generate(self, request, data, kind, start) -> web.StreamResponse:
@@ -199,23 +209,23 @@ class GeminiAPI:
         model, streaming = match.group(3), match.group(4) == "streamGenerateContent"
         if streaming and request.query.get("alt") != "sse":
             raise Fail(400, "INVALID_ARGUMENT", "this mock streams only with ?alt=sse (as the SDKs ask)")
-        config = data.get("generationConfig") if isinstance(data.get("generationConfig"), dict) else {}
+        config = field(data, "generationConfig", {})
         material = self._gemini_material(model, data)
-        limit = config.get("maxOutputTokens")
+        limit = field(config, "maxOutputTokens")
         n = min(self.profile.output_tokens, limit if isinstance(limit, int) and limit > 0 else 1 << 30)
         words = words_of(material, n)
         call = _function_call(data, words)
-        schema = config.get("responseJsonSchema") or config.get("responseSchema")
-        if config.get("responseMimeType") == "application/json" and call is None:   # JSON mode: one JSON text
+        schema = field(config, "responseJsonSchema") or field(config, "responseSchema")
+        if field(config, "responseMimeType") == "application/json" and call is None:   # JSON mode: one JSON text
             words = [orjson.dumps(_fill(schema, words) if schema else {"text": " ".join(words)}).decode()]
         finish = "STOP" if call or n == self.profile.output_tokens else "MAX_TOKENS"
         prompt = len(material) // 4 + 1
-        thinking = config.get("thinkingConfig") if isinstance(config.get("thinkingConfig"), dict) else {}
-        budget = thinking.get("thinkingBudget", -1 if thinking.get("thinkingLevel") else 0)   # Gemini 3: a level
+        thinking = field(config, "thinkingConfig", {})
+        budget = field(thinking, "thinkingBudget", -1 if field(thinking, "thinkingLevel") else 0)   # Gemini 3: a level
         thoughts = (2 * n if budget == -1 else min(budget, 2 * n)) if isinstance(budget, int) else 0
         usage = {"promptTokenCount": prompt, "candidatesTokenCount": n if not call else 4,
                  "totalTokenCount": 0, "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt}]}
-        if data.get("cachedContent"):   # an explicit cache: most of the prompt was read from it
+        if field(data, "cachedContent"):   # an explicit cache: most of the prompt was read from it
             cached = prompt * 3 // 4
             usage["cachedContentTokenCount"] = cached
             usage["cacheTokensDetails"] = [{"modality": "TEXT", "tokenCount": cached}]
@@ -223,7 +233,7 @@ class GeminiAPI:
             usage["thoughtsTokenCount"] = thoughts
         usage["totalTokenCount"] = prompt + usage["candidatesTokenCount"] + thoughts
         head = {"modelVersion": model, "responseId": rand(23)}
-        thought = [{"text": "Thinking it over.", "thought": True}] if thinking.get("includeThoughts") else []
+        thought = [{"text": "Thinking it over.", "thought": True}] if field(thinking, "includeThoughts") else []
         headers = self._gemini_headers(start)
         if not streaming:
             parts = [*thought, call or {"text": " ".join(words)}]
