@@ -34,6 +34,7 @@ FAILURES = {"rate_limit": (429, "Resource has been exhausted (e.g. check quota).
             "server_error": (500, "An internal error has occurred. Please retry or report in "
                                   "https://developers.generativeai.google/guide/troubleshooting"),
             "bad_gateway": (502, "Bad Gateway")}
+CALL_PARTS = ("functionCall", "functionResponse", "function_call", "function_response")
 FILL = {"string": None, "integer": 1, "number": 1, "boolean": True}
 
 
@@ -114,6 +115,13 @@ def _fill(schema: object, words: list[str], depth: int = 0) -> object:
     return " ".join(words)
 
 
+def _without_ids(part: object) -> object:
+    if not isinstance(part, dict):
+        return part
+    return {k: {f: v for f, v in value.items() if f != "id"} if k in CALL_PARTS and isinstance(value, dict) else value
+            for k, value in part.items()}
+
+
 def problem(data: object, strict: bool) -> str | None:
     """The message the real API gives for a malformed GenerateContentRequest, or None."""
     if not isinstance(data, dict):
@@ -190,8 +198,13 @@ class GeminiAPI:
         return self._json(self._gemini_model_entry(*found), self._gemini_headers(start))
 
     def _gemini_material(self, model: str, data: dict) -> bytes:
-        return orjson.dumps([model, field(data, "systemInstruction"), data.get("contents")],
-                            option=orjson.OPT_SORT_KEYS)
+        """What a reply is a function of: the conversation, not the ids a client gives its function calls
+        (the Gemini CLI makes them from the clock), as a model's answer would not depend on them."""
+        contents = data.get("contents")
+        if isinstance(contents, list):
+            contents = [{**c, "parts": [_without_ids(p) for p in c["parts"]]}
+                        if isinstance(c, dict) and isinstance(c.get("parts"), list) else c for c in contents]
+        return orjson.dumps([model, field(data, "systemInstruction"), contents], option=orjson.OPT_SORT_KEYS)
 
     async def _gemini_count_tokens(self, request, data, kind, start) -> web.Response:
         inner = field(data, "generateContentRequest")
