@@ -26,7 +26,7 @@ from pathlib import Path
 from proxy.config import UPSTREAM_VARIABLES, VARIABLE_SUFFIX, Config
 from proxy.listen import bind
 
-from . import client
+from . import client, gemini_cli
 from .proxy_process import ProxyProcess, unblock_signals
 from .summary import format_summary
 
@@ -114,7 +114,7 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
             proxy.start()
             if restore:
                 proxy.send({"restore": restore}, standing="restore")
-        env = agent_env(base, proxy_url, agent)
+        env = {**agent_env(base, proxy_url, agent), **gemini_cli.agent_env(os.environ, config.state_dir)}
         child = spawn(cmd, env)
         tell(proxy, connect, {"id": agent, "event": "started", "pid": child.pid, "cmd": shlex.join(cmd)},
              config.state_dir)

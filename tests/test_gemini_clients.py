@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import upstream_env
+from launcher import gemini_cli
 
 PY = sys.executable
 GEMINI = shutil.which("gemini")
@@ -112,3 +113,20 @@ async def test_gemini_cli_with_a_tool_call_through_sidecar_run(sidecar, mock, tm
                for part in content["parts"]), "the CLI never sent a tool's response"
     stats = await sidecar_records(sidecar, env)
     assert stats["all"]["calls"] == 2 * calls[0] and stats["all"]["hits"] == calls[0]
+
+
+def test_the_gemini_cli_keeps_the_api_key_auth_it_would_have_picked(tmp_path, monkeypatch):
+    state = tmp_path / "state"
+    monkeypatch.setattr(gemini_cli, "secure", lambda path: True)   # tmp_path lies under the world-writable /tmp
+    assert gemini_cli.agent_env({"GEMINI_API_KEY": KEY}, state) == {
+        "GEMINI_CLI_SYSTEM_DEFAULTS_PATH": str(state / "gemini-cli-defaults.json")}
+    written = state / "gemini-cli-defaults.json"
+    assert json.loads(written.read_text()) == {"security": {"auth": {"selectedType": "gemini-api-key"}}}
+    assert written.stat().st_mode & 0o777 == 0o600
+    for own in ({}, {"GEMINI_API_KEY": KEY, "GOOGLE_GEMINI_BASE_URL": "http://gateway"},   # already a gateway user
+                {"GEMINI_API_KEY": KEY, "GOOGLE_GENAI_USE_VERTEXAI": "true"},
+                {"GEMINI_API_KEY": KEY, "GEMINI_CLI_SYSTEM_DEFAULTS_PATH": "/etc/mine.json"}):
+        assert gemini_cli.agent_env(own, state) == {}, own
+    monkeypatch.undo()
+    assert not gemini_cli.secure(tmp_path)   # the CLI would skip the file here (and warn): so nothing is set
+    assert gemini_cli.agent_env({"GEMINI_API_KEY": KEY}, tmp_path / "other") == {}
