@@ -45,7 +45,8 @@ class Cache:
 
     def is_model_route(self, path: str) -> bool:
         """A path of `[cache] routes`: a model call, cached, limited and counted."""
-        return path in self.routes or self._route_pattern is not None and self._route_pattern.fullmatch(path) is not None
+        pattern = self._route_pattern
+        return path in self.routes or pattern is not None and pattern.fullmatch(path) is not None
 
     def plan(self, call: Call, headers) -> None:
         """Decide whether this call reads and writes the cache, and compute its key."""

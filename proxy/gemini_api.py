@@ -167,16 +167,22 @@ def _merge(candidate: dict, piece: dict) -> None:
             _add_part(held["parts"], _object(part, "part"))
 
 
+TEXT_FIELDS = frozenset({"text", "thought", "thoughtSignature"})
+
+
 def _add_part(parts: list[dict], part: dict) -> None:
     """Consecutive text parts of one kind (thought or not) are one part, as in a JSON answer."""
     last = parts[-1] if parts else None
-    if last is not None and isinstance(part.get("text"), str) and isinstance(last.get("text"), str) \
-            and set(part) <= {"text", "thought", "thoughtSignature"} and set(last) <= {"text", "thought", "thoughtSignature"} \
+    if last is not None and _plain_text(part) and _plain_text(last) \
             and bool(part.get("thought")) == bool(last.get("thought")) \
             and not ("thoughtSignature" in part and "thoughtSignature" in last):
         parts[-1] = {**last, **part, "text": last["text"] + part["text"]}
     else:
         parts.append(dict(part))
+
+
+def _plain_text(part: dict) -> bool:
+    return isinstance(part.get("text"), str) and part.keys() <= TEXT_FIELDS
 
 
 def synthesize(response: dict[str, Any]) -> Iterator[bytes]:

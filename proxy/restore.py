@@ -23,8 +23,9 @@ def _tool_uses(message: dict) -> set[str]:
         if isinstance(content, list) else set()
     ids |= {c.get("id") for c in message.get("tool_calls") or []}
     parts = message.get("parts")   # Gemini's functionCall parts
-    ids |= {p["functionCall"].get("name") for p in parts if isinstance(p, dict) and isinstance(p.get("functionCall"), dict)} \
-        if isinstance(parts, list) else set()
+    if isinstance(parts, list):
+        ids |= {str(p["functionCall"].get("name")) for p in parts
+                if isinstance(p, dict) and isinstance(p.get("functionCall"), dict)}
     return ids
 
 

@@ -72,8 +72,10 @@ def _texts(content: object) -> str:
 
 
 def _declarations(tools: object) -> list[dict]:
-    return [d for tool in tools or () if isinstance(tool, dict)
-            for d in field(tool, "functionDeclarations") or () if isinstance(d, dict)] if isinstance(tools, list) else []
+    if not isinstance(tools, list):
+        return []
+    return [d for tool in tools if isinstance(tool, dict) for d in field(tool, "functionDeclarations") or ()
+            if isinstance(d, dict)]
 
 
 def _function_call(data: dict, words: list[str]) -> dict | None:
