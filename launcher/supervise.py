@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from proxy.config import UPSTREAM_VARIABLES, VARIABLE_SUFFIX, Config
+from proxy.config import UPSTREAM_VARIABLES, VARIABLE_SUFFIX, Config, UpstreamSection
 from proxy.listen import bind
 
 from . import client, gemini_cli
@@ -55,16 +55,22 @@ def agent_id_for(cmd: list[str], config: Config) -> str:
     return f"{name}-{secrets.token_hex(3)}"
 
 
-# Every base-URL variable a client reads (proxy/config.py), set for the agent: one an SDK reads first must not
-# send its calls around the sidecar.
-BASE_URL_VARIABLES = tuple(var for var, _ in UPSTREAM_VARIABLES)
-
-
-def agent_env(base: str, proxy_url: str, agent: str) -> dict[str, str]:
+def agent_env(base: str, proxy_url: str, agent: str, upstream: UpstreamSection) -> dict[str, str]:
+    """The agent's environment: every base-URL variable a client reads (proxy/config.py) points at the sidecar,
+    so one an SDK reads first does not send its calls around it. A variable the user set to another place than
+    its API's upstream keeps its value: the sidecar forwards to one upstream per API, and its calls must not
+    change destination."""
     env = dict(os.environ)
-    env.update({var: base + VARIABLE_SUFFIX[api] for var, api in UPSTREAM_VARIABLES})
+    for var, api in UPSTREAM_VARIABLES:
+        own = env.get(var)
+        if not own or own.rstrip("/") == getattr(upstream, api).rstrip("/"):
+            env[var] = base + VARIABLE_SUFFIX[api]
     env.update(SIDECAR_URL=proxy_url, SIDECAR_AGENT_ID=agent)
     return env
+
+
+def repointed(env: dict[str, str], base: str) -> tuple[str, ...]:
+    return tuple(var for var, api in UPSTREAM_VARIABLES if env.get(var) == base + VARIABLE_SUFFIX[api])
 
 
 def tell(proxy: ProxyProcess | None, connect: str | None, message: dict, state_dir: Path) -> None:
@@ -114,7 +120,7 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
             proxy.start()
             if restore:
                 proxy.send({"restore": restore}, standing="restore")
-        env = {**agent_env(base, proxy_url, agent), **gemini_cli.agent_env(os.environ, config.state_dir)}
+        env = {**agent_env(base, proxy_url, agent, config.upstream), **gemini_cli.agent_env(os.environ, config.state_dir)}
         child = spawn(cmd, env)
         tell(proxy, connect, {"id": agent, "event": "started", "pid": child.pid, "cmd": shlex.join(cmd)},
              config.state_dir)
@@ -132,7 +138,7 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
             tell(proxy, connect, {"id": agent, "event": "restarted", "pid": child.pid, "cmd": shlex.join(cmd)},
                  config.state_dir)
         if not settings.quiet and (connect or proxy and proxy.ready):
-            print_summary(proxy_url, agent, started, peak_rss)
+            print_summary(proxy_url, agent, started, peak_rss, repointed(env, base))
     finally:
         if proxy:
             proxy.stop()
@@ -173,13 +179,13 @@ def _interrupted(backoff: float) -> bool:
     return False
 
 
-def print_summary(proxy_url: str, agent: str, started: float, peak_rss: int) -> None:
+def print_summary(proxy_url: str, agent: str, started: float, peak_rss: int, variables: tuple[str, ...]) -> None:
     """One short summary of the agent's calls on stderr, once it has exited."""
     try:
         doc = client.call(proxy_url, f"/_sidecar/stats?agent={agent}&since={started}", timeout=5.0)
     except client.SidecarUnreachable:
         return
-    print(format_summary(doc["summary"]["all"], doc.get("events", []), peak_rss, BASE_URL_VARIABLES), file=sys.stderr)
+    print(format_summary(doc["summary"]["all"], doc.get("events", []), peak_rss, variables), file=sys.stderr)
 
 
 def _supervise(child: subprocess.Popen, proxy: ProxyProcess | None) -> tuple[int, int, bool]:

@@ -129,6 +129,12 @@ async def test_agent_env_points_at_proxy(sidecar, script, mock):
     assert seen["ANTHROPIC_BASE_URL"] == seen["ANTHROPIC_API_URL"] == seen["ANTHROPIC_API_BASE"] == url
     assert seen["OPENAI_BASE_URL"] == seen["OPENAI_API_BASE"] == url + "/v1"
     assert seen["GOOGLE_GEMINI_BASE_URL"] == url
+    # One pointing elsewhere than its API's upstream keeps its value: repointed, its calls would change place.
+    elsewhere = {**upstream_env(mock), "ANTHROPIC_API_URL": "http://127.0.0.1:9/elsewhere"}
+    done = await sidecar.run("run", "--quiet", "--", PY, str(script(ENV_AGENT)), env=elsewhere)
+    seen = json.loads(done.out)
+    assert seen["ANTHROPIC_API_URL"] == "http://127.0.0.1:9/elsewhere"
+    assert seen["ANTHROPIC_BASE_URL"] == seen["SIDECAR_URL"]
     assert seen["SIDECAR_AGENT_ID"]
     assert seen["health"]["status"] == "ok"
     assert seen["health"]["agent"] == seen["SIDECAR_AGENT_ID"]
