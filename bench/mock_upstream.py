@@ -273,7 +273,7 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI, GeminiAPI):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Mock Anthropic/OpenAI upstream for benchmarks.")
+    p = argparse.ArgumentParser(description="Mock Anthropic/OpenAI/Gemini upstream for benchmarks.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--ttft", type=float, default=0.0)

@@ -65,7 +65,6 @@ async def sidecar_records(sidecar, env: dict) -> list[dict]:
     return json.loads(done.out)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.timeout(120)
 async def test_google_genai_sdk_through_sidecar_run(sidecar, script, mock):
     env = {**upstream_env(mock), "GEMINI_API_KEY": KEY}
