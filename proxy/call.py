@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .routes import Route
+from .usage import Usage
 
 
 def new_request_id() -> str:
@@ -42,8 +43,7 @@ class Call:
     cache_key: bytes | None = None
     request_hash: bytes = b""
     streamed: bool = False
-    input_tokens: int = 0
-    output_tokens: int = 0
+    usage: Usage | None = None    # the tokens the API reported (proxy/usage.py); a hit: the original call's
     bytes_out: int = 0
     retries: int = 0
     error: str = ""               # error type when the call failed
@@ -61,11 +61,20 @@ class Call:
     body_out: bytes = b""         # the upstream answer's whole body, once it has ended
     answer: dict | None = None    # the complete, well-formed answer as JSON, for the checkpoint
     checkpointed: bool = False
+    prefix_change: list | None = None   # what changed since the conversation's previous turn (sessions.py)
     off: set | None = None        # side stages that failed during this call: run no more for it
 
     @property
     def model(self) -> str:
         return self.json.get("model", "") if isinstance(self.json, dict) else ""
+
+    @property
+    def input_tokens(self) -> int:
+        return self.usage.input_tokens if self.usage is not None else 0
+
+    @property
+    def output_tokens(self) -> int:
+        return self.usage.output_tokens if self.usage is not None else 0
 
     @property
     def wants_stream(self) -> bool:

@@ -75,6 +75,15 @@ class LimitsSection:
     max_queue: int = 1000
     queue_timeout: float = 300.0
     adaptive: bool = True
+    budget_usd: tuple[str, ...] = ()
+
+
+BUDGET_SCOPES = ("total", "day", "agent", "session")
+
+
+def budgets(limits: LimitsSection) -> dict[str, float]:
+    """[limits] budget_usd as {scope: dollars}; the entries were checked when the config was loaded."""
+    return {scope.strip(): float(amount) for scope, _, amount in (e.partition("=") for e in limits.budget_usd)}
 
 
 @dataclass(frozen=True)
@@ -232,6 +241,15 @@ def load_layers(layers: list[Mapping[str, Any]], names: list[str]) -> Config:
         model, sep, count = entry.rpartition("=")
         if not (sep and model.strip() and count.strip().isdigit()):
             raise ConfigError(f"{names[-1]} [limits]: 'per_model' entries look like \"MODEL=N\", not {entry!r}")
+    for entry in config.limits.budget_usd:
+        scope, sep, amount = entry.partition("=")
+        try:
+            dollars = float(amount)
+        except ValueError:
+            dollars = -1.0
+        if not (sep and scope.strip() in BUDGET_SCOPES and dollars > 0 and dollars != float("inf")):
+            raise ConfigError(f"{names[-1]} [limits]: 'budget_usd' entries look like \"SCOPE=DOLLARS\" with SCOPE one "
+                              f"of {', '.join(BUDGET_SCOPES)} and DOLLARS above 0, e.g. \"day=20\", not {entry!r}")
     return config
 
 

@@ -6,6 +6,7 @@
     restore       stages, restore     request    side: the request goes on unchanged
     cache key     stages, cache       request    side: the call is not cached
     cache lookup  stages, replay      request    side: a miss            (a hit is replayed: the way ends)
+    budget        stages, budget      request    side: the call goes on  (past a budget: a 402 refusal)
     join          flight              -          -                       (an identical call in flight is joined)
     slot          limits              -          refusal: a 429 the client backs off from
     forward       upstream, retry     -          an API-shaped 502/504 before the head, a cut after it
@@ -50,8 +51,8 @@ from .upstream import end_body_with_connection, end_to_end, request_headers
 
 CALL = web.RequestKey("call", Call)
 # The side stages, in the order their hooks run.
-STAGES = (stages.Restore, stages.CacheKey, stages.CacheLookup, stages.Capture, stages.Checkpoint, stages.Store,
-          stages.Record)
+STAGES = (stages.Restore, stages.CacheKey, stages.CacheLookup, stages.Budget, stages.Capture, stages.Checkpoint,
+          stages.Store, stages.Record)
 
 
 # ---- the way of one call ---------------------------------------------------------------------------------

@@ -21,12 +21,12 @@ import lmdb
 import orjson
 
 from .call import Call
-from .conversation import CHAT_ROUTES, answer_message, client_session, digest, session_id, tools_digest
+from .conversation import CHAT_ROUTES, SYSTEM_ROLES, answer_message, client_session, digest, session_id, tools_digest
 from .restore import Restore
 from .store import Lmdb
 
 # Meta fields for the store's own use, not shown; `hashes` were per-message digests earlier versions kept.
-PRIVATE = ("hashes", "system_digest", "tools_digest")
+PRIVATE = ("hashes", "system_digest", "tools_digest", "tools_hash")
 
 
 class Sessions:
@@ -62,15 +62,20 @@ class Sessions:
         rows = [orjson.dumps(m) for m in messages]
         system = call.json.get("system")
         meta = {"id": sid, "agent": call.route.agent, "api": call.route.api, "model": call.model,
-                "client_session": client_session(call.json, headers), "tools_digest": tools_digest(call.json)}
-        await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system))
+                "client_session": client_session(call.json, headers), "tools_digest": tools_digest(call.json),
+                "tools_hash": digest(call.json.get("tools"))}
+        change: dict = {}
+        await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system, change))
+        if change:   # what changed since the previous turn, in the order a prompt cache reads a request
+            call.prefix_change = [name for name in ("tools", "system") if change[name]] + [
+                "system" if isinstance(messages[i], dict) and messages[i].get("role") in SYSTEM_ROLES else f"messages[{i}]" for i in change["messages"]]
         if len(self._last_turn) >= 10_000:   # bounded: forgetting only costs a redundant merge
             self._last_turn.clear()
         self._last_turn[sid] = call.request_hash
         if self.mirror is not None:
             await self.mirror.append(sid, messages, {**meta, "system": system})
 
-    def _merge(self, txn: lmdb.Transaction, sid: str, rows: list[bytes], meta: dict, system) -> None:
+    def _merge(self, txn: lmdb.Transaction, sid: str, rows: list[bytes], meta: dict, system, change: dict) -> None:
         key = f"s:{sid}".encode()
         old = txn.get(key, db=self._db)
         stored = orjson.loads(old) if old else {**meta, "created": time.time()}
@@ -85,11 +90,15 @@ class Sessions:
         for index in range(len(rows), count):
             txn.delete(self._message_key(sid, index), db=self._db)
         system_digest = digest(system)
+        if old:
+            change.update(tools=stored.get("tools_hash", meta["tools_hash"]) != meta["tools_hash"],
+                          system=stored.get("system_digest", system_digest) != system_digest, messages=differ[:3])
         if stored.get("system_digest") != system_digest:
             txn.put(f"y:{sid}".encode(), orjson.dumps(system), db=self._db)
             stored["system_digest"] = system_digest
         stored.pop("hashes", None)
         stored.update(model=meta["model"] or stored.get("model"), tools_digest=meta["tools_digest"],
+                      tools_hash=meta["tools_hash"],
                       updated=time.time(), turns=stored.get("turns", 0) + 1, messages=len(rows))
         txn.put(key, orjson.dumps(stored), db=self._db)
 

@@ -6,6 +6,7 @@ never in module globals.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -22,6 +23,10 @@ from .flight import Flights
 from .events import EventLog, make_event
 from .limits import Limiter
 from .monitor import Monitor, relieve_memory
+from .budget import Budgets
+from .prices import Prices, model_of
+from .prompt_cache import PromptCacheWatch
+from .usage import flavor_of
 from .records import RecordLog
 from .sessions import Sessions
 from .stats import Stats
@@ -51,6 +56,9 @@ class ProxyState:
     sessions: Sessions | None = None
     backends: Backends | None = None
     after_call: Callable[[], None] | None = None   # the live page's push, when it is served
+    prices: Prices = field(default_factory=Prices)
+    budgets: Budgets | None = None
+    prompt_cache: PromptCacheWatch | None = None
     started: float = field(default_factory=time.time)
     stage_hooks: dict = field(default_factory=dict)   # the pipeline's side stages, hook by hook
     _fault_seen: dict = field(default_factory=dict)   # (stage, error type) -> when its last event went out
@@ -70,6 +78,7 @@ class ProxyState:
 
     async def open(self) -> None:
         settings = self.config.cache
+        prices = asyncio.ensure_future(self.prices.load())   # in a thread, while the stores open
         self.monitor = Monitor(self.config.monitor, EventLog(self.config.state_dir), self.limiter,
                                relieve=lambda: relieve_memory(self))
         try:
@@ -79,6 +88,8 @@ class ProxyState:
             self.lmdb = Lmdb.unavailable(self.config.state_dir)
             self._store_failed(exc)
         self.lmdb.report = self._store_failed
+        self.budgets = Budgets(self.config.limits, self.monitor.emit)
+        self.prompt_cache = PromptCacheWatch(self.monitor.emit, self.cost_of)
         self.backends = await open_backends(self.config, self.lmdb,
                                             lambda kind, state, **detail: self.monitor.emit(make_event(kind, state, **detail)))
         self.limiter.global_slots = self.backends.global_slots
@@ -88,6 +99,7 @@ class ProxyState:
         self.records = RecordLog(self.lmdb, self.config.stats.max_records)
         self.sessions = Sessions(self.lmdb, mirror=self.backends.mirror)
         await self.client.open()
+        await prices
 
     def _store_failed(self, error: BaseException | None) -> None:
         """The state store stopped (or resumed) taking writes: the `store_unavailable` event, raised once."""
@@ -99,15 +111,32 @@ class ProxyState:
         self.monitor._set("store_unavailable", error is not None, **detail)
 
     def finish(self, call) -> None:
-        """A call is over: its record, the live aggregates, the thresholds."""
+        """A call is over: its record, priced, the live aggregates, budgets and thresholds."""
         if not self.config.stats.record:   # for measuring what recording costs (bench/)
             return
         record = record_of(call)
+        cost = self.cost_of(call, call.usage)
+        if call.cache_outcome in ("hit", "coalesced"):   # nothing paid: what it would have cost is saved
+            record["saved_usd"] = None if cost is None else round(cost, 8)
+        else:
+            record["cost_usd"] = None if cost is None else round(cost, 8)
+            self._side("budget", self.budgets.add, call, cost)
+            self._side("prompt cache", self.prompt_cache.observe, call)
         self.stats.observe(record)
         self.records.add(record)
         self.monitor.on_call(record, call.rate_limited)
         if self.after_call is not None:
             self.after_call()
+
+    def cost_of(self, call, usage) -> float | None:
+        return self.prices.cost(flavor_of(call.route.api, call.route.path), model_of(call), usage, call.wall_received)
+
+    def _side(self, name: str, method, *args) -> None:
+        """A side job of the record: failing, it is a fault and the record goes on."""
+        try:
+            method(*args)
+        except Exception as exc:
+            self.fault(name, exc)
 
     def fault(self, stage: str, error: BaseException) -> Fault:
         """A stage failed unexpectedly: one log line, a `sidecar_fault` event; the call goes on without it."""
