@@ -26,6 +26,7 @@ from aiohttp import web
 from .mock.anthropic import AnthropicAPI, anthropic_problem
 from .mock.common import SSE_HEADERS, Fail, Profile, Received, rfc3339
 from .mock.openai_chat import OpenAIChatAPI
+from .mock.prompt_cache import PromptCache
 
 __all__ = ["MockUpstream", "Profile", "Received", "KINDS", "anthropic_problem"]
 
@@ -51,6 +52,8 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
         self.record = record  # benchmarks turn this off so `received` does not grow forever
         self.log = log
         self.received: list[Received] = []
+        self.sent_usage: list[dict] = []   # the usage block of each model answer, as the client gets it in the end
+        self.prompt_cache = PromptCache()  # the providers' prompt caches (bench/mock/prompt_cache.py)
         self.hold_after_first_event: asyncio.Event | None = None
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -90,6 +93,7 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
 
     def reset(self) -> None:
         self.received.clear()
+        self.sent_usage.clear()
         self._reset_counters()
 
     def _reset_counters(self) -> None:

@@ -21,7 +21,8 @@ import lmdb
 import orjson
 
 from .call import Call
-from .conversation import CHAT_ROUTES, SYSTEM_ROLES, answer_message, client_session, digest, session_id, tools_digest
+from .conversation import (CHAT_ROUTES, SYSTEM_ROLES, answer_message, client_session, digest, session_id,
+                           tools_digest, unmarked)
 from .restore import Restore
 from .store import Lmdb
 
@@ -80,7 +81,8 @@ class Sessions:
         old = txn.get(key, db=self._db)
         stored = orjson.loads(old) if old else {**meta, "created": time.time()}
         count = stored.get("messages", 0)
-        differ = self._differing(txn, sid, rows)
+        changed: list[int] = []   # differing beyond their prompt-cache markers
+        differ = self._differing(txn, sid, rows, changed)
         if count > len(rows) and (not differ or differ[0] == len(rows) - 1):
             return   # an earlier turn sent again, unchanged up to its answer: the later turns stay
         if count == len(rows) and not differ:
@@ -91,8 +93,10 @@ class Sessions:
             txn.delete(self._message_key(sid, index), db=self._db)
         system_digest = digest(system)
         if old:
+            before = txn.get(f"y:{sid}".encode(), db=self._db) if stored.get("system_digest") != system_digest else None
             change.update(tools=stored.get("tools_hash", meta["tools_hash"]) != meta["tools_hash"],
-                          system=stored.get("system_digest", system_digest) != system_digest, messages=differ[:3])
+                          system=before is not None and unmarked(orjson.loads(before)) != unmarked(system),
+                          messages=changed[:3])
         if stored.get("system_digest") != system_digest:
             txn.put(f"y:{sid}".encode(), orjson.dumps(system), db=self._db)
             stored["system_digest"] = system_digest
@@ -102,8 +106,9 @@ class Sessions:
                       updated=time.time(), turns=stored.get("turns", 0) + 1, messages=len(rows))
         txn.put(key, orjson.dumps(stored), db=self._db)
 
-    def _differing(self, txn: lmdb.Transaction, sid: str, rows: list[bytes]) -> list[int]:
-        """The indices below len(rows) whose stored row differs, in order (rows are stored densely from 0)."""
+    def _differing(self, txn: lmdb.Transaction, sid: str, rows: list[bytes], changed: list[int]) -> list[int]:
+        """The indices below len(rows) whose stored row differs, in order (rows are stored densely from 0);
+        into `changed` those that differ by more than where the prompt-cache markers are."""
         prefix = f"m:{sid}:".encode()
         cursor = txn.cursor(db=self._db)
         differ = []
@@ -113,6 +118,9 @@ class Sessions:
                     break
                 if value != rows[index]:
                     differ.append(index)
+                    if not (b"cache_control" in value or b"cache_control" in rows[index]) or \
+                            unmarked(orjson.loads(value)) != unmarked(orjson.loads(rows[index])):
+                        changed.append(index)
         return differ
 
     @staticmethod

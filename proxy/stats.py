@@ -95,8 +95,8 @@ def _money(records: list[dict], hits: list[dict]) -> dict[str, Any]:
     spent = [r.get("cost_usd", 0.0) for r in records]
     saved = [r.get("saved_usd", 0.0) for r in hits]
     sent = sum(r.get("input_tokens") or 0 for r in upstream)
-    out.update(cost_usd=round(sum(c for c in spent if c is not None), 6), cost_unknown=spent.count(None),
-               saved_usd=round(sum(c for c in saved if c is not None), 6), saved_unknown=saved.count(None),
+    out.update(cost_usd=round(sum(c for c in spent if c is not None), 8), cost_unknown=spent.count(None),
+               saved_usd=round(sum(c for c in saved if c is not None), 8), saved_unknown=saved.count(None),
                prompt_cache_ratio=round(sum(r.get("cache_read_tokens") or 0 for r in upstream) / sent, 4)
                if sent else None)
     return out
@@ -205,7 +205,7 @@ class Stats:
     def session_view(self, sid: str) -> dict[str, Any]:
         """A session's calls, dollars (None: unknown), and its prompt-cache hit ratio, as this sidecar saw them."""
         calls, cost, unpriced, sent, read = self.sessions.get(sid) or (0, 0.0, 0, 0, 0)
-        return {"calls": calls, "cost_usd": None if unpriced and not cost else round(cost, 6),
+        return {"calls": calls, "cost_usd": None if unpriced and not cost else round(cost, 8),
                 "cost_unknown": unpriced, "prompt_cache_ratio": round(read / sent, 4) if sent else None}
 
     def _counter(self, name: str) -> Counter:

@@ -1,0 +1,133 @@
+"""The providers' prompt caches as the mock keeps them, so its usage blocks carry real cache counts.
+
+Anthropic (explicit): a request is a sequence of blocks, in the order the API
+caches them: tools, system blocks, then each message's content blocks. A block
+with `cache_control` is a breakpoint: the prefix up to it is written to the
+cache (5 min, or 1 h with `"ttl": "1h"`) if it is at least the model's minimum
+(1024 tokens; 2048 for Haiku 3/3.5, 4096 for Haiku 4.5 and Opus 4.5). The
+longest prefix, ending at any block boundary up to the last breakpoint, that
+an earlier request cached is read; what lies between it and the last
+breakpoint is written, split by the TTL of the breakpoint that ends each part;
+the rest is plain input.
+
+OpenAI (automatic): a prompt of 1024 tokens or more is cached in 128-token
+steps; `cached_tokens` is the longest such prefix an earlier prompt had.
+
+A token is 4 bytes of the block's JSON here, as everywhere in the mock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import orjson
+
+TTL = {"5m": 300.0, "1h": 3600.0}
+MAX_ENTRIES = 200_000   # prefixes remembered; beyond, the cache starts afresh (as an eviction would)
+OPENAI_MIN, OPENAI_STEP = 1024, 128
+FRAMING = 4             # input tokens a request has beyond its blocks (the model, the roles' framing)
+
+
+def tokens(data: bytes) -> int:
+    return len(data) // 4
+
+
+def minimum(model: str) -> int:
+    model = str(model)
+    if "haiku-4-5" in model or "opus-4-5" in model:
+        return 4096
+    if "haiku-3" in model or "3-haiku" in model or "3-5-haiku" in model:
+        return 2048
+    return 1024
+
+
+def blocks_of(data: dict) -> list[tuple[bytes, str | None]]:
+    """The request's blocks in cache order: (its bytes without the marker, the TTL of its marker or None)."""
+    out: list[tuple[bytes, str | None]] = []
+
+    def add(block, role: str = "") -> None:
+        marker = block.get("cache_control") if isinstance(block, dict) else None
+        if isinstance(block, dict) and "cache_control" in block:
+            block = {k: v for k, v in block.items() if k != "cache_control"}
+        ttl = (marker.get("ttl") or "5m") if isinstance(marker, dict) else None
+        out.append((role.encode() + orjson.dumps(block, option=orjson.OPT_SORT_KEYS), ttl if ttl in TTL else None))
+
+    for tool in data.get("tools") or ():
+        add(tool)
+    system = data.get("system")
+    for block in ([{"type": "text", "text": system}] if isinstance(system, str) else system or ()):
+        add(block)
+    for message in data.get("messages") or ():
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        role = str(message.get("role"))
+        for block in ([{"type": "text", "text": content}] if isinstance(content, str) else
+                      content if isinstance(content, list) else [content]):
+            add(block, role)
+            role = ""
+    return out
+
+
+class PromptCache:
+    def __init__(self):
+        self.entries: dict[bytes, float] = {}   # prefix digest -> when it expires
+
+    def _live(self, digest: bytes, now: float) -> bool:
+        return self.entries.get(digest, 0.0) > now
+
+    def _keep(self, digest: bytes, until: float) -> None:
+        if len(self.entries) >= MAX_ENTRIES:
+            self.entries.clear()
+        self.entries[digest] = max(until, self.entries.get(digest, 0.0))
+
+    def anthropic(self, data: dict, write: bool = True) -> dict:
+        """The input side of an Anthropic usage block for this request (`write` False: count only)."""
+        blocks = blocks_of(data)
+        now = time.time()
+        digest, ends, digests = hashlib.blake2b(digest_size=16), [], []
+        at = 0
+        for raw, _ in blocks:
+            digest.update(raw)
+            at += tokens(raw)
+            ends.append(at)
+            digests.append(digest.copy().digest())
+        total = at + FRAMING
+        breaks = [i for i, (_, ttl) in enumerate(blocks) if ttl] if write else []
+        read = wrote = write_1h = 0
+        least = minimum(data.get("model", ""))
+        if breaks:
+            last = breaks[-1]
+            hit = next((i for i in range(last, -1, -1) if ends[i] >= least and self._live(digests[i], now)), None)
+            read = ends[hit] if hit is not None else 0
+            if hit is not None:
+                self._keep(digests[hit], now + TTL["5m"])   # a read refreshes the entry
+            if ends[last] >= least:
+                start = read
+                for i in breaks:
+                    if ends[i] > start:
+                        part = ends[i] - start
+                        wrote += part
+                        write_1h += part if blocks[i][1] == "1h" else 0
+                        start = ends[i]
+                    if ends[i] >= least:
+                        self._keep(digests[i], now + TTL[blocks[i][1]])
+        return {"input_tokens": total - read - wrote, "cache_creation_input_tokens": wrote,
+                "cache_read_input_tokens": read,
+                "cache_creation": {"ephemeral_5m_input_tokens": wrote - write_1h, "ephemeral_1h_input_tokens": write_1h}}
+
+    def openai(self, prompt: bytes) -> int:
+        """The cached tokens of an OpenAI prompt: the longest 1024 + 128k-token prefix seen before."""
+        now = time.time()
+        cached = 0
+        digest = hashlib.blake2b(digest_size=16)
+        at = 0
+        for end in range(OPENAI_MIN * 4, len(prompt) + 1, OPENAI_STEP * 4):
+            digest.update(prompt[at:end])
+            at = end
+            step = digest.copy().digest()
+            if self._live(step, now):
+                cached = tokens(prompt[:end])
+            self._keep(step, now + TTL["5m"])
+        return cached
