@@ -8,7 +8,9 @@ cache (5 min, or 1 h with `"ttl": "1h"`) if it is at least the model's minimum
 longest prefix, ending at any block boundary up to the last breakpoint, that
 an earlier request cached is read; what lies between it and the last
 breakpoint is written, split by the TTL of the breakpoint that ends each part;
-the rest is plain input.
+the rest is plain input. Claude Code's first system block, its
+`x-anthropic-billing-header:` line (which changes per prompt), is attribution
+the API reads as a header: it is neither prompt nor cached.
 
 OpenAI (automatic): a prompt of 1024 tokens or more is cached in 128-token
 steps; `cached_tokens` is the longest such prefix an earlier prompt had.
@@ -26,6 +28,7 @@ import orjson
 TTL = {"5m": 300.0, "1h": 3600.0}
 MAX_ENTRIES = 200_000   # prefixes remembered; beyond, the cache starts afresh (as an eviction would)
 OPENAI_MIN, OPENAI_STEP = 1024, 128
+BILLING_LINE = "x-anthropic-billing-header:"   # Claude Code's attribution line: read as a header, not as prompt
 FRAMING = 4             # input tokens a request has beyond its blocks (the model, the roles' framing)
 
 
@@ -57,7 +60,8 @@ def blocks_of(data: dict) -> list[tuple[bytes, str | None]]:
         add(tool)
     system = data.get("system")
     for block in ([{"type": "text", "text": system}] if isinstance(system, str) else system or ()):
-        add(block)
+        if not (isinstance(block, dict) and str(block.get("text", "")).startswith(BILLING_LINE)):
+            add(block)
     for message in data.get("messages") or ():
         if not isinstance(message, dict):
             continue
