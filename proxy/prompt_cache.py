@@ -8,7 +8,9 @@ prefix changed: a system prompt edit, a tool list change, a date or git
 status line, or the cached prefix expired. The event names what changed in the
 request since the previous turn, as the checkpoint's merge found it (tools,
 system, the first messages that differ; nothing: it expired), and what the
-rewrite cost beyond a read. Kept per conversation and model (an agent's side
+rewrite cost beyond a read. Where caching is implicit (OpenAI, Gemini), a
+conversation must have been read from the cache once before: an upstream that
+does not cache a model is not a regression. Kept per conversation and model (an agent's side
 calls to a small model have prefixes of their own): one number each.
 """
 
@@ -35,20 +37,23 @@ class PromptCacheWatch:
     def __init__(self, emit: Callable[[dict], None], cost: Callable[[Call, Usage], float | None]):
         self.emit = emit
         self.cost = cost
-        self._cached: OrderedDict[tuple[str, str], int] = OrderedDict()   # what each one's last call left cached
+        # (session, model) -> (what its last call left cached, whether any of its calls read from the cache)
+        self._cached: OrderedDict[tuple[str, str], tuple[int, bool]] = OrderedDict()
 
     def observe(self, call: Call) -> None:
         usage = call.usage
         if usage is None or not call.session or call.cache_outcome in ("hit", "coalesced") or call.status >= 300:
             return
         key = (call.session, call.model)
-        before = self._cached.get(key, 0)
+        before, has_read = self._cached.get(key, (0, False))
         wrote = written(usage)
-        self._cached[key] = usage.cache_read_tokens + wrote
+        self._cached[key] = (usage.cache_read_tokens + wrote, has_read or usage.cache_read_tokens > 0)
         self._cached.move_to_end(key)
         if len(self._cached) > MAX_CONVERSATIONS:
             self._cached.popitem(last=False)
-        if before >= MIN_PREFIX and 2 * usage.cache_read_tokens < before <= 2 * wrote:
+        # Where caching is implicit, only a conversation that was read from the cache before is known to cache.
+        if before >= MIN_PREFIX and 2 * usage.cache_read_tokens < before <= 2 * wrote and (
+                usage.writes_reported or has_read):
             self.emit(make_event("prompt_cache_regression", "info", session=call.session, agent=call.route.agent,
                                  model=call.model, cached_before=before, cache_read_tokens=usage.cache_read_tokens,
                                  cache_write_tokens=wrote, changed=", ".join(call.prefix_change or ()) or (

@@ -7,6 +7,7 @@ Claude Code is kept offline: nonessential traffic off, HOME in tmp_path.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -91,3 +92,26 @@ async def test_claude_code_usage_and_dollars_are_exact_per_call_and_per_session(
         assert groups[record["session"]]["cost_usd"] == record["cost_usd"]
         assert groups[record["session"]]["prompt_cache_ratio"] == round(record["cache_read_tokens"] /
                                                                         record["input_tokens"], 4)
+
+
+@pytest.mark.timeout(180)
+async def test_claude_code_past_its_budget_is_refused_once_and_does_not_retry(sidecar, mock, tmp_path, isolated_env):
+    """One sidecar, two prompts: the first spends the whole (tiny) budget, the second is refused with a 402 that
+    Claude Code reports and does not send again."""
+    mock.profile.validate = False
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    sidecar.cwd = workdir
+    env = {**claude_env(mock, tmp_path / "home"), "SIDECAR_LIMITS_BUDGET_USD": "total=0.0001"}
+    both = f"{shlex.quote(CLAUDE)} -p 'say hi'; {shlex.quote(CLAUDE)} -p 'say bye'"
+    done = await sidecar.run("run", "--quiet", "--", "sh", "-c", both, env=env, timeout=120)
+    assert done.returncode != 0                       # the second prompt failed, as Claude Code reports an API error
+    assert "total budget is spent" in done.out + done.err
+    assert mock.count("/v1/messages") == 1            # the refused prompt never reached the upstream
+    config = load_layers([{"state": {"dir": str(isolated_env)}}], ["test"])
+    lmdb_env = open_lmdb(config)
+    try:
+        records = [r for r in RecordLog(lmdb_env, 1000).read(0) if r["route"] == "/v1/messages"]
+    finally:
+        lmdb_env.close()
+    assert [r["status"] for r in records] == [200, 402]   # and it did not try again
