@@ -2,7 +2,8 @@
 
 What this sidecar has spent since it started is summed per scope as calls
 complete (a call's cost is known at its end, so a call that starts under its
-budget is finished, never cut). Past a budget, a call that would go upstream
+budget is finished, never cut); `day` and `session` also count what today's
+records in the state directory say earlier sidecars spent. Past a budget, a call that would go upstream
 is refused before it leaves, with a 402 in the API's own shape (Anthropic's
 `billing_error`; `x-should-retry: false`), which the official SDKs and Claude
 Code do not retry. Cache hits cost nothing and are served before this check.
@@ -37,6 +38,29 @@ class Budgets:
         self.emit = emit
         self.spent: dict[str, OrderedDict[str, float]] = {scope: OrderedDict() for scope in self.limits}
         self._announced: set[tuple[str, str, str]] = set()
+
+    def seed(self, records) -> None:
+        """Today's spend per day and session from the records earlier sidecars left in the state directory, so a
+        day (or a resumed conversation) does not start afresh with each `sidecar run`."""
+        day = today()
+        for record in records:
+            cost = record.get("cost_usd")
+            if not cost or today(record.get("ts")) != day:
+                continue
+            if "day" in self.spent:
+                self.spent["day"][day] = self.spent["day"].get(day, 0.0) + cost
+            if "session" in self.spent and record.get("session"):
+                table = self.spent["session"]
+                table[record["session"]] = table.get(record["session"], 0.0) + cost
+                if len(table) > MAX_KEYS:
+                    table.popitem(last=False)
+
+    def since(self) -> float | None:
+        """Where `seed` reads from (local midnight), or None when no budget needs the past."""
+        if "day" not in self.limits and "session" not in self.limits:
+            return None
+        now = time.localtime()
+        return time.mktime((now.tm_year, now.tm_mon, now.tm_mday, 0, 0, 0, 0, 0, -1))
 
     def check(self, call: Call) -> None:
         """Refuse a call that would go upstream while one of its budgets is spent."""

@@ -97,9 +97,16 @@ class ProxyState:
         self.cache = Cache(settings, self.backends.store, keys)
         self.cache.on_fault = self.fault
         self.records = RecordLog(self.lmdb, self.config.stats.max_records)
+        self._seed_budgets()
         self.sessions = Sessions(self.lmdb, mirror=self.backends.mirror)
         await self.client.open()
         await prices
+
+    def _seed_budgets(self) -> None:
+        """Today's earlier spend, read before the proxy serves (only when a day or session budget is set)."""
+        since = self.budgets.since()
+        if since is not None:
+            self._side("budget", lambda: self.budgets.seed(self.records.read(since)))
 
     def _store_failed(self, error: BaseException | None) -> None:
         """The state store stopped (or resumed) taking writes: the `store_unavailable` event, raised once."""

@@ -296,3 +296,17 @@ def test_budget_settings_are_checked(tmp_path):
             load_layers([{"limits": {"budget_usd": bad}}], ["test"])
     config = load_layers([{"limits": {"budget_usd": ["day=20", "session=2.5"]}}], ["test"])
     assert budgets(config.limits) == {"day": 20.0, "session": 2.5}
+
+
+async def test_a_day_budget_counts_what_earlier_sidecars_spent_today(start_app, mock, tmp_path):
+    state = tmp_path / "shared-state"
+    layer = {"state": {"dir": str(state)}, "limits": {"budget_usd": ["day=0.001"]}}
+    first = await start_app(mock.url, **layer)
+    async with a_client(first.url) as sdk:
+        await sdk.messages.create(model=SONNET, max_tokens=32, system=INSTRUCTIONS, messages=unique_prompt())
+    await first.server.close()                       # its records are on disk
+    second = await start_app(mock.url, **layer)      # a new sidecar, the same state directory, the same day
+    async with a_client(second.url) as sdk:
+        with pytest.raises(anthropic.APIStatusError, match="day budget of "):
+            await sdk.messages.create(model=SONNET, max_tokens=32, messages=unique_prompt())
+    assert mock.count("/v1/messages") == 1
