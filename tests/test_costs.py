@@ -7,6 +7,8 @@ genai-prices' table, not by the proxy's code.
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from datetime import datetime, timezone
 from decimal import Decimal
 
@@ -17,7 +19,7 @@ import pytest
 from genai_prices.data_snapshot import get_snapshot
 
 from bench.mock_upstream import MockUpstream, Profile
-from conftest import unique_prompt
+from conftest import unique_prompt, upstream_env
 from proxy.call import Call
 from proxy.config import ConfigError, budgets, load_layers
 from proxy.routes import Route
@@ -310,3 +312,36 @@ async def test_a_day_budget_counts_what_earlier_sidecars_spent_today(start_app, 
         with pytest.raises(anthropic.APIStatusError, match="day budget of "):
             await sdk.messages.create(model=SONNET, max_tokens=32, messages=unique_prompt())
     assert mock.count("/v1/messages") == 1
+
+
+# ---- where the figures show ---------------------------------------------------------------------------
+
+AGENT = r'''
+import anthropic
+client = anthropic.Anthropic(api_key="sk-ant-test", max_retries=0, timeout=20)
+ask = dict(model="claude-sonnet-4-6", max_tokens=32, messages=[{"role": "user", "content": "Name a river."}])
+client.messages.create(**ask)
+client.messages.create(**ask)          # the same call again: from the cache
+'''
+
+
+async def test_exit_summary_stats_table_and_top_show_the_dollars(sidecar, script, mock):
+    done = await sidecar.run("run", "--", sys.executable, str(script(AGENT)), env=upstream_env(mock))
+    assert done.returncode == 0, done.err
+    cost = f"${float(price('anthropic', SONNET, mock.sent_usage[0])):.4f}"
+    assert f"sidecar: spent {cost}, cache saved {cost}; prompt cache read/write 0/0 tokens" in done.err, done.err
+    table = await sidecar.run("stats", "--by", "session")
+    [row] = [line for line in table.out.splitlines() if line.startswith("r")]
+    assert row.split()[1:3] == ["2", "50"] and cost in row.split()   # spent once, saved once
+
+    server = await sidecar.spawn("serve", env=upstream_env(mock))
+    banner = await asyncio.wait_for(server.stderr.readline(), 20)
+    url = banner.decode().split("serving on ")[1].split(" ")[0]
+    async with a_client(url) as sdk:
+        await sdk.messages.create(model=SONNET, max_tokens=32, messages=[{"role": "user", "content": "Hi there."}])
+    top = await sidecar.run("top", "--once", "--url", url)
+    cost = f"${float(price('anthropic', SONNET, mock.sent_usage[-1])):.4f}"
+    assert f"spent {cost}  cache saved $0.0000" in top.out, top.out
+    assert cost in next(line for line in top.out.splitlines() if line.startswith(SONNET)).split()
+    session = next(line for line in top.out.splitlines() if line.startswith("SESSION"))
+    assert "COST" in session and "PC HIT%" in session

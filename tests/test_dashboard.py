@@ -271,6 +271,7 @@ async def test_page_in_headless_chromium_updates_live(px, http, tmp_path):
         await wait(lambda: text("status") == "live", "the live stream to be open")
         assert "agent-x" in text("agents") and "running" in text("agents")
         assert MODEL in text("latency")
+        assert text("spent") == "unknown"                    # the mock model has no price: never $0
         assert driver.find_elements(By.CSS_SELECTOR, "#chart-calls rect.hit")
         assert "lighthouse" not in driver.page_source and KEY not in driver.page_source
         driver.execute_script("window.notReloaded = true")
