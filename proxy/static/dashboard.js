@@ -60,8 +60,8 @@ function render(doc) {
   $("cache-entries").textContent = num(doc.cache.entries) + " entries";
   $("cache-size").textContent = `${bytes(doc.cache.bytes)} on disk, mode ${doc.cache.mode}`;
   $("saved-tokens").textContent = num(all.saved_tokens) + " tokens";
-  $("saved-time").textContent = `${all.saved_upstream_s.toFixed(1)} s of upstream time, ` +
-    dollars(all.saved_usd, all.saved_unknown);
+  $("saved-time").textContent = `${all.saved_upstream_s.toFixed(1)} s of upstream time \u00b7 ` +
+    `${dollars(all.saved_usd, all.saved_unknown)} not spent`;
   $("spent").textContent = dollars(all.cost_usd, all.cost_unknown);
   $("spent-sub").textContent = `prompt cache read ${num(all.cache_read_tokens)}, written ${num(all.cache_write_tokens)} ` +
     `\u00b7 hit ${pct(all.prompt_cache_ratio)}`;
