@@ -39,11 +39,12 @@ def format_summary(summary: dict, events: list[dict], peak_rss: int) -> str:
         f"tokens in/out {summary['input_tokens']:,}/{summary['output_tokens']:,}; agent peak RSS "
         f"{human_bytes(peak_rss)}; events: {', '.join(raised) if raised else 'none'}",
     ]
-    lines.append(f"sidecar: spent {dollars(summary['cost_usd'], summary['cost_unknown'])}, cache saved "
-                 f"{dollars(summary['saved_usd'], summary['saved_unknown'])}; prompt cache read/write "
-                 f"{summary['cache_read_tokens']:,}/{summary['cache_write_tokens']:,} tokens (hit ratio "
-                 f"{'-' if summary['prompt_cache_ratio'] is None else format(summary['prompt_cache_ratio'], '.0%')})"
-                 + (f", reasoning {summary['reasoning_tokens']:,}" if summary["reasoning_tokens"] else ""))
+    if "cost_usd" in summary:   # (a shared sidecar of an older version has no prices)
+        lines.append(f"sidecar: spent {dollars(summary['cost_usd'], summary['cost_unknown'])}, cache saved "
+                     f"{dollars(summary['saved_usd'], summary['saved_unknown'])}; prompt cache read/write "
+                     f"{summary['cache_read_tokens']:,}/{summary['cache_write_tokens']:,} tokens (hit ratio "
+                     f"{'-' if summary['prompt_cache_ratio'] is None else format(summary['prompt_cache_ratio'], '.0%')})"
+                     + (f", reasoning {summary['reasoning_tokens']:,}" if summary["reasoning_tokens"] else ""))
     if summary["errors"]:
         lines.append("sidecar: errors: " + ", ".join(f"{k} x{v}" for k, v in summary["errors"].items()))
     return "\n".join(lines)

@@ -79,6 +79,16 @@ def _spark(values: list[float | None], width: int, log: bool = False) -> str:
     return "".join(BARS[round(v / top * (len(BARS) - 1))] if v else BARS[0] for v in scaled)
 
 
+def money(total: dict) -> list[str]:
+    """The dollars and the prompt cache, one line (none from a shared sidecar of an older version)."""
+    if "cost_usd" not in total:
+        return []
+    return [f"spent {dollars(total['cost_usd'], total['cost_unknown'])}  cache saved "
+            f"{dollars(total['saved_usd'], total['saved_unknown'])}  tokens in/out {total['input_tokens']:,}/"
+            f"{total['output_tokens']:,}  prompt cache read/write {total['cache_read_tokens']:,}/"
+            f"{total['cache_write_tokens']:,} (hit {_pct(total['prompt_cache_ratio'])})"]
+
+
 def render(doc: dict, url: str, width: int = 100) -> list[str]:
     """The overview, one string per line, none wider than `width`; no string from the sidecar reaches the
     terminal with a control sequence in it."""
@@ -90,11 +100,7 @@ def render(doc: dict, url: str, width: int = 100) -> list[str]:
              f"errors {sum(total['errors'].values())}  retries {total['retries']}",
              f"cache {cache['entries']} entries, {human_bytes(cache['bytes'])} ({cache['mode']})  "
              f"saved {total['saved_tokens']:,} tokens, {total['saved_upstream_s']:.1f} s upstream  "
-             f"memory {doc['system_memory_percent']:.0f}%",
-             f"spent {dollars(total['cost_usd'], total['cost_unknown'])}  cache saved "
-             f"{dollars(total['saved_usd'], total['saved_unknown'])}  tokens in/out {total['input_tokens']:,}/"
-             f"{total['output_tokens']:,}  prompt cache read/write {total['cache_read_tokens']:,}/"
-             f"{total['cache_write_tokens']:,} (hit {_pct(total['prompt_cache_ratio'])})", ""]
+             f"memory {doc['system_memory_percent']:.0f}%", *money(total), ""]
     agents = [[a["id"], a["state"] + (f" ({a['exit_status']})" if a["exit_status"] is not None else ""), str(a["pid"]),
                "-" if a["state"] == "exited" else _uptime(a["uptime_s"]), human_bytes(a["rss"]) if a["rss"] else "-",
                "-" if a["state"] == "exited" else f"{a['cpu_percent']:.1f}%", a["cmd"]] for a in doc["agents"]]
@@ -103,7 +109,7 @@ def render(doc: dict, url: str, width: int = 100) -> list[str]:
     groups = doc["summary"].get("groups", {})
     rows = [[name, str(s["calls"]), _pct(s["hit_rate"]),
              *(ms(s[phase][q]) for phase in ("total", "ttft", "queue", "overhead") for q in ("p50", "p95")),
-             dollars(s["cost_usd"], s["cost_unknown"])]
+             dollars(s.get("cost_usd"), s.get("cost_unknown", 0))]
             for name, s in [*groups.items(), *([("all", total)] if len(groups) != 1 else [])]]
     lines += ["", *_table(["MODEL", "CALLS", "HIT%", "TOTAL p50", "p95", "TTFT p50", "p95", "QUEUE p50", "p95",
                            "OVERHEAD p50", "p95", "COST"], rows)] if total["calls"] else ["", "MODEL  (no calls yet)"]
