@@ -3,7 +3,8 @@
 The table is imported once, in a worker thread while the proxy starts (it
 takes a few hundred milliseconds); a model's price is then matched once, the
 first time the model is seen (well under a millisecond), and kept. A cost is
-a few Decimal products. A model the table does not know costs None, shown as
+genai-prices' own calculation (a fraction of a millisecond), remembered per
+model and usage: a cache hit replayed again costs a dictionary lookup. A model the table does not know costs None, shown as
 "unknown": never $0. The prompt cache is priced as the provider bills it:
 reads and writes (5 min and 1 h) apart from plain input, long-context tiers
 by the whole input.
@@ -22,6 +23,7 @@ from .usage import PROVIDER, Usage
 log = logging.getLogger("sidecar")
 UNKNOWN = None       # the table has no price for this model
 MAX_MODELS = 1000    # models remembered; a client inventing names cannot grow this without bound
+MAX_COSTS = 20_000   # priced usages remembered
 GEMINI_MODEL = re.compile(r"/models/([^/:]+):")
 
 
@@ -30,6 +32,8 @@ class Prices:
         self._table: Any = None                        # genai-prices' snapshot, once loaded
         self._billed: Any = None                       # its Usage class
         self._known: dict[tuple[str, str], Any] = {}   # (provider, model) -> (model info, provider) | UNKNOWN
+        # (provider, model, day, counts) -> dollars: a hit replayed again, or calls of one shape, priced once
+        self._costs: dict[tuple, float | None] = {}
 
     async def load(self) -> None:
         """Import the table off the loop; without it every cost is unknown (and the proxy says why)."""
@@ -43,7 +47,18 @@ class Prices:
         """Dollars for this usage; 0 for none; None when the price is unknown."""
         if usage is None or not usage.tokens:
             return 0.0
-        found = self._find(PROVIDER.get(flavor, ""), model)
+        provider_id = PROVIDER.get(flavor, "")
+        key = (provider_id, model, int(when // 86400), usage.input_tokens, usage.output_tokens,
+               usage.cache_read_tokens, usage.cache_write_tokens, usage.cache_write_1h_tokens)
+        if key in self._costs:
+            return self._costs[key]
+        if len(self._costs) >= MAX_COSTS:
+            self._costs.clear()
+        cost = self._costs[key] = self._price(self._find(provider_id, model), usage, when)
+        return cost
+
+    def _price(self, found: Any, usage: Usage, when: float) -> float | None:
+        """genai-prices' own calculation (a fraction of a millisecond: its unit decomposition is generic)."""
         if found is UNKNOWN:
             return None
         info, provider = found
