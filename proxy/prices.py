@@ -1,7 +1,8 @@
 """What a call cost in dollars, from genai-prices' price table (its data ships in the package).
 
-The table is imported once, in a worker thread while the proxy starts (it
-takes a few hundred milliseconds); a model's price is then matched once, the
+The table is imported once, in a worker thread while the proxy already
+serves (it takes a few hundred milliseconds; state.py records the calls that
+end before it once it is there); a model's price is then matched once, the
 first time the model is seen (well under a millisecond), and kept. A cost is
 genai-prices' own calculation (a fraction of a millisecond), remembered per
 model and usage: a cache hit replayed again costs a dictionary lookup. A model the table does not know costs None, shown as

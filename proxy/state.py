@@ -57,6 +57,8 @@ class ProxyState:
     backends: Backends | None = None
     after_call: Callable[[], None] | None = None   # the live page's push, when it is served
     prices: Prices = field(default_factory=Prices)
+    priced: asyncio.Future | None = None              # done once the price table is loaded (or failed to load)
+    _waiting: list = field(default_factory=list)      # (call, record) of the calls that ended before it
     budgets: Budgets | None = None
     prompt_cache: PromptCacheWatch | None = None
     started: float = field(default_factory=time.time)
@@ -78,7 +80,10 @@ class ProxyState:
 
     async def open(self) -> None:
         settings = self.config.cache
-        prices = asyncio.ensure_future(self.prices.load())   # in a thread, while the stores open
+        # The price table loads in a thread (a few hundred ms) while the proxy already serves: the calls that end
+        # before it are recorded the moment it is there.
+        self.priced = asyncio.ensure_future(self.prices.load())
+        self.priced.add_done_callback(lambda _: self._record_waiting())
         self.monitor = Monitor(self.config.monitor, EventLog(self.config.state_dir), self.limiter,
                                relieve=lambda: relieve_memory(self))
         try:
@@ -100,7 +105,6 @@ class ProxyState:
         self._seed_budgets()
         self.sessions = Sessions(self.lmdb, mirror=self.backends.mirror)
         await self.client.open()
-        await prices
 
     def _seed_budgets(self) -> None:
         """Today's earlier spend, read before the proxy serves (only when a day or session budget is set)."""
@@ -122,6 +126,22 @@ class ProxyState:
         if not self.config.stats.record:   # for measuring what recording costs (bench/)
             return
         record = record_of(call)
+        if self.priced is not None and not self.priced.done():
+            self._waiting.append((call, record))
+            return
+        self._record(call, record)
+
+    def _record_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for call, record in waiting:
+            self._side("record", self._record, call, record)
+
+    async def settled(self) -> None:
+        """Every call that has ended is recorded (only the first ones wait, for the price table)."""
+        if self.priced is not None:
+            await asyncio.shield(self.priced)
+
+    def _record(self, call, record: dict) -> None:
         cost = self.cost_of(call, call.usage)
         if call.cache_outcome in ("hit", "coalesced"):   # nothing paid: what it would have cost is saved
             record["saved_usd"] = None if cost is None else round(cost, 8)
@@ -173,6 +193,7 @@ class ProxyState:
 
     async def close(self) -> None:
         await self.client.close()
+        await self.settled()
         if self.monitor is not None:
             await self.monitor.drain()
         if self.records is not None:

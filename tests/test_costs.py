@@ -20,7 +20,10 @@ from genai_prices.data_snapshot import get_snapshot
 
 from bench.mock_upstream import MockUpstream, Profile
 from conftest import unique_prompt, upstream_env
+from proxy import prices as prices_module
+from proxy.app import make_app
 from proxy.call import Call
+from proxy.state import STATE
 from proxy.config import ConfigError, budgets, load_layers
 from proxy.routes import Route
 
@@ -345,3 +348,27 @@ async def test_exit_summary_stats_table_and_top_show_the_dollars(sidecar, script
     assert cost in next(line for line in top.out.splitlines() if line.startswith(SONNET)).split()
     session = next(line for line in top.out.splitlines() if line.startswith("SESSION"))
     assert "COST" in session and "PC HIT%" in session
+
+
+async def test_the_proxy_serves_while_the_price_table_loads_and_prices_those_calls_after(aiohttp_server, mock,
+                                                                                     tmp_path, monkeypatch):
+    loaded = asyncio.Event()
+    real = prices_module._load
+
+    def slow_load():
+        asyncio.run_coroutine_threadsafe(loaded.wait(), loop).result(10)   # held until the call has ended
+        return real()
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(prices_module, "_load", slow_load)
+    app = make_app(load_layers([{"upstream": {"anthropic": mock.url}, "state": {"dir": str(tmp_path / "s")}}],
+                               ["test"]))
+    server = await aiohttp_server(app, access_log=None)
+    async with a_client(f"http://127.0.0.1:{server.port}") as sdk:
+        await sdk.messages.create(model=SONNET, max_tokens=32, messages=unique_prompt())
+    state = app[STATE]
+    assert not state.priced.done() and not state.stats.recent   # served; its record waits for the prices
+    loaded.set()
+    await state.settled()
+    [record] = state.stats.recent
+    assert record["cost_usd"] == pytest.approx(float(price("anthropic", SONNET, mock.sent_usage[0])), abs=1e-9)

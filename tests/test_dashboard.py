@@ -57,6 +57,7 @@ async def px(aiohttp_server, mock, isolated_env):
     """The sidecar in-process (upstream: the mock); px.url, px.app."""
     app = make_app(proxy_config(mock.url, mock.url + "/v1", isolated_env))
     server = await aiohttp_server(app, access_log=None)
+    await app[STATE].settled()   # the price table loaded: a call's record is made the moment it ends
     server.url = f"http://127.0.0.1:{server.port}"
     return server
 
