@@ -13,7 +13,8 @@ the rest is plain input. Claude Code's first system block, its
 the API reads as a header: it is neither prompt nor cached.
 
 OpenAI (automatic): a prompt of 1024 tokens or more is cached in 128-token
-steps; `cached_tokens` is the longest such prefix an earlier prompt had.
+steps; `cached_tokens` is the prefix it shares with the latest prompt that
+began with the same 1024 tokens (OpenAI routes prompts by their head).
 
 A token is 4 bytes of the block's JSON here, as everywhere in the mock.
 """
@@ -27,6 +28,7 @@ import orjson
 
 TTL = {"5m": 300.0, "1h": 3600.0}
 MAX_ENTRIES = 200_000   # prefixes remembered; beyond, the cache starts afresh (as an eviction would)
+MAX_PROMPTS = 256       # OpenAI prompts remembered (one per head)
 OPENAI_MIN, OPENAI_STEP = 1024, 128
 BILLING_LINE = "x-anthropic-billing-header:"   # Claude Code's attribution line: read as a header, not as prompt
 FRAMING = 4             # input tokens a request has beyond its blocks (the model, the roles' framing)
@@ -74,9 +76,27 @@ def blocks_of(data: dict) -> list[tuple[bytes, str | None]]:
     return out
 
 
+def common_prefix(a: bytes, b: bytes, step: int = 65536) -> int:
+    """The length of the prefix two byte strings share: block by block, then by halves inside the first block
+    that differs (a few C-speed comparisons, no byte loop)."""
+    limit = min(len(a), len(b))
+    start = 0
+    while start < limit and a[start:start + step] == b[start:start + step]:
+        start += step
+    low, high = start, min(start + step, limit)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[start:mid] == b[start:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return min(low, limit)
+
+
 class PromptCache:
     def __init__(self):
         self.entries: dict[bytes, float] = {}   # prefix digest -> when it expires
+        self.prompts: dict[bytes, tuple[bytes, float]] = {}   # OpenAI: digest of a head -> (latest prompt, expiry)
 
     def _live(self, digest: bytes, now: float) -> bool:
         return self.entries.get(digest, 0.0) > now
@@ -122,16 +142,16 @@ class PromptCache:
                 "cache_creation": {"ephemeral_5m_input_tokens": wrote - write_1h, "ephemeral_1h_input_tokens": write_1h}}
 
     def openai(self, prompt: bytes) -> int:
-        """The cached tokens of an OpenAI prompt: the longest 1024 + 128k-token prefix seen before."""
+        """The cached tokens of an OpenAI prompt: its common prefix with the latest prompt that began the same
+        way (OpenAI routes a prompt by its head, so that is the cache it meets), floored to 1024 + 128k tokens."""
         now = time.time()
-        cached = 0
-        digest = hashlib.blake2b(digest_size=16)
-        at = 0
-        for end in range(OPENAI_MIN * 4, len(prompt) + 1, OPENAI_STEP * 4):
-            digest.update(prompt[at:end])
-            at = end
-            step = digest.copy().digest()
-            if self._live(step, now):
-                cached = tokens(prompt[:end])
-            self._keep(step, now + TTL["5m"])
-        return cached
+        head = hashlib.blake2b(prompt[:OPENAI_MIN * 4], digest_size=16).digest()
+        before, expires = self.prompts.get(head, (b"", 0.0))
+        if len(prompt) >= OPENAI_MIN * 4:
+            if len(self.prompts) >= MAX_PROMPTS:
+                self.prompts.clear()
+            self.prompts[head] = (prompt, now + TTL["5m"])
+        if expires <= now:
+            return 0
+        shared = common_prefix(before, prompt) // 4   # tokens, at 4 bytes each
+        return 0 if shared < OPENAI_MIN else OPENAI_MIN + (shared - OPENAI_MIN) // OPENAI_STEP * OPENAI_STEP
