@@ -25,6 +25,7 @@ from .events import make_event
 from .sessions import Sessions
 
 WARN_AT = 0.8
+FREE = ("/count_tokens", ":countTokens")   # counting tokens costs nothing
 MAX_KEYS = 10_000   # agents and sessions remembered; the least recently spending are forgotten first
 
 
@@ -64,7 +65,7 @@ class Budgets:
 
     def check(self, call: Call) -> None:
         """Refuse a call that would go upstream while one of its budgets is spent."""
-        if not self.limits or call.route.path.endswith(("/count_tokens", ":countTokens")):   # counting is free
+        if not self.limits or call.route.path.endswith(FREE):
             return
         for scope, key in self._keys(call, time.time()):
             spent = self.spent[scope].get(key, 0.0)

@@ -23,7 +23,7 @@ from .flight import Flights
 from .events import EventLog, make_event
 from .limits import Limiter
 from .monitor import Monitor, relieve_memory
-from .budget import Budgets
+from .budget import FREE, Budgets
 from .prices import Prices, model_of
 from .prompt_cache import PromptCacheWatch
 from .usage import flavor_of
@@ -143,6 +143,8 @@ class ProxyState:
 
     def _record(self, call, record: dict) -> None:
         cost = self.cost_of(call, call.usage)
+        if call.usage is None and 200 <= call.status < 300 and not call.route.path.endswith(FREE):
+            cost = None   # billed, but the answer did not say how much (an OpenAI stream without include_usage)
         if call.cache_outcome in ("hit", "coalesced"):   # nothing paid: what it would have cost is saved
             record["saved_usd"] = None if cost is None else round(cost, 8)
         else:

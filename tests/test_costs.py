@@ -372,3 +372,14 @@ async def test_the_proxy_serves_while_the_price_table_loads_and_prices_those_cal
     await state.settled()
     [record] = state.stats.recent
     assert record["cost_usd"] == pytest.approx(float(price("anthropic", SONNET, mock.sent_usage[0])), abs=1e-9)
+
+
+async def test_a_stream_that_reports_no_usage_costs_unknown(start, mock):
+    px = await start()
+    async with o_client(px.url) as sdk:
+        chunks = [c async for c in await sdk.chat.completions.create(model=GPT, messages=unique_prompt(), stream=True)]
+        await sdk.embeddings.create(model="text-embedding-3-small", input="priced from its usage")
+    assert not any(c.usage for c in chunks)               # no stream_options.include_usage: no usage sent
+    stream, embedding = await px.records()
+    assert stream["cost_usd"] is None and stream["input_tokens"] == 0
+    assert embedding["input_tokens"] > 0 and embedding["cost_usd"] > 0
