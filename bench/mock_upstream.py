@@ -30,6 +30,7 @@ from .mock.anthropic import AnthropicAPI, anthropic_problem
 from .mock.common import SSE_HEADERS, Fail, Profile, Received
 from .mock.gemini import GeminiAPI, is_gemini
 from .mock.openai_chat import OpenAIChatAPI
+from .mock.prompt_cache import PromptCache
 from .mock.ratelimit import RateLimits, Wall
 from .mock.openai_responses import OpenAIResponsesAPI
 from .mock.openai_responses_ws import OpenAIResponsesSocketAPI
@@ -58,6 +59,8 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI, OpenAIRespon
         self.record = record  # benchmarks turn this off so `received` does not grow forever
         self.log = log
         self.received: list[Received] = []
+        self.sent_usage: list[dict] = []   # the usage block of each model answer, as the client gets it in the end
+        self.prompt_cache = PromptCache()  # the providers' prompt caches (bench/mock/prompt_cache.py)
         self.hold_after_first_event: asyncio.Event | None = None
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -114,6 +117,7 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI, OpenAIRespon
 
     def reset(self) -> None:
         self.received.clear()
+        self.sent_usage.clear()
         self._reset_counters()
 
     def _reset_counters(self) -> None:

@@ -16,18 +16,22 @@ from proxy.records import RecordLog, since_seconds
 from proxy.stats import summarize
 from proxy.store import open_lmdb
 
-from .summary import ms
+from .summary import dollars, ms
 from .terminal import clean
 
 COLUMNS = [("calls", 6), ("hit%", 5), ("total p50", 10), ("p90", 9), ("p99", 9), ("ttft p50", 9), ("queue p50", 9),
-           ("overhead p50", 12), ("tokens in", 10), ("tokens out", 10), ("saved tok", 10), ("saved s", 8), ("errors", 6)]
+           ("overhead p50", 12), ("tokens in", 10), ("tokens out", 10), ("cache read", 10), ("cache write", 11),
+           ("pc hit%", 7), ("cost", 8), ("saved $", 8), ("saved tok", 10), ("saved s", 8), ("errors", 6)]
 
 
 def _row(name: str, s: dict) -> list[str]:
     rate = "-" if s["hit_rate"] is None else f"{s['hit_rate'] * 100:.0f}"
     return [clean(name), str(s["calls"]), rate, ms(s["total"]["p50"]), ms(s["total"]["p90"]), ms(s["total"]["p99"]),
             ms(s["ttft"]["p50"]), ms(s["queue"]["p50"]), ms(s["overhead"]["p50"]), f"{s['input_tokens']:,}",
-            f"{s['output_tokens']:,}", f"{s['saved_tokens']:,}", f"{s['saved_upstream_s']:.1f}",
+            f"{s['output_tokens']:,}", f"{s['cache_read_tokens']:,}", f"{s['cache_write_tokens']:,}",
+            "-" if s["prompt_cache_ratio"] is None else f"{s['prompt_cache_ratio'] * 100:.0f}",
+            dollars(s["cost_usd"], s["cost_unknown"]), dollars(s["saved_usd"], s["saved_unknown"]),
+            f"{s['saved_tokens']:,}", f"{s['saved_upstream_s']:.1f}",
             str(sum(s["errors"].values()))]
 
 
@@ -108,11 +112,12 @@ def run_events(args: argparse.Namespace, config: Config) -> int:
 
 
 def add_parsers(sub, common) -> None:
-    stats = sub.add_parser("stats", parents=[common], help="calls, hit rate, latency percentiles, tokens, savings",
-                           description="Calls, hit rate, latency percentiles, tokens and savings, from the records in "
-                                       "the state directory.")
+    stats = sub.add_parser("stats", parents=[common], help="calls, hit rate, latency, tokens, dollars, savings",
+                           description="Calls, hit rate, latency percentiles, tokens (prompt cache included), dollars "
+                                       "spent and saved, from the records in the state directory.")
     stats.add_argument("--since", default="", help="only calls this recent: 90s, 15m, 1h, 2d (default: all)")
-    stats.add_argument("--by", choices=["model", "agent", "route"], help="one row per model, agent or route")
+    stats.add_argument("--by", choices=["model", "agent", "session", "day", "route"],
+                       help="one row per model, agent, session (conversation), day or route")
     stats.add_argument("--json", action="store_true", help="JSON for scripts (with no calls: zero counts)")
     events = sub.add_parser("events", parents=[common], help="threshold crossings and agent events",
                             description="Threshold crossings (raised/cleared) and agent events from the events log.")

@@ -17,6 +17,14 @@ def ms(value: float | None) -> str:
     return f"{value:.1f} ms" if value < 1000 else f"{value / 1000:.2f} s"
 
 
+def dollars(amount: float | None, unknown: int = 0) -> str:
+    """A dollar figure; calls with no known price make it "unknown" (alone) or "+unknown", never $0."""
+    if amount is None or unknown and not amount:
+        return "unknown"
+    figure = f"${amount:,.2f}" if amount >= 100 else f"${amount:.4f}"
+    return figure + "+unknown" if unknown else figure
+
+
 def format_summary(summary: dict, events: list[dict], peak_rss: int, variables: tuple[str, ...] = ()) -> str:
     calls = summary["calls"]
     if not calls:   # a bypass is never silent: an agent that reads none of these went around the sidecar
@@ -33,6 +41,12 @@ def format_summary(summary: dict, events: list[dict], peak_rss: int, variables: 
         f"tokens in/out {summary['input_tokens']:,}/{summary['output_tokens']:,}; agent peak RSS "
         f"{human_bytes(peak_rss)}; events: {', '.join(raised) if raised else 'none'}",
     ]
+    if "cost_usd" in summary:   # (a shared sidecar of an older version has no prices)
+        lines.append(f"sidecar: spent {dollars(summary['cost_usd'], summary['cost_unknown'])}, cache saved "
+                     f"{dollars(summary['saved_usd'], summary['saved_unknown'])}; prompt cache read/write "
+                     f"{summary['cache_read_tokens']:,}/{summary['cache_write_tokens']:,} tokens (hit ratio "
+                     f"{'-' if summary['prompt_cache_ratio'] is None else format(summary['prompt_cache_ratio'], '.0%')})"
+                     + (f", reasoning {summary['reasoning_tokens']:,}" if summary["reasoning_tokens"] else ""))
     if summary["errors"]:
         lines.append("sidecar: errors: " + ", ".join(f"{k} x{v}" for k, v in summary["errors"].items()))
     return "\n".join(lines)

@@ -28,7 +28,7 @@ from proxy.config import Config
 from proxy.sse import EventParser
 
 from . import client, shared
-from .summary import human_bytes, ms
+from .summary import dollars, human_bytes, ms
 from .terminal import clean_tree
 
 BARS = " ▁▂▃▄▅▆▇█"
@@ -79,6 +79,16 @@ def _spark(values: list[float | None], width: int, log: bool = False) -> str:
     return "".join(BARS[round(v / top * (len(BARS) - 1))] if v else BARS[0] for v in scaled)
 
 
+def money(total: dict) -> list[str]:
+    """The dollars and the prompt cache, one line (none from a shared sidecar of an older version)."""
+    if "cost_usd" not in total:
+        return []
+    return [f"spent {dollars(total['cost_usd'], total['cost_unknown'])}  cache saved "
+            f"{dollars(total['saved_usd'], total['saved_unknown'])}  tokens in/out {total['input_tokens']:,}/"
+            f"{total['output_tokens']:,}  prompt cache read/write {total['cache_read_tokens']:,}/"
+            f"{total['cache_write_tokens']:,} (hit {_pct(total['prompt_cache_ratio'])})"]
+
+
 def render(doc: dict, url: str, width: int = 100) -> list[str]:
     """The overview, one string per line, none wider than `width`; no string from the sidecar reaches the
     terminal with a control sequence in it."""
@@ -90,7 +100,7 @@ def render(doc: dict, url: str, width: int = 100) -> list[str]:
              f"errors {sum(total['errors'].values())}  retries {total['retries']}",
              f"cache {cache['entries']} entries, {human_bytes(cache['bytes'])} ({cache['mode']})  "
              f"saved {total['saved_tokens']:,} tokens, {total['saved_upstream_s']:.1f} s upstream  "
-             f"memory {doc['system_memory_percent']:.0f}%", ""]
+             f"memory {doc['system_memory_percent']:.0f}%", *money(total), ""]
     agents = [[a["id"], a["state"] + (f" ({a['exit_status']})" if a["exit_status"] is not None else ""), str(a["pid"]),
                "-" if a["state"] == "exited" else _uptime(a["uptime_s"]), human_bytes(a["rss"]) if a["rss"] else "-",
                "-" if a["state"] == "exited" else f"{a['cpu_percent']:.1f}%", a["cmd"]] for a in doc["agents"]]
@@ -98,10 +108,11 @@ def render(doc: dict, url: str, width: int = 100) -> list[str]:
         else ["AGENT  (none attached)"]
     groups = doc["summary"].get("groups", {})
     rows = [[name, str(s["calls"]), _pct(s["hit_rate"]),
-             *(ms(s[phase][q]) for phase in ("total", "ttft", "queue", "overhead") for q in ("p50", "p95"))]
+             *(ms(s[phase][q]) for phase in ("total", "ttft", "queue", "overhead") for q in ("p50", "p95")),
+             dollars(s.get("cost_usd"), s.get("cost_unknown", 0))]
             for name, s in [*groups.items(), *([("all", total)] if len(groups) != 1 else [])]]
     lines += ["", *_table(["MODEL", "CALLS", "HIT%", "TOTAL p50", "p95", "TTFT p50", "p95", "QUEUE p50", "p95",
-                           "OVERHEAD p50", "p95"], rows)] if total["calls"] else ["", "MODEL  (no calls yet)"]
+                           "OVERHEAD p50", "p95", "COST"], rows)] if total["calls"] else ["", "MODEL  (no calls yet)"]
     lines += upstream_lines(doc)
     chart, span = doc["chart"], max(10, min(len(doc["chart"]["calls"]), width - 24))
     lines += ["", f"{'calls/' + str(chart['step']) + 's':12} |{_spark(chart['calls'], span)}| max {max(chart['calls'])}",
@@ -113,9 +124,12 @@ def render(doc: dict, url: str, width: int = 100) -> list[str]:
         lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(event['ts']))}  {event['kind']:22} "
                      f"{event['state']:8} {detail}" if event else "  (none)")
     sessions = [[s["id"], s["agent"] or "-", s["model"] or "-", str(s["turns"] or 0),
-                 time.strftime("%H:%M:%S", time.localtime(s["updated"])) if s["updated"] else "-"]
+                 time.strftime("%H:%M:%S", time.localtime(s["updated"])) if s["updated"] else "-",
+                 dollars(s.get("cost_usd"), s.get("cost_unknown", 0)) if s.get("calls") else "-",
+                 _pct(s.get("prompt_cache_ratio"))]
                 for s in doc["sessions"][:5]]
-    lines += ["", *(_table(["SESSION", "AGENT", "MODEL", "TURNS", "UPDATED"], sessions, left=(0, 1, 2)) if sessions
+    lines += ["", *(_table(["SESSION", "AGENT", "MODEL", "TURNS", "UPDATED", "COST", "PC HIT%"], sessions,
+                           left=(0, 1, 2)) if sessions
                     else ["SESSION  (none checkpointed)"])]
     title = f"sidecar {doc['version']}  {url}  pid {doc['pid']}  agent {doc['agent']}  up {_uptime(doc['uptime_s'])}"
     clock = time.strftime("%H:%M:%S", time.localtime(doc["now"]))   # at the right edge of the widest line

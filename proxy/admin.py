@@ -66,6 +66,7 @@ async def health(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     """JSON stats: recent calls in memory, or every stored record of one agent since a time."""
     state = request.app[STATE]
+    await state.settled()
     agent, since, by = request.query.get("agent"), request.query.get("since"), request.query.get("by")
     if agent is None and since is None:
         doc = overview(state)
@@ -84,6 +85,7 @@ async def stats(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    await state.settled()
     limits = state.limiter.snapshot()
     cache = state.cache.store.stats()
     gauges = {

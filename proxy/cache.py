@@ -23,6 +23,7 @@ from .entry import CorruptEntry, Entry, kept_headers
 from .errors import Refusal
 from .flight import Head
 from .store import ResponseStore
+from .usage import flavor_of
 
 log = logging.getLogger("sidecar")
 READS = {"read-write", "read-only", "replay"}
@@ -132,9 +133,10 @@ class Cache:
         if not (self.should_store(call) and capture.storable and 200 <= head.status < 300):
             return None
         meta = {"path": call.route.path, "model": call.model, "input_tokens": call.input_tokens,
-                "output_tokens": call.output_tokens, "cached_tokens": call.cached_tokens,
-                "reasoning_tokens": call.reasoning_tokens, "upstream_s": round(time.monotonic() - call.t_sent, 4),
+                "output_tokens": call.output_tokens, "upstream_s": round(time.monotonic() - call.t_sent, 4),
                 "hash": call.request_hash.hex()}
+        if call.usage is not None and call.usage.raw is not None:   # a hit reports (and saves) the same usage
+            meta.update(flavor=flavor_of(call.route.api, call.route.path), usage=call.usage.raw)
         if head.sse and len(form := form_of(call)) > 1:   # OpenAI chat: whether usage was streamed
             meta["include_usage"] = form[-1]
         entry = Entry(status=head.status, headers=kept_headers(head.headers), body=body, stream=head.sse,

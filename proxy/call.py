@@ -14,6 +14,7 @@ from typing import Any
 
 from .gemini_api import model_of
 from .routes import Route
+from .usage import Usage
 
 
 def new_request_id() -> str:
@@ -43,10 +44,7 @@ class Call:
     cache_key: bytes | None = None
     request_hash: bytes = b""
     streamed: bool = False
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_tokens: int = 0        # input tokens the upstream read from its prompt cache (Responses)
-    reasoning_tokens: int = 0     # output tokens spent reasoning (Responses)
+    usage: Usage | None = None    # the tokens the API reported (proxy/usage.py); a hit: the original call's
     bytes_out: int = 0
     retries: int = 0
     error: str = ""               # error type when the call failed
@@ -64,6 +62,7 @@ class Call:
     body_out: bytes = b""         # the upstream answer's whole body, once it has ended
     answer: dict | None = None    # the complete, well-formed answer as JSON, for the checkpoint
     checkpointed: bool = False
+    prefix_change: list | None = None   # what changed since the conversation's previous turn (sessions.py)
     off: set | None = None        # side stages that failed during this call: run no more for it
 
     @property
@@ -71,6 +70,14 @@ class Call:
         if self.route.api == "gemini":   # in the path: /v1beta/models/{model}:generateContent
             return model_of(self.route.path)
         return self.json.get("model", "") if isinstance(self.json, dict) else ""
+
+    @property
+    def input_tokens(self) -> int:
+        return self.usage.input_tokens if self.usage is not None else 0
+
+    @property
+    def output_tokens(self) -> int:
+        return self.usage.output_tokens if self.usage is not None else 0
 
     @property
     def wants_stream(self) -> bool:

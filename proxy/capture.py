@@ -21,14 +21,10 @@ from . import gemini_api, responses_api
 from .call import Call
 from .encoding import STORABLE, decoded
 from .sse import ANTHROPIC_END, OPENAI_END, EventParser, assemble_anthropic, assemble_openai
+from .usage import flavor_of, merge, of_answer, usage_of
 
 
 WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-
-
-def _count(value: Any) -> int:
-    """A token count as the API reports it; anything else counts as 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def well_formed(path: str, doc: Any) -> bool:
@@ -48,7 +44,7 @@ def well_formed(path: str, doc: Any) -> bool:
 
 class Capture:
     __slots__ = ("call", "sse", "encoding", "pacing", "complete", "malformed", "answer", "responses", "_parser",
-                 "_inflate", "_events", "_t0")
+                 "_inflate", "_events", "_t0", "_flavor", "_usage_block")
 
     def __init__(self, call: Call, sse: bool, encoding: str, keep_pacing: bool):
         self.call = call
@@ -64,6 +60,8 @@ class Capture:
         self._inflate = zlib.decompressobj(WBITS[self.encoding]) if self._parser and self.encoding in WBITS else None
         self._events: list[tuple[str, bytes]] = []
         self._t0 = 0.0
+        self._flavor = flavor_of(call.route.api, call.route.path)
+        self._usage_block: dict | None = None   # a stream's usage so far
 
     @property
     def storable(self) -> bool:
@@ -120,7 +118,9 @@ class Capture:
             return False
         self.complete = True
         self.answer = doc
-        self._usage(doc.get("usageMetadata" if self.call.route.api == "gemini" else "usage"))
+        usage = of_answer(self._flavor, doc)
+        if usage is not None:
+            self.call.usage = usage
         return True
 
     def _end_of_stream(self) -> bool:
@@ -150,7 +150,7 @@ class Capture:
                 message = orjson.loads(data).get("message")
                 self._usage(message.get("usage") if isinstance(message, dict) else None)
             elif name == "message_delta":
-                self._usage(orjson.loads(data).get("usage"), output_only=True)
+                self._usage(orjson.loads(data).get("usage"))
             elif name == "error":
                 self.malformed = True
             elif name == ANTHROPIC_END:
@@ -171,24 +171,11 @@ class Capture:
                 call.t_first_token = time.monotonic()
             self._usage(chunk.get("usage"))
 
-    def _usage(self, usage: Any, output_only: bool = False) -> None:
-        if not isinstance(usage, dict):
-            return
-        call = self.call
-        if self.responses:
-            call.input_tokens, call.output_tokens, call.cached_tokens, call.reasoning_tokens = \
-                responses_api.usage_of(usage)
-        elif call.route.api == "anthropic":
-            if not output_only and "input_tokens" in usage:
-                call.input_tokens = _count(usage["input_tokens"])
-            if "output_tokens" in usage:
-                call.output_tokens = _count(usage["output_tokens"])
-        elif call.route.api == "gemini":
-            counts = gemini_api.usage_of(usage)
-            call.input_tokens, call.output_tokens = counts["input_tokens"], counts["output_tokens"]
-        else:
-            call.input_tokens = _count(usage.get("prompt_tokens"))
-            call.output_tokens = _count(usage.get("completion_tokens"))
+    def _usage(self, block: Any) -> None:
+        """A stream event's usage: merged into what earlier events said (Anthropic splits it in two)."""
+        if isinstance(block, dict):
+            self._usage_block = merge(self._usage_block, block)
+            self.call.usage = usage_of(self._flavor, self._usage_block)
 
     def _assemble(self) -> None:
         if self.malformed:

@@ -88,6 +88,15 @@ class LimitsSection:
     queue_timeout: float = 300.0
     adaptive: bool = True
     pace: bool = True
+    budget_usd: tuple[str, ...] = ()
+
+
+BUDGET_SCOPES = ("total", "day", "agent", "session")
+
+
+def budgets(limits: LimitsSection) -> dict[str, float]:
+    """[limits] budget_usd as {scope: dollars}; the entries were checked when the config was loaded."""
+    return {scope.strip(): float(amount) for scope, _, amount in (e.partition("=") for e in limits.budget_usd)}
 
 
 @dataclass(frozen=True)
@@ -263,6 +272,15 @@ def load_layers(layers: list[Mapping[str, Any]], names: list[str]) -> Config:
     if endpoint and not endpoint.startswith(("http://", "https://")):
         raise ConfigError(f"[telemetry] otlp_endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT) must be the OTLP/HTTP "
                           f"receiver's base URL, like http://127.0.0.1:4318, not {endpoint!r}")
+    for entry in config.limits.budget_usd:
+        scope, sep, amount = entry.partition("=")
+        try:
+            dollars = float(amount)
+        except ValueError:
+            dollars = -1.0
+        if not (sep and scope.strip() in BUDGET_SCOPES and dollars > 0 and dollars != float("inf")):
+            raise ConfigError(f"{names[-1]} [limits]: 'budget_usd' entries look like \"SCOPE=DOLLARS\" with SCOPE one "
+                              f"of {', '.join(BUDGET_SCOPES)} and DOLLARS above 0, e.g. \"day=20\", not {entry!r}")
     return config
 
 

@@ -82,9 +82,19 @@ def session_id(agent: str, body: dict, headers, path: str = "") -> str:
     if own:
         return "c" + digest(["client", own])[:15]
     system, messages = turns_of(path, body)
-    first_user = next((m for m in messages or () if isinstance(m, dict) and m.get("role") == "user"), None)
-    head = system[:4096] if isinstance(system, str) else orjson.dumps(system)[:4096].decode("utf-8", "ignore")
+    first_user = unmarked(next((m for m in messages or () if isinstance(m, dict) and m.get("role") == "user"), None))
+    head = system[:4096] if isinstance(system, str) else orjson.dumps(unmarked(system))[:4096].decode("utf-8", "ignore")
     return "r" + digest([agent, head, first_user])[:15]
+
+
+def unmarked(value: Any) -> Any:
+    """A value without its prompt-cache markers: a client moves `cache_control` to the newest turn each time,
+    and the conversation stays the same one."""
+    if isinstance(value, dict):
+        return {k: unmarked(v) for k, v in value.items() if k != "cache_control"}
+    if isinstance(value, list):
+        return [unmarked(v) for v in value]
+    return value
 
 
 def answer_message(api: str, answer: dict | None) -> dict | None:

@@ -29,6 +29,7 @@ KINDS: dict[str, tuple[int, str, str, str | None]] = {
     "forbidden": (403, "permission_error", "invalid_request_error", "forbidden"),
     "not_found": (404, "not_found_error", "invalid_request_error", "not_found"),
     "replay_miss": (404, "not_found_error", "invalid_request_error", "cache_miss"),
+    "budget": (402, "billing_error", "insufficient_quota", "budget_exceeded"),
     "too_large": (413, "request_too_large", "invalid_request_error", "request_too_large"),
     "rate_limit": (429, "rate_limit_error", "requests", "rate_limit_exceeded"),
     "overloaded": (529, "overloaded_error", "server_error", "overloaded"),
@@ -36,6 +37,7 @@ KINDS: dict[str, tuple[int, str, str, str | None]] = {
     "bad_gateway": (502, "api_error", "server_error", "bad_gateway"),
     "timeout": (504, "api_error", "server_error", "timeout"),
 }
+NOT_RETRIED = {"budget"}   # x-should-retry: false, which the official SDKs obey before their status rules
 
 
 class SidecarError(Exception):
@@ -96,6 +98,8 @@ def api_error(api: str, kind: str, message: str, *, retry_after: float | None = 
               status: int | None = None) -> web.Response:
     """A complete error response; `message` should already start with 'sidecar:'."""
     headers = {"x-sidecar-error": kind}
+    if kind in NOT_RETRIED:
+        headers["x-should-retry"] = "false"
     if retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(retry_after)))
         headers["retry-after-ms"] = str(int(retry_after * 1000))

@@ -23,15 +23,14 @@ PROVIDERS = {"anthropic": "anthropic", "openai": "openai", "gemini": "gcp.gemini
 OPERATIONS = {"/v1/messages": "chat", "/v1/chat/completions": "chat", "/v1/responses": "chat",
               "/v1/completions": "text_completion", "/v1/embeddings": "embeddings",
               "/v1/messages/count_tokens": "count_tokens"}
-# Usage on the call -> its attribute. A field the call does not carry (yet) is left out; the cache fields
-# of Anthropic also count into gen_ai.usage.input_tokens (CACHE_INPUT).
+# The call's usage (proxy/usage.py: input counts cache reads and writes, as the conventions do) -> attribute.
 USAGE = (
+    ("input_tokens", "gen_ai.usage.input_tokens"),
     ("output_tokens", "gen_ai.usage.output_tokens"),
-    ("cache_read_input_tokens", "gen_ai.usage.cache_read.input_tokens"),
-    ("cache_creation_input_tokens", "gen_ai.usage.cache_creation.input_tokens"),
+    ("cache_read_tokens", "gen_ai.usage.cache_read.input_tokens"),
+    ("cache_write_tokens", "gen_ai.usage.cache_creation.input_tokens"),
     ("reasoning_tokens", "gen_ai.usage.reasoning.output_tokens"),
 )
-CACHE_INPUT = ("cache_read_input_tokens", "cache_creation_input_tokens")
 UNMETERED = ("count_tokens",)   # operations that spend no tokens
 REQUEST_SETTINGS = (("max_tokens", "gen_ai.request.max_tokens"), ("max_completion_tokens", "gen_ai.request.max_tokens"),
                     ("temperature", "gen_ai.request.temperature"), ("top_p", "gen_ai.request.top_p"),
@@ -76,10 +75,9 @@ def usage(call: Call) -> dict[str, int]:
     """The usage attributes the call's record knows."""
     if operation(call) in UNMETERED:
         return {}
-    attrs = {name: getattr(call, field) for field, name in USAGE if getattr(call, field, None) is not None}
-    cached = sum(getattr(call, field, 0) or 0 for field in CACHE_INPUT) if call.route.api == "anthropic" else 0
-    attrs["gen_ai.usage.input_tokens"] = call.input_tokens + cached
-    return attrs
+    if call.usage is None:
+        return {"gen_ai.usage.input_tokens": 0, "gen_ai.usage.output_tokens": 0}
+    return {name: getattr(call.usage, field) for field, name in USAGE}
 
 
 def span_attributes(call: Call, answer: dict | None, base: dict[str, Any]) -> dict[str, Any]:

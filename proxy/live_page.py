@@ -38,6 +38,7 @@ def _static(name: str, content_type: str):
 
 async def data(request: web.Request) -> web.Response:
     """GET /_sidecar/overview: what the page and `sidecar top --once` show."""
+    await request.app[STATE].settled()
     return _json(snapshot(request.app[STATE]))
 
 

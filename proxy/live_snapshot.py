@@ -41,5 +41,6 @@ def snapshot(state: ProxyState, sessions: int = 10) -> dict:
     doc = overview(state)
     doc.update(now=now, agent=state.agent_id, uptime_s=round(now - state.started, 1),
                chart=chart(state.stats.recent, now), events=doc["events"][::-1],
-               sessions=[{k: m.get(k) for k in SESSION_FIELDS} for m in state.sessions.list()[:sessions]])
+               sessions=[{**{k: m.get(k) for k in SESSION_FIELDS}, **state.stats.session_view(m["id"])}
+                         for m in state.sessions.list()[:sessions]])
     return doc

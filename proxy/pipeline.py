@@ -8,6 +8,7 @@
     restore       stages, restore     request    side: the request goes on unchanged
     cache key     stages, cache       request    side: the call is not cached
     cache lookup  stages, replay      request    side: a miss            (a hit is replayed: the way ends)
+    budget        stages, budget      request    side: the call goes on  (past a budget: a 402 refusal)
     join          flight              -          -                       (an identical call in flight is joined)
     admit         admission           -          held through a wall / until headroom (bounded); then the
                   (circuit, headroom)             upstream's last overload answer, or an API-shaped 529
@@ -57,8 +58,8 @@ from .upstream import end_body_with_connection, end_to_end, request_headers
 CALL = web.RequestKey("call", Call)
 # The side stages, in the order their hooks run. Store queues the cache entry before Checkpoint queues the
 # turn, so at a JSON answer's end both go into one LMDB commit (the store's group commit), awaited once.
-STAGES = (stages.Restore, stages.CacheKey, stages.CacheLookup, stages.Capture, stages.Store, stages.Checkpoint,
-          stages.Record, stages.Telemetry)
+STAGES = (stages.Restore, stages.CacheKey, stages.CacheLookup, stages.Budget, stages.Capture, stages.Store,
+          stages.Checkpoint, stages.Record, stages.Telemetry)
 
 
 # ---- the way of one call ---------------------------------------------------------------------------------

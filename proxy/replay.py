@@ -18,6 +18,7 @@ from . import convert
 from .call import Call
 from .encoding import UndecodableBody, accepts, decoded
 from .entry import Entry
+from .usage import from_meta
 
 SSE_HEADERS = (("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"))
 
@@ -63,10 +64,7 @@ def account(call: Call, entry: Entry) -> None:
     """A hit's record: the tokens and the upstream time the original call cost, now saved."""
     call.cache_outcome = "hit"
     call.saved_s = entry.meta.get("upstream_s", 0.0)
-    call.input_tokens = entry.meta.get("input_tokens", 0)
-    call.output_tokens = entry.meta.get("output_tokens", 0)
-    call.cached_tokens = entry.meta.get("cached_tokens", 0)
-    call.reasoning_tokens = entry.meta.get("reasoning_tokens", 0)
+    call.usage = from_meta(entry.meta)
 
 
 def _recorded_chunks(entry: Entry) -> list[bytes]:

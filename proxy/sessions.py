@@ -26,13 +26,13 @@ import orjson
 
 from .call import Call
 from . import gemini_api, responses_api
-from .conversation import (CHAT_ROUTES, RESPONSES, answer_turns, client_session, digest, session_id, tools_digest,
-                           turns_of)
+from .conversation import (CHAT_ROUTES, RESPONSES, SYSTEM_ROLES, answer_turns, client_session, digest, session_id,
+                           tools_digest, turns_of, unmarked)
 from .restore import Restore
 from .store import Lmdb
 
 # Meta fields for the store's own use, not shown; `hashes` were per-message digests earlier versions kept.
-PRIVATE = ("hashes", "system_digest", "tools_digest")
+PRIVATE = ("hashes", "system_digest", "tools_digest", "tools_hash")
 
 
 class Sessions:
@@ -80,21 +80,28 @@ class Sessions:
         messages = [*(call.forwarded_messages or turns), *replies]
         rows = [orjson.dumps(m) for m in messages]
         meta = {"id": sid, "agent": call.route.agent, "api": call.route.api, "model": call.model,
-                "client_session": client_session(call.json, headers), "tools_digest": tools_digest(call.json)}
+                "client_session": client_session(call.json, headers), "tools_digest": tools_digest(call.json),
+                "tools_hash": digest(call.json.get("tools"))}
         if path == responses_api.PATH:
             meta["format"] = RESPONSES
         # A Responses answer's id: the next turn may name it as its previous_response_id.
         ends = answer.get("id") if meta.get("format") and isinstance(answer.get("id"), str) else None
-        await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system, start, ends))
+        change: dict = {}
+        await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system, change, start, ends))
+        if change:   # what changed since the previous turn, in the order a prompt cache reads a request
+            call.prefix_change = [name for name in ("tools", "system") if change[name]] + [
+                "system" if isinstance(messages[i - start], dict) and messages[i - start].get("role") in SYSTEM_ROLES
+                else f"messages[{i}]" for i in change["messages"]]
         if len(self._last_turn) >= 10_000:   # bounded: forgetting only costs a redundant merge
             self._last_turn.clear()
         self._last_turn[sid] = call.request_hash
         if self.mirror is not None:
             await self.mirror.append(sid, messages if not start else self.messages(sid), {**meta, "system": system})
 
-    def _merge(self, txn: lmdb.Transaction, sid: str, rows: list[bytes], meta: dict, system, start: int = 0,
-               ends: str | None = None) -> None:
-        """Rows are the messages from index `start` on; `ends`: the id of the answer they end with."""
+    def _merge(self, txn: lmdb.Transaction, sid: str, rows: list[bytes], meta: dict, system, change: dict,
+               start: int = 0, ends: str | None = None) -> None:
+        """Rows are the messages from index `start` on; `ends`: the id of the answer they end with. Into
+        `change`: what differs from the previous turn (tools, system, messages beyond their cache markers)."""
         key = f"s:{sid}".encode()
         old = txn.get(key, db=self._db)
         stored = orjson.loads(old) if old else {**meta, "created": time.time()}
@@ -103,7 +110,8 @@ class Sessions:
         total = start + len(rows)
         if ends is not None:
             txn.put(b"p:" + ends.encode(), orjson.dumps([sid, total]), db=self._db)
-        differ = self._differing(txn, sid, rows, start)
+        changed: list[int] = []   # differing beyond their prompt-cache markers
+        differ = self._differing(txn, sid, rows, changed, start)
         if count > total and (not differ or differ[0] == total - 1):
             return   # an earlier turn sent again, unchanged up to its answer: the later turns stay
         if count == total and not differ:
@@ -113,17 +121,24 @@ class Sessions:
         for index in range(total, count):
             txn.delete(self._message_key(sid, index), db=self._db)
         system_digest = digest(system)
+        if old:
+            before = txn.get(f"y:{sid}".encode(), db=self._db) if stored.get("system_digest") != system_digest else None
+            change.update(tools=stored.get("tools_hash", meta["tools_hash"]) != meta["tools_hash"],
+                          system=before is not None and unmarked(orjson.loads(before)) != unmarked(system),
+                          messages=changed[:3])
         if stored.get("system_digest") != system_digest:
             txn.put(f"y:{sid}".encode(), orjson.dumps(system), db=self._db)
             stored["system_digest"] = system_digest
         stored.pop("hashes", None)
         stored.update(model=meta["model"] or stored.get("model"), tools_digest=meta["tools_digest"],
+                      tools_hash=meta["tools_hash"],
                       updated=time.time(), turns=stored.get("turns", 0) + 1, messages=total)
         txn.put(key, orjson.dumps(stored), db=self._db)
 
-    def _differing(self, txn: lmdb.Transaction, sid: str, rows: list[bytes], start: int = 0) -> list[int]:
+    def _differing(self, txn: lmdb.Transaction, sid: str, rows: list[bytes], changed: list[int],
+                   start: int = 0) -> list[int]:
         """The indices from `start` whose stored row differs from rows[index - start], in order (rows are
-        stored densely from 0)."""
+        stored densely from 0); into `changed` those that differ by more than where the prompt-cache markers are."""
         prefix = f"m:{sid}:".encode()
         cursor = txn.cursor(db=self._db)
         differ = []
@@ -133,6 +148,10 @@ class Sessions:
                     break
                 if value != rows[index - start]:
                     differ.append(index)
+                    row = rows[index - start]
+                    if not (b"cache_control" in value or b"cache_control" in row) or \
+                            unmarked(orjson.loads(value)) != unmarked(orjson.loads(row)):
+                        changed.append(index)
         return differ
 
     @staticmethod

@@ -85,6 +85,15 @@ class CacheLookup(Stage):
         return hit
 
 
+class Budget(Stage):
+    """A call that would go upstream past a budget is refused (hits were served before this)."""
+
+    name = "budget"
+
+    def request(self, call: Call) -> None:
+        self.state.budgets.check(call)
+
+
 class Capture(Stage):
     """Completeness, well-formedness, usage and first token of an upstream answer."""
 

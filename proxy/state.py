@@ -6,6 +6,7 @@ never in module globals.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -25,6 +26,10 @@ from .flight import Flights
 from .events import EventLog, make_event
 from .limits import Limiter
 from .monitor import Monitor, relieve_memory
+from .budget import FREE, Budgets
+from .prices import Prices, model_of
+from .prompt_cache import PromptCacheWatch
+from .usage import flavor_of
 from .records import RecordLog
 from .sessions import Sessions
 from .stats import Stats
@@ -56,6 +61,11 @@ class ProxyState:
     sessions: Sessions | None = None
     backends: Backends | None = None
     after_call: Callable[[], None] | None = None   # the live page's push, when it is served
+    prices: Prices = field(default_factory=Prices)
+    priced: asyncio.Future | None = None              # done once the price table is loaded (or failed to load)
+    _waiting: list = field(default_factory=list)      # (call, record) of the calls that ended before it
+    budgets: Budgets | None = None
+    prompt_cache: PromptCacheWatch | None = None
     started: float = field(default_factory=time.time)
     stage_hooks: dict = field(default_factory=dict)   # the pipeline's side stages, hook by hook
     telemetry: Any = None                              # the OpenTelemetry exporter, when [telemetry] is on
@@ -77,6 +87,10 @@ class ProxyState:
 
     async def open(self) -> None:
         settings = self.config.cache
+        # The price table loads in a thread (a few hundred ms) while the proxy already serves: the calls that end
+        # before it are recorded the moment it is there.
+        self.priced = asyncio.ensure_future(self.prices.load())
+        self.priced.add_done_callback(lambda _: self._record_waiting())
         self.monitor = Monitor(self.config.monitor, EventLog(self.config.state_dir), self.limiter,
                                relieve=lambda: relieve_memory(self))
         try:
@@ -86,6 +100,8 @@ class ProxyState:
             self.lmdb = Lmdb.unavailable(self.config.state_dir)
             self._store_failed(exc)
         self.lmdb.report = self._store_failed
+        self.budgets = Budgets(self.config.limits, self.monitor.emit)
+        self.prompt_cache = PromptCacheWatch(self.monitor.emit, self.cost_of)
         self.backends = await open_backends(self.config, self.lmdb,
                                             lambda kind, state, **detail: self.monitor.emit(make_event(kind, state, **detail)))
         self.limiter.global_slots = self.backends.global_slots
@@ -97,11 +113,18 @@ class ProxyState:
         self.cache = Cache(settings, self.backends.store, keys)
         self.cache.on_fault = self.fault
         self.records = RecordLog(self.lmdb, self.config.stats.max_records)
+        self._seed_budgets()
         self.sessions = Sessions(self.lmdb, mirror=self.backends.mirror)
         self.telemetry = telemetry.start(self.config.telemetry, self.upstreams, self._export_failing)
         if self.telemetry is not None:
             self.monitor.listeners.append(self._agent_run_span)
         await self.client.open()
+
+    def _seed_budgets(self) -> None:
+        """Today's earlier spend, read before the proxy serves (only when a day or session budget is set)."""
+        since = self.budgets.since()
+        if since is not None:
+            self._side("budget", lambda: self.budgets.seed(self.records.read(since)))
 
     def _store_failed(self, error: BaseException | None) -> None:
         """The state store stopped (or resumed) taking writes: the `store_unavailable` event, raised once."""
@@ -132,15 +155,50 @@ class ProxyState:
                 self.fault("telemetry", exc)
 
     def finish(self, call) -> None:
-        """A call is over: its record, the live aggregates, the thresholds."""
+        """A call is over: its record, priced, the live aggregates, budgets and thresholds."""
         if not self.config.stats.record:   # for measuring what recording costs (bench/)
             return
         record = record_of(call)
+        if self.priced is not None and not self.priced.done():
+            self._waiting.append((call, record))
+            return
+        self._record(call, record)
+
+    def _record_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for call, record in waiting:
+            self._side("record", self._record, call, record)
+
+    async def settled(self) -> None:
+        """Every call that has ended is recorded (only the first ones wait, for the price table)."""
+        if self.priced is not None:
+            await asyncio.shield(self.priced)
+
+    def _record(self, call, record: dict) -> None:
+        cost = self.cost_of(call, call.usage)
+        if call.usage is None and 200 <= call.status < 300 and not call.route.path.endswith(FREE):
+            cost = None   # billed, but the answer did not say how much (an OpenAI stream without include_usage)
+        if call.cache_outcome in ("hit", "coalesced"):   # nothing paid: what it would have cost is saved
+            record["saved_usd"] = None if cost is None else round(cost, 8)
+        else:
+            record["cost_usd"] = None if cost is None else round(cost, 8)
+            self._side("budget", self.budgets.add, call, cost)
+            self._side("prompt cache", self.prompt_cache.observe, call)
         self.stats.observe(record)
         self.records.add(record)
         self.monitor.on_call(record, call.rate_limited)
         if self.after_call is not None:
             self.after_call()
+
+    def cost_of(self, call, usage) -> float | None:
+        return self.prices.cost(flavor_of(call.route.api, call.route.path), model_of(call), usage, call.wall_received)
+
+    def _side(self, name: str, method, *args) -> None:
+        """A side job of the record: failing, it is a fault and the record goes on."""
+        try:
+            method(*args)
+        except Exception as exc:
+            self.fault(name, exc)
 
     def fault(self, stage: str, error: BaseException) -> Fault:
         """A stage failed unexpectedly: one log line, a `sidecar_fault` event; the call goes on without it."""
@@ -170,6 +228,7 @@ class ProxyState:
 
     async def close(self) -> None:
         await self.client.close()
+        await self.settled()
         if self.monitor is not None:
             await self.monitor.drain()
         if self.records is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
 from collections import Counter, OrderedDict, defaultdict, deque
 from typing import Any, Iterable
 
@@ -26,6 +27,8 @@ HISTOGRAMS = {  # record field -> (metric, help, buckets)
     "overhead_ms": ("sidecar_overhead_seconds", "Time the sidecar itself added.", OVERHEAD_BUCKETS),
 }
 PHASES = ("total_ms", "ttft_ms", "queue_ms", "overhead_ms")
+# Token counts a record carries beside input and output (proxy/usage.py).
+TOKEN_KINDS = ("cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "reasoning_tokens")
 MAX_AGENT_LABELS = 100   # agents with series of their own in /_sidecar/metrics; the rest are agent="other"
 OTHER = "other"
 
@@ -45,14 +48,18 @@ def is_error(record: dict) -> bool:
     return bool(record.get("error")) or record.get("status", 0) >= 400
 
 
+def day_of(record: dict) -> str:
+    return time.strftime("%Y-%m-%d", time.localtime(record.get("ts", 0)))
+
+
 def summarize(records: Iterable[dict], by: str | None = None) -> dict[str, Any]:
-    """Totals, and per group when `by` names a record field (model, agent, route)."""
+    """Totals, and per group when `by` names a record field (model, agent, route, session) or is "day"."""
     groups: dict[str, list[dict]] = defaultdict(list)
     everything: list[dict] = []
     for record in records:
         everything.append(record)
         if by:
-            groups[record.get(by) or "-"].append(record)
+            groups[(day_of(record) if by == "day" else record.get(by)) or "-"].append(record)
     result = {"all": _summary(everything)}
     if by:
         result["by"] = by
@@ -72,10 +79,26 @@ def _summary(records: list[dict]) -> dict[str, Any]:
         "saved_tokens": sum(r.get("input_tokens", 0) + r.get("output_tokens", 0) for r in hits),
         "saved_upstream_s": round(sum(r.get("saved_s") or 0 for r in hits), 3),
         "errors": dict(errors), "retries": sum(r.get("retries", 0) for r in records),
+        **_money(records, hits),
     }
     for phase in PHASES:
         values = [r[phase] for r in records if r.get(phase) is not None]
         out[phase.removesuffix("_ms")] = {f"p{q}": _round(percentile(values, q)) for q in (50, 90, 95, 99)}
+    return out
+
+
+def _money(records: list[dict], hits: list[dict]) -> dict[str, Any]:
+    """Tokens by kind, dollars spent and saved (with how many calls had no known price), and the provider's
+    prompt-cache hit ratio over the calls that went upstream."""
+    out: dict[str, Any] = {k: sum(r.get(k) or 0 for r in records) for k in TOKEN_KINDS}
+    upstream = [r for r in records if r.get("cache") not in ("hit", "coalesced")]
+    spent = [r.get("cost_usd", 0.0) for r in records]
+    saved = [r.get("saved_usd", 0.0) for r in hits]
+    sent = sum(r.get("input_tokens") or 0 for r in upstream)
+    out.update(cost_usd=round(sum(c for c in spent if c is not None), 8), cost_unknown=spent.count(None),
+               saved_usd=round(sum(c for c in saved if c is not None), 8), saved_unknown=saved.count(None),
+               prompt_cache_ratio=round(sum(r.get("cache_read_tokens") or 0 for r in upstream) / sent, 4)
+               if sent else None)
     return out
 
 
@@ -92,6 +115,18 @@ def _escape(value: str) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+# Per-agent counter families beside calls and tokens: metric -> help.
+MONEY = {
+    "sidecar_prompt_cache_tokens_total": "Input tokens read from (kind=read) or written to (kind=write) the "
+                                         "provider's prompt cache; part of direction=input.",
+    "sidecar_reasoning_tokens_total": "Output tokens spent reasoning; part of direction=output.",
+    "sidecar_cost_usd_total": "Dollars spent upstream (genai-prices), by agent and model; calls with no known price "
+                              "are counted in sidecar_unpriced_calls_total instead.",
+    "sidecar_unpriced_calls_total": "Calls whose model has no known price: their cost is unknown, not 0.",
+}
+MAX_SESSIONS = 1000   # sessions whose totals the live page shows; the least recently active are dropped
+
+
 class Stats:
     """Live counters and histograms, plus the most recent records for summaries."""
 
@@ -101,26 +136,46 @@ class Stats:
         self.agent_series: OrderedDict[str, set[tuple]] = OrderedDict()   # least recently seen first
         self.calls: Counter[tuple] = Counter()
         self.tokens: Counter[tuple] = Counter()
+        self.money: dict[str, Counter[tuple]] = {name: Counter() for name in MONEY}
         self.saved_tokens = 0
         self.saved_seconds = 0.0
+        self.saved_usd = 0.0
         self.errors: Counter[str] = Counter()
         self.histograms: dict[str, dict[tuple, list]] = {field: {} for field in HISTOGRAMS}
+        # session -> [calls, dollars, unpriced calls, input tokens upstream, cache reads upstream]
+        self.sessions: OrderedDict[str, list] = OrderedDict()
 
     def observe(self, record: dict) -> None:
         self.recent.append(record)
         agent = self._agent_label(record["agent"])
         labels = (("agent", agent), ("route", record["route"]), ("model", record["model"] or "-"))
         call = labels + (("cache", record["cache"] or "none"), ("status", str(record["status"])))
-        tokens_in = labels[:1] + labels[2:] + (("direction", "input"),)
-        tokens_out = labels[:1] + labels[2:] + (("direction", "output"),)
+        by_model = labels[:1] + labels[2:]
+        tokens_in = by_model + (("direction", "input"),)
+        tokens_out = by_model + (("direction", "output"),)
         self.calls[call] += 1
         self.tokens[tokens_in] += record["input_tokens"]
         self.tokens[tokens_out] += record["output_tokens"]
+        series = [("calls", call), ("tokens", tokens_in), ("tokens", tokens_out)]
+        hit = record["cache"] in ("hit", "coalesced")
+        if not hit:
+            cost = record.get("cost_usd")
+            for name, key, value in (
+                    ("sidecar_prompt_cache_tokens_total", by_model + (("kind", "read"),), record["cache_read_tokens"]),
+                    ("sidecar_prompt_cache_tokens_total", by_model + (("kind", "write"),), record["cache_write_tokens"]),
+                    ("sidecar_reasoning_tokens_total", by_model, record["reasoning_tokens"]),
+                    ("sidecar_cost_usd_total", by_model, cost or 0.0),
+                    ("sidecar_unpriced_calls_total", by_model, 1 if cost is None else 0)):
+                self.money[name][key] += value
+                series.append((name, key))
         if agent != OTHER:
-            self.agent_series[agent].update((call, tokens_in, tokens_out))
-        if record["cache"] in ("hit", "coalesced"):
+            self.agent_series[agent].update(series)
+        if hit:
             self.saved_tokens += record["input_tokens"] + record["output_tokens"]
             self.saved_seconds += record.get("saved_s") or 0.0
+            self.saved_usd += record.get("saved_usd") or 0.0
+        if record.get("session"):
+            self._session(record, hit)
         if is_error(record):
             self.errors[record["error"] or f"http_{record['status']}"] += 1
         for field, (_, _, buckets) in HISTOGRAMS.items():
@@ -130,6 +185,31 @@ class Stats:
             series = self.histograms[field].setdefault(labels[2:], [0] * (len(buckets) + 1) + [0.0])
             series[bisect.bisect_left(buckets, value / 1000)] += 1
             series[-1] += value / 1000
+
+    def _session(self, record: dict, hit: bool) -> None:
+        totals = self.sessions.get(record["session"])
+        if totals is None:
+            totals = self.sessions[record["session"]] = [0, 0.0, 0, 0, 0]
+            if len(self.sessions) > MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+        else:
+            self.sessions.move_to_end(record["session"])
+        totals[0] += 1
+        if not hit:
+            cost = record.get("cost_usd")
+            totals[1] += cost or 0.0
+            totals[2] += cost is None
+            totals[3] += record["input_tokens"]
+            totals[4] += record["cache_read_tokens"]
+
+    def session_view(self, sid: str) -> dict[str, Any]:
+        """A session's calls, dollars (None: unknown), and its prompt-cache hit ratio, as this sidecar saw them."""
+        calls, cost, unpriced, sent, read = self.sessions.get(sid) or (0, 0.0, 0, 0, 0)
+        return {"calls": calls, "cost_usd": None if unpriced and not cost else round(cost, 8),
+                "cost_unknown": unpriced, "prompt_cache_ratio": round(read / sent, 4) if sent else None}
+
+    def _counter(self, name: str) -> Counter:
+        return self.calls if name == "calls" else self.tokens if name == "tokens" else self.money[name]
 
     def _agent_label(self, agent: str) -> str:
         """The agent's own label, or "other" once `max_agents` others were seen more recently. O(1) per call;
@@ -142,8 +222,8 @@ class Stats:
             return OTHER
         if len(self.agent_series) >= self.max_agents:
             _, series = self.agent_series.popitem(last=False)
-            for key in series:
-                counter = self.calls if key in self.calls else self.tokens
+            for name, key in series:
+                counter = self._counter(name)
                 counter[((("agent", OTHER),) + key[1:])] += counter.pop(key)
         self.agent_series[agent] = set()
         return agent
@@ -164,6 +244,12 @@ class Stats:
         lines.append(f"sidecar_cache_saved_tokens_total {self.saved_tokens}")
         family("sidecar_cache_saved_seconds_total", "counter", "Upstream seconds not waited thanks to cache hits.")
         lines.append(f"sidecar_cache_saved_seconds_total {self.saved_seconds:.6f}")
+        family("sidecar_cache_saved_usd_total", "counter", "Dollars not spent thanks to the sidecar's cache hits.")
+        lines.append(f"sidecar_cache_saved_usd_total {self.saved_usd:.8f}")
+        for name, help_text in MONEY.items():
+            family(name, "counter", help_text)
+            lines += [f"{name}{_labels(k)} {v:.8f}" if isinstance(v, float) else f"{name}{_labels(k)} {v}"
+                      for k, v in sorted(self.money[name].items())]
         family("sidecar_errors_total", "counter", "Failed calls by error type.")
         lines += [f"sidecar_errors_total{_labels([('type', k)])} {v}" for k, v in sorted(self.errors.items())]
         for field, (name, help_text, buckets) in HISTOGRAMS.items():

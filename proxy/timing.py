@@ -11,6 +11,9 @@ import time
 from typing import Any
 
 from .call import Call
+from .usage import Usage
+
+NO_USAGE = Usage()
 
 
 def _ms(start: float, end: float) -> float | None:
@@ -29,8 +32,8 @@ def record_of(call: Call) -> dict[str, Any]:
         "id": call.id, "ts": round(call.wall_received, 3), "agent": call.route.agent, "api": call.route.api,
         "route": call.route.path, "method": call.method, "model": call.model, "status": call.status,
         "cache": call.cache_outcome, "stream": call.streamed, "error": call.error, "retries": call.retries,
-        "input_tokens": call.input_tokens, "output_tokens": call.output_tokens,
-        "cached_tokens": call.cached_tokens, "reasoning_tokens": call.reasoning_tokens, "bytes": call.bytes_out,
+        **(call.usage or NO_USAGE).fields(), "bytes": call.bytes_out, "session": call.session,
+        "cost_usd": 0.0, "saved_usd": 0.0,   # priced when the call is recorded (state.py)
         "lookup_ms": _ms(t0, call.t_lookup), "slot_ms": _ms(t0, call.t_slot), "sent_ms": _ms(t0, call.t_sent),
         "ttfb_ms": _ms(t0, call.t_first_byte), "ttft_ms": first_token, "total_ms": round(total, 3),
         "queue_ms": round(queue, 3), "upstream_ms": round(upstream, 3),

@@ -79,6 +79,7 @@ def start_proxy(aiohttp_server, tmp_path: Path):
         app = make_app(proxy_config(anthropic, openai, tmp_path / f"proxy-state-{started}", **sections))
         # TestServer cancels handlers whose client went away, as proxy.server does.
         server = await aiohttp_server(app, access_log=None)
+        await app[STATE].settled()   # the price table loaded: a call's record is made the moment it ends
         return f"http://127.0.0.1:{server.port}"
 
     return start
@@ -250,6 +251,8 @@ def start_app(aiohttp_server, tmp_path: Path):
         layer = {"upstream": {"anthropic": upstream, "openai": upstream + "/v1", "gemini": upstream},
                  "state": {"dir": str(tmp_path / f"app-state-{next(count)}")}, **sections}
         config = load_layers([layer], ["test"])
-        return AppProxy(await aiohttp_server(make_app(config), access_log=None), config)
+        proxy = AppProxy(await aiohttp_server(make_app(config), access_log=None), config)
+        await proxy.state.settled()   # the price table loaded: a call's record is made the moment it ends
+        return proxy
 
     return start

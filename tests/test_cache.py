@@ -81,7 +81,9 @@ def start_cache(aiohttp_server, mock: MockUpstream, isolated_env: Path):
 
     async def start(state_dir: Path | None = None, sections: dict | None = None, **cache: Any) -> Proxy:
         app = make_app(config_for(mock, state_dir or isolated_env, cache, **(sections or {})))
-        return Proxy(await aiohttp_server(app, access_log=None), app[STATE].config)
+        server = await aiohttp_server(app, access_log=None)
+        await app[STATE].settled()   # the price table loaded: a call's record is made the moment it ends
+        return Proxy(server, app[STATE].config)
 
     return start
 

@@ -57,6 +57,7 @@ async def px(aiohttp_server, mock, isolated_env):
     """The sidecar in-process (upstream: the mock); px.url, px.app."""
     app = make_app(proxy_config(mock.url, mock.url + "/v1", isolated_env))
     server = await aiohttp_server(app, access_log=None)
+    await app[STATE].settled()   # the price table loaded: a call's record is made the moment it ends
     server.url = f"http://127.0.0.1:{server.port}"
     return server
 
@@ -271,6 +272,7 @@ async def test_page_in_headless_chromium_updates_live(px, http, tmp_path):
         await wait(lambda: text("status") == "live", "the live stream to be open")
         assert "agent-x" in text("agents") and "running" in text("agents")
         assert MODEL in text("latency")
+        assert text("spent") == "unknown"                    # the mock model has no price: never $0
         assert driver.find_elements(By.CSS_SELECTOR, "#chart-calls rect.hit")
         assert "lighthouse" not in driver.page_source and KEY not in driver.page_source
         driver.execute_script("window.notReloaded = true")

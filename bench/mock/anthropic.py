@@ -147,8 +147,8 @@ class AnthropicAPI:
 
     async def _count_tokens(self, request, data, kind, start) -> web.Response:
         self._check(data, need_max_tokens=False)
-        n = len(_material(data)) // 4 + 1
-        return self._json({"input_tokens": n}, self._anthropic_headers())
+        usage = self.prompt_cache.anthropic(data, write=False)
+        return self._json({"input_tokens": usage["input_tokens"]}, self._anthropic_headers())
 
     async def _models(self, request, data, kind, start) -> web.Response:
         items = [{"type": "model", "id": i, "display_name": d, "created_at": c}
@@ -168,13 +168,17 @@ class AnthropicAPI:
         message = {"id": "msg_01" + rand(24), "type": "message", "role": "assistant",
                    "model": data["model"], "content": [], "stop_reason": None,
                    "stop_sequence": None,
-                   "usage": {"input_tokens": len(material) // 4 + 1, "output_tokens": 1,
-                             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+                   "usage": None}
+        # message_start says 1 output token; message_delta (or the JSON answer) the final count
+        usage = {**self.prompt_cache.anthropic(data), "output_tokens": len(words), "service_tier": "standard"}
+        message["usage"] = {**usage, "output_tokens": 1}
+        if self.record:
+            self.sent_usage.append(usage)
         headers = self._anthropic_headers()
         if data.get("stream") is not True:
             message["content"] = [tool or {"type": "text", "text": " ".join(words)}]
             message["stop_reason"] = stop
-            message["usage"]["output_tokens"] = len(words)
+            message["usage"] = usage
             return await self._slow_json(message, headers)
         if tool is None:
             start_block = _TEXT_START

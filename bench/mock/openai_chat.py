@@ -45,13 +45,21 @@ class OpenAIChatAPI:
 
     async def _chat(self, request, data, kind, start) -> web.StreamResponse:
         self._openai_check(data, ("messages",))
-        material = orjson.dumps([data["model"], data["messages"]], option=orjson.OPT_SORT_KEYS)
+        # What a reply is a function of, and the prompt in the order it is cached: tools, then messages.
+        material = orjson.dumps([data["model"], data.get("tools"), data["messages"]], option=orjson.OPT_SORT_KEYS)
         prompt = len(material) // 4 + 1
         limit = data.get("max_completion_tokens") or data.get("max_tokens") or 1 << 30
         n = min(self.profile.output_tokens, limit)
         finish = "stop" if n == self.profile.output_tokens else "length"
         words = words_of(material, n)
-        usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+        # Reasoning models think before they answer: with reasoning_effort, as many reasoning tokens as words.
+        reasoning = n if data.get("reasoning_effort") else 0
+        usage = {"prompt_tokens": prompt, "completion_tokens": n + reasoning, "total_tokens": prompt + n + reasoning,
+                 "prompt_tokens_details": {"cached_tokens": self.prompt_cache.openai(material), "audio_tokens": 0},
+                 "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
+                                               "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+        if self.record:
+            self.sent_usage.append(usage)
         head = {"id": "chatcmpl-" + rand(29), "created": int(time.time()),
                 "model": data["model"], "system_fingerprint": "fp_mock"}
         if data.get("stream") is not True:

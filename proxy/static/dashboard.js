@@ -36,6 +36,11 @@ function duration(s) {
   return h ? `${h}h ${String(m).padStart(2, "0")}m` : m ? `${m}m ${String(sec).padStart(2, "0")}s` : `${sec}s`;
 }
 function clock(ts) { return new Date(ts * 1000).toLocaleTimeString([], { hour12: false }); }
+function dollars(amount, unknown) {
+  if (amount == null || (unknown && !amount)) return "unknown";
+  const figure = amount >= 100 ? "$" + amount.toFixed(2) : "$" + amount.toFixed(4);
+  return unknown ? figure + "+unknown" : figure;
+}
 function num(n) { return n == null ? "-" : n.toLocaleString("en-US"); }
 function fill(body, rows, empty, cols) {
   body.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: cols, class: "empty", text: empty }))]));
@@ -55,7 +60,11 @@ function render(doc) {
   $("cache-entries").textContent = num(doc.cache.entries) + " entries";
   $("cache-size").textContent = `${bytes(doc.cache.bytes)} on disk, mode ${doc.cache.mode}`;
   $("saved-tokens").textContent = num(all.saved_tokens) + " tokens";
-  $("saved-time").textContent = `${all.saved_upstream_s.toFixed(1)} s of upstream time`;
+  $("saved-time").textContent = `${all.saved_upstream_s.toFixed(1)} s of upstream time \u00b7 ` +
+    `${dollars(all.saved_usd, all.saved_unknown)} not spent`;
+  $("spent").textContent = dollars(all.cost_usd, all.cost_unknown);
+  $("spent-sub").textContent = `prompt cache read ${num(all.cache_read_tokens)}, written ${num(all.cache_write_tokens)} ` +
+    `\u00b7 hit ${pct(all.prompt_cache_ratio)}`;
   renderUpstream(doc.headroom, doc.overload);
   renderAgents(doc.agents);
   renderLatency(doc.summary);
@@ -183,8 +192,10 @@ function renderSessions(sessions) {
   fill($("sessions"), sessions.map((s) => el("tr", {},
     el("td", { class: "mono" }, el("a", { href: "/_sidecar/sessions/" + encodeURIComponent(s.id), text: s.id })),
     el("td", { class: "mono", text: s.agent || "-" }), el("td", { text: s.model || "-" }),
-    el("td", { class: "num", text: num(s.turns) }), el("td", { class: "num", text: s.updated ? clock(s.updated) : "-" }))),
-    "no conversation checkpointed yet", 5);
+    el("td", { class: "num", text: num(s.turns) }), el("td", { class: "num", text: s.updated ? clock(s.updated) : "-" }),
+    el("td", { class: "num", text: s.calls ? dollars(s.cost_usd, s.cost_unknown) : "-" }),
+    el("td", { class: "num", text: pct(s.prompt_cache_ratio) }))),
+    "no conversation checkpointed yet", 7);
 }
 
 function connect() {
