@@ -102,23 +102,6 @@ def well_formed(path: str, doc: Any) -> bool:
                for p in parts)
 
 
-def usage_of(meta: Any) -> dict[str, int] | None:
-    """usageMetadata as token counts: input includes the cached part, output includes the thoughts."""
-    if not isinstance(meta, dict):
-        return None
-    count = {name: _count(meta.get(field)) for name, field in (
-        ("prompt", "promptTokenCount"), ("tool_prompt", "toolUsePromptTokenCount"),
-        ("candidates", "candidatesTokenCount"), ("thoughts", "thoughtsTokenCount"),
-        ("cached", "cachedContentTokenCount"))}
-    return {"input_tokens": count["prompt"] + count["tool_prompt"],
-            "output_tokens": count["candidates"] + count["thoughts"],
-            "cache_read_tokens": count["cached"], "reasoning_tokens": count["thoughts"]}
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
 def error_in(data: bytes) -> bool:
     """A chunk that is an error (`{"error": ...}`), which the API sends mid-stream."""
     return b'"error"' in data and isinstance(doc := orjson.loads(data), dict) and "error" in doc

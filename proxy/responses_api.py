@@ -57,21 +57,6 @@ def on_event(call, data: bytes) -> dict | None:
     return None
 
 
-def usage_of(usage: Any) -> tuple[int, int, int, int]:
-    """(input, output, cached input, reasoning) tokens of a response's `usage`; 0 for what is missing."""
-    if not isinstance(usage, dict):
-        return 0, 0, 0, 0
-    details_in = usage.get("input_tokens_details")
-    details_out = usage.get("output_tokens_details")
-    return (_count(usage.get("input_tokens")), _count(usage.get("output_tokens")),
-            _count(details_in.get("cached_tokens")) if isinstance(details_in, dict) else 0,
-            _count(details_out.get("reasoning_tokens")) if isinstance(details_out, dict) else 0)
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
 # -- the two forms -----------------------------------------------------------------------------------
 
 

@@ -14,13 +14,13 @@ import asyncio
 import aiohttp
 import orjson
 import pytest
+from conftest import until
 from google import genai
 from google.genai import errors, types
 from multidict import CIMultiDict
 
-from conftest import until
-from proxy import gemini_api
 from proxy.cache_key import KeyMaker
+from proxy.usage import usage_of
 
 # The SDK's async client subclasses aiohttp.ClientSession, which aiohttp deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:Inheritance class AiohttpClientSession:DeprecationWarning")
@@ -158,10 +158,10 @@ async def test_count_tokens_and_models_pass(start_app, mock):
 def test_usage_counts_cached_and_thought_tokens():
     meta = {"promptTokenCount": 100, "candidatesTokenCount": 7, "thoughtsTokenCount": 30,
             "cachedContentTokenCount": 64, "toolUsePromptTokenCount": 5, "totalTokenCount": 142}
-    assert gemini_api.usage_of(meta) == {"input_tokens": 105, "output_tokens": 37, "cache_read_tokens": 64,
-                                         "reasoning_tokens": 30}
-    assert gemini_api.usage_of({"promptTokenCount": "9"}) == {"input_tokens": 0, "output_tokens": 0,
-                                                              "cache_read_tokens": 0, "reasoning_tokens": 0}
+    usage = usage_of("gemini", meta)
+    assert (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.reasoning_tokens) == (105, 37, 64, 30)
+    usage = usage_of("gemini", {"promptTokenCount": "9"})
+    assert (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.reasoning_tokens) == (0, 0, 0, 0)
 
 
 async def test_thinking_usage_reaches_the_record(start_app, mock):

@@ -150,7 +150,7 @@ async def test_record_has_usage_cached_and_reasoning_tokens_and_first_token(px, 
     assert usage.input_tokens_details.cached_tokens > 0 and usage.output_tokens_details.reasoning_tokens > 0
     records = await px.records()
     record = records[-1]
-    assert (record["input_tokens"], record["output_tokens"], record["cached_tokens"],
+    assert (record["input_tokens"], record["output_tokens"], record["cache_read_tokens"],
             record["reasoning_tokens"]) == (usage.input_tokens, usage.output_tokens,
                                             usage.input_tokens_details.cached_tokens,
                                             usage.output_tokens_details.reasoning_tokens)
