@@ -127,7 +127,8 @@ async def raw(url: str, n: int, concurrency: int, stream: bool = False, same: bo
 
 def _agent_jobs() -> dict:
     from .agents import session, storm   # agent-shaped jobs: a scripted session, a storm with the SDK
-    return {"session": session, "storm": storm}
+    from .conversation import conversation   # Claude-Code-shaped conversations growing to megabytes
+    return {"session": session, "storm": storm, "conversation": conversation}
 
 
 async def run_job(job: dict) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Awaitable
 
 from .cache_key import ANY_KEY, KeyMaker, Uncacheable
 from .call import Call
@@ -24,6 +25,7 @@ from .store import ResponseStore
 
 log = logging.getLogger("sidecar")
 READS = {"read-write", "read-only", "replay"}
+HASH_IN_THREAD = 256 << 10   # bytes of canonical request above which hashing (~0.1 ms) leaves the loop
 WRITES = {"read-write", "refresh"}
 
 
@@ -39,8 +41,9 @@ class Cache:
         self.write_errors = 0
         self.on_fault = lambda stage, exc: None   # the pipeline's fault report (log line and event)
 
-    def plan(self, call: Call, headers) -> None:
-        """Decide whether this call reads and writes the cache, and compute its key."""
+    def plan(self, call: Call, headers) -> Awaitable[None] | None:
+        """Decide whether this call reads and writes the cache, and compute its key (awaitable when the
+        request is large enough to be hashed in a thread)."""
         mode = self.settings.mode
         override = headers.get("x-sidecar-cache", "").lower()
         if override in ("bypass", "refresh"):
@@ -63,8 +66,19 @@ class Cache:
             call.cache_outcome = "bypass"
             return
         call.cache_mode = mode
-        call.request_hash = self.keys.request_hash(canonical)
-        call.cache_key = self.keys.key(call.request_hash, self.keys.partition(headers, call.route.query))
+        if len(canonical) >= HASH_IN_THREAD:
+            return self._keyed_in_thread(call, canonical, headers)
+        self._keyed(call, self.keys.request_hash(canonical), headers)
+        return None
+
+    async def _keyed_in_thread(self, call: Call, canonical: bytes, headers) -> None:
+        """A large request is hashed off the event loop (hashlib releases the GIL): other calls' streams go on."""
+        digest = await asyncio.get_running_loop().run_in_executor(None, self.keys.request_hash, canonical)
+        self._keyed(call, digest, headers)
+
+    def _keyed(self, call: Call, request_hash: bytes, headers) -> None:
+        call.request_hash = request_hash
+        call.cache_key = self.keys.key(request_hash, self.keys.partition(headers, call.route.query))
         call.cache_outcome = "miss"
 
     async def lookup(self, call: Call) -> Entry | None:
@@ -104,7 +118,7 @@ class Cache:
     def should_store(self, call: Call) -> bool:
         return call.cache_key is not None and call.cache_mode in WRITES
 
-    def save(self, call: Call, head: Head, capture: Capture, body: bytes) -> asyncio.Task | None:
+    def save(self, call: Call, head: Head, capture: Capture, body: bytes) -> asyncio.Future | None:
         """Store a complete, well-formed 2xx answer in the background; returns the write's task."""
         if not (self.should_store(call) and capture.storable and 200 <= head.status < 300):
             return None
@@ -117,16 +131,17 @@ class Cache:
                       pacing=capture.pacing if head.sse else None, meta=meta)
         return self._spawn(self.store.put(call.cache_key, entry.encode()))
 
-    def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(self._guarded(coro))
-        self.writes.add(task)
-        task.add_done_callback(self.writes.discard)
-        return task
+    def _spawn(self, write) -> asyncio.Future:
+        """Track a background write (a queued commit's future, or a coroutine run as a task); a failure is
+        counted and reported as a fault: the call goes on uncached."""
+        future = asyncio.ensure_future(write)
+        self.writes.add(future)
+        future.add_done_callback(self._written)
+        return future
 
-    async def _guarded(self, coro) -> None:
-        try:
-            await coro
-        except Exception as exc:  # disk full, LMDB error: keep serving uncached
+    def _written(self, future: asyncio.Future) -> None:
+        self.writes.discard(future)
+        if not future.cancelled() and (exc := future.exception()) is not None:
             self.write_errors += 1
             self.on_fault("store", exc)
 

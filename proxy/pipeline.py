@@ -10,8 +10,8 @@
     slot          limits              -          refusal: a 429 the client backs off from
     forward       upstream, retry     -          an API-shaped 502/504 before the head, a cut after it
     capture       stages, capture     head/chunk/end   side: relayed, neither stored nor checkpointed
-    checkpoint    stages, sessions    chunk/end  side: the turn is not checkpointed
     store         stages, cache       end        side: the answer is not stored
+    checkpoint    stages, sessions    chunk/end  side: the turn is not checkpointed
     relay         (here)              -          a cut, as a broken upstream would cut it
     record        stages, state       done       side: no record, stats or live update
 
@@ -49,8 +49,9 @@ from .timing import server_timing
 from .upstream import end_body_with_connection, end_to_end, request_headers
 
 CALL = web.RequestKey("call", Call)
-# The side stages, in the order their hooks run.
-STAGES = (stages.Restore, stages.CacheKey, stages.CacheLookup, stages.Capture, stages.Checkpoint, stages.Store,
+# The side stages, in the order their hooks run. Store queues the cache entry before Checkpoint queues the
+# turn, so at a JSON answer's end both go into one LMDB commit (the store's group commit), awaited once.
+STAGES = (stages.Restore, stages.CacheKey, stages.CacheLookup, stages.Capture, stages.Store, stages.Checkpoint,
           stages.Record)
 
 
@@ -270,7 +271,7 @@ async def take_answer(state: ProxyState, call: Call, flight: Flight, upstream: a
             call.body_out = flight.chunks[0] if len(flight.chunks) == 1 else b"".join(flight.chunks)
             if not head.incremental:   # nobody relays it yet: subscribers take this one joined body
                 flight.chunks[:] = [call.body_out]
-            await run(state, "end", call)   # capture, checkpoint, store
+            await run(state, "end", call)   # capture, store, checkpoint
             flight.answer = call.answer
         flight.finish()
     except asyncio.CancelledError:

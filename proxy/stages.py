@@ -62,8 +62,8 @@ class CacheKey(Stage):
 
     name = "cache key"
 
-    def request(self, call: Call) -> None:
-        self.state.cache.plan(call, call.headers)
+    def request(self, call: Call) -> Awaitable[None] | None:
+        return self.state.cache.plan(call, call.headers)
 
 
 class CacheLookup(Stage):

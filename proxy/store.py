@@ -4,10 +4,11 @@ LMDB gives readers in many processes and one writer at a time with atomic
 commits: several sidecars share one cache, and a SIGKILL never leaves half an
 entry. Reads are memory-mapped lookups done inline (microseconds), every one
 through `Lmdb.read` or `Lmdb.scan`, which adopt a map another process grew.
-Commits without fsync (the default) are done inline too, on the event loop, in
-microseconds. Only with `[state] durable = true` do commits go to a writer
-thread (started by the first durable commit), so an fsync never blocks the
-event loop. The map is sized well above the cache's size limit and each
+The proxy's writes are group-committed: all those queued in one turn of the
+event loop share one transaction. Commits without fsync (the default) are
+done inline, on the event loop, in microseconds. Only with `[state] durable =
+true` do commits go to a writer thread (started by the first durable commit),
+so an fsync never blocks the event loop. The map is sized well above the cache's size limit and each
 store evicts least recently used entries inside its own transaction, so the
 map does not fill in normal use; if a commit still hits `MapFullError`, the
 map is doubled and the write retried (twice at most, then the error is
@@ -15,7 +16,7 @@ raised to the caller).
 
 No `writemap`: pages are written with pwrite(), so a full disk is a failed
 commit (an error), never a SIGBUS on a sparse mapping; it costs a few
-microseconds per commit. The proxy's writes (`Lmdb.write`) fail open: a
+microseconds per commit. The proxy's writes (`Lmdb.submit`, `Lmdb.write`) fail open: a
 failing store is reported once through `report` (the `store_unavailable`
 event) and cleared by the next commit that succeeds. A store that cannot be
 opened raises `StoreError` naming the file and the fix; the proxy then runs
@@ -41,7 +42,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Awaitable, Callable, Iterator, TypeVar
 
 import lmdb
 
@@ -103,6 +104,7 @@ class Lmdb:
         self._resize = threading.RLock()
         self._swap = threading.Lock()   # held by a write transaction; taken to close a broken store under it
         self._writer: ThreadPoolExecutor | None = None
+        self._queued: list[tuple[Callable, asyncio.Future]] = []   # this loop turn's writes, committed together
         self._last_try = (0.0, None)    # when the store was last found unopenable, and its file then
         self._closed = False
         self._open(self.map_size, durable)
@@ -147,7 +149,7 @@ class Lmdb:
         self.path, self.env, self.report, self.failing, self.budget = state_dir / "lmdb", None, None, None, None
         self.db = dict.fromkeys((name.decode() for name in cls.DATABASES), None)
         self.durable, self.map_size = durable, max(map_size, MIN_MAP)
-        self._resize, self._swap, self._writer = threading.RLock(), threading.Lock(), None
+        self._resize, self._swap, self._writer, self._queued = threading.RLock(), threading.Lock(), None, []
         self._last_try, self._closed = (time.monotonic(), self._file_id()), False
         return self
 
@@ -289,39 +291,90 @@ class Lmdb:
                 log.warning("grew the LMDB map to %d bytes", self.env.info()["map_size"])
         raise lmdb.MapResizedError("map kept changing size")
 
-    async def write(self, func: Callable[[lmdb.Transaction], T]) -> T | None:
-        """The proxy's writes: inline when commits do not fsync (microseconds, less than a thread hop and no
-        GIL contention), on the writer thread when they do (an fsync takes milliseconds). With a `report`,
-        they fail open: a failing store (full disk, broken file) is reported once and the write returns None;
-        the next write that succeeds reports the recovery."""
+    def submit(self, func: Callable[[lmdb.Transaction], T]) -> asyncio.Future:
+        """Queue one of the proxy's writes; its future gives func's result once committed. Every write
+        queued in one turn of the event loop commits in one transaction (group commit): a call's
+        checkpoint, its cache entry, other calls' records and touches share one commit, inline when
+        commits do not fsync (microseconds, less than a thread hop), on the writer thread when they do.
+        The writes fail open: a failing store (full disk, broken file) is reported once through `report`
+        and the futures give None; the next commit that succeeds reports the recovery."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
         if self.env is None and not self.reopen():
-            return None
+            done.set_result(None)
+            return done
+        if not self._queued:
+            loop.call_soon(self._commit_queued)
+        self._queued.append((func, done))
+        return done
+
+    async def write(self, func: Callable[[lmdb.Transaction], T]) -> T | None:
+        return await self.submit(func)
+
+    def _commit_queued(self) -> None:
+        batch, self._queued = self._queued, []
+        if not batch:
+            return
+        if not self.durable:
+            self._settle(batch, self._commit(batch))
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="sidecar-lmdb")
+        committing = asyncio.get_running_loop().run_in_executor(self._writer, self._commit, batch)
+        committing.add_done_callback(lambda f: self._settle(batch, f.result()))
+
+    def _commit(self, batch: list) -> BaseException | list:
+        """One transaction for the batch; a store failure is returned for all. A write that raises for
+        another reason (a defect) fails alone: the batch is then committed write by write."""
+        funcs = [func for func, _ in batch]
         try:
-            if not self.durable:
-                result = self.write_now(func)
-            else:
-                if self._writer is None:
-                    self._writer = ThreadPoolExecutor(1, thread_name_prefix="sidecar-lmdb")
-                result = await asyncio.get_running_loop().run_in_executor(self._writer, self.write_now, func)
+            return [(True, value) for value in self.write_now(lambda txn: [func(txn) for func in funcs])]
         except STORE_ERRORS as exc:
+            return exc
+        except Exception:
+            pass
+        outcomes = []
+        for func in funcs:
+            try:
+                outcomes.append((True, self.write_now(func)))
+            except Exception as exc:   # a store failure here fails this write only
+                outcomes.append((False, exc))
+        return outcomes
+
+    def _settle(self, batch: list, outcome: BaseException | list) -> None:
+        if isinstance(outcome, BaseException):
             if self.report is None:
-                raise
-            if self.failing is None:
-                log.error("the state store at %s cannot be written: %s; calls go on uncached", self.path, exc)
-                self.report(exc)
-            self.failing = exc
-            if isinstance(exc, BROKEN):
-                self._close_broken()
-            return None
-        if self.failing is not None:
-            self.failing = None
-            log.warning("the state store at %s is written again", self.path)
-            if self.report is not None:
-                self.report(None)
-        return result
+                outcomes = [(False, outcome)] * len(batch)
+            else:
+                if self.failing is None:
+                    log.error("the state store at %s cannot be written: %s; calls go on uncached", self.path, outcome)
+                    self.report(outcome)
+                self.failing = outcome
+                outcomes = [(True, None)] * len(batch)
+                if isinstance(outcome, BROKEN):
+                    self._close_broken()
+        else:
+            outcomes = outcome
+            if self.failing is not None:
+                self.failing = None
+                log.warning("the state store at %s is written again", self.path)
+                if self.report is not None:
+                    self.report(None)
+        for (_, done), (ok, value) in zip(batch, outcomes):
+            if done.cancelled():
+                continue
+            if ok:
+                done.set_result(value)
+            else:
+                done.set_exception(value)
 
     def close(self) -> None:
         self._closed = True
+        if self._queued:   # writes queued in the loop's last turn
+            batch, self._queued = self._queued, []
+            outcome = self._commit(batch)
+            if isinstance(outcome, BaseException):
+                log.warning("could not commit %d writes at close: %s", len(batch), outcome)
         if self._writer is not None:
             self._writer.shutdown(wait=True)
         if self.env is None:
@@ -385,11 +438,12 @@ class ResponseStore:
         self._touched[key] = now
         return blob
 
-    async def put(self, key: bytes, blob: bytes) -> None:
-        if len(blob) > self.max_size:
-            return   # an answer larger than the whole cache would only evict everything else
+    def put(self, key: bytes, blob: bytes) -> Awaitable[None]:
+        """Queued for this loop turn's commit (no task per entry); await the result to know it is stored."""
+        if len(blob) > self.max_size:   # an answer larger than the whole cache would only evict everything else
+            return asyncio.sleep(0)
         touched, self._touched = self._touched, {}
-        await self.lmdb.write(lambda txn: self._put(txn, key, blob, touched))
+        return self.lmdb.submit(lambda txn: self._put(txn, key, blob, touched))
 
     def _put(self, txn: lmdb.Transaction, key: bytes, blob: bytes, touched: dict[bytes, float],
              created: float | None = None) -> None:

@@ -8,6 +8,8 @@ the body). Connection failures become `UpstreamError` (errors.from_library).
 
 from __future__ import annotations
 
+import warnings
+
 import aiohttp
 from multidict import CIMultiDict
 
@@ -20,6 +22,9 @@ HOP_BY_HOP = frozenset({
 })
 # Recomputed per hop by aiohttp from the URL and the body; Expect was answered by the sidecar itself.
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
+# A request body is sent as the bytes that arrived, whatever its size: one write to the transport, which
+# copies nothing more and blocks nothing (aiohttp warns above 1 MB; a BytesIO would cost a thread per read).
+warnings.filterwarnings("ignore", "Sending a large body directly with raw bytes", ResourceWarning, "aiohttp")
 # Added by aiohttp when missing; the agent's own choice must go upstream unchanged.
 SKIP_AUTO = ("Accept-Encoding", "User-Agent", "Content-Type")
 

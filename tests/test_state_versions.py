@@ -4,8 +4,10 @@ The format-1 store is written here with plain LMDB calls, row by row as format 1
 is written down in proxy/migrations.py): a cache entry for a known request, a conversation, a call record.
 Then the proxy opens it (in-process, on a real port) and must serve the entry as a hit, list the
 conversation and read the record; the rows of format 2 (creation times, the two indexes) must be there.
-- test_store_in_the_older_layout_is_upgraded_and_read_right
-- test_entries_keyed_in_an_older_form_are_dropped_and_the_rest_kept: the key version moved on.
+- test_store_in_the_older_layout_is_upgraded_and_read_right: with this sidecar's key form (as if it were
+  still the form of format 1), the entry is a hit.
+- test_entries_keyed_in_an_older_form_are_dropped_and_the_rest_kept: a real format-1 store, keyed in form 1
+  (sorted keys, BLAKE2b): its entries could never be hit, so they go; its conversation and record stay.
 - test_a_newer_key_form_is_refused_loudly: one line naming data.mdb and the fix.
 - test_an_export_of_another_key_form_is_refused: `sidecar cache import`, status 2.
 """
@@ -25,7 +27,7 @@ import orjson
 import pytest
 
 from proxy import store as store_module
-from proxy.cache_key import KeyMaker, load_secret
+from proxy.cache_key import KEY_VERSION, KeyMaker, load_secret
 from proxy.config import CacheSection
 from proxy.entry import Entry
 from proxy.store import Lmdb, ResponseStore, StoreError
@@ -72,7 +74,8 @@ def write_format_1(state: Path) -> bytes:
     return key
 
 
-async def test_store_in_the_older_layout_is_upgraded_and_read_right(start_app, mock, tmp_path):
+async def test_store_in_the_older_layout_is_upgraded_and_read_right(start_app, mock, tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "KEY_VERSION", 1)   # the entry's key is in this sidecar's own form
     state = tmp_path / "old-state"
     key = write_format_1(state)
     px = await start_app(mock.url, state={"dir": str(state)})
@@ -98,24 +101,27 @@ async def test_store_in_the_older_layout_is_upgraded_and_read_right(start_app, m
                 "index": [k for k in txn.cursor(db=lmdb_env.db["sessions"]).iternext(values=False)
                           if k.startswith(b"u:")]}
     found = lmdb_env.read(rows)
-    assert (found["format"], found["key_version"]) == (b"2", b"1")
+    assert found["format"] == b"2" and found["key_version"] == b"1"
     assert len(found["access"]) == 24 and found["access"][16:] == D(CREATED)   # the entry's own creation time
     assert D(CREATED) + key in found["created"]
     assert b"u:" + D(CREATED + 60) + b"conv-old" in found["index"]
 
 
-async def test_entries_keyed_in_an_older_form_are_dropped_and_the_rest_kept(tmp_path, monkeypatch, caplog):
+async def test_entries_keyed_in_an_older_form_are_dropped_and_the_rest_kept(start_app, mock, tmp_path, caplog):
+    assert KEY_VERSION > 1   # format-1 stores were keyed in form 1
     state = tmp_path / "old-state"
     write_format_1(state)
-    monkeypatch.setattr(store_module, "KEY_VERSION", 2)   # this sidecar keys in a newer form than the store's
-    env = Lmdb(state, 1 << 20)
-    try:
-        assert ResponseStore(env, 1 << 30).stats()["entries"] == 0
-        assert env.read(lambda txn: txn.get(b"key_version", db=env.db["meta"])) == b"2"
-        assert env.read(lambda txn: txn.get(b"s:conv-old", db=env.db["sessions"])) is not None
-    finally:
-        env.close()
+    px = await start_app(mock.url, state={"dir": str(state)})
     assert "dropped 1 cache entries keyed in form 1" in caplog.text
+    lmdb_env = px.state.lmdb
+    assert px.state.cache.store.stats() == {"entries": 0, "bytes": 0, "max_bytes": px.state.cache.store.max_size}
+    assert lmdb_env.read(lambda txn: txn.get(b"key_version", db=lmdb_env.db["meta"])) == str(KEY_VERSION).encode()
+    assert [m["id"] for m in px.state.sessions.list()] == ["conv-old"]
+    assert [r["id"] for r in await px.records()] == ["rec-old"]
+    async with aiohttp.ClientSession() as http:   # answered by the upstream, and kept in the new form
+        for outcome in ("miss", "hit"):
+            async with http.post(px.url + "/v1/messages", data=orjson.dumps(REQUEST), headers=HEADERS) as resp:
+                assert resp.status == 200 and resp.headers["x-sidecar-cache"] == outcome
 
 
 def test_a_newer_key_form_is_refused_loudly(tmp_path):
