@@ -18,7 +18,9 @@ No `writemap`: pages are written with pwrite(), so a full disk is a failed
 commit (an error), never a SIGBUS on a sparse mapping; it costs a few
 microseconds per commit. The proxy's writes (`Lmdb.submit`, `Lmdb.write`) fail open: a
 failing store is reported once through `report` (the `store_unavailable`
-event) and cleared by the next commit that succeeds. A store that cannot be
+event) and cleared by the next commit that succeeds with RESUME_FREE bytes
+free on its file system (on a nearly full disk small commits still pass
+between failing large ones: the event does not flap). A store that cannot be
 opened raises `StoreError` naming the file and the fix; the proxy then runs
 on `Lmdb.unavailable`, where reads find nothing and writes keep nothing,
 until the store can be opened again: a read or write tries once the file
@@ -52,6 +54,7 @@ from .cache_key import KEY_VERSION
 log = logging.getLogger("sidecar")
 T = TypeVar("T")
 MIN_MAP = 256 << 20
+RESUME_FREE = 1 << 20   # bytes free the file system needs before a failing store counts as written again
 REOPEN_GAP = 30.0   # seconds between tries to open a store that could not be opened, unless its file changed
 # What a broken file raises: the store is not readable (as opposed to a full disk or a busy reader table).
 BROKEN = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.IncompatibleError,
@@ -355,7 +358,7 @@ class Lmdb:
                     self._close_broken()
         else:
             outcomes = outcome
-            if self.failing is not None:
+            if self.failing is not None and self._has_room():   # not a small write squeezed into the last pages
                 self.failing = None
                 log.warning("the state store at %s is written again", self.path)
                 if self.report is not None:
@@ -367,6 +370,14 @@ class Lmdb:
                 done.set_result(value)
             else:
                 done.set_exception(value)
+
+    def _has_room(self) -> bool:
+        """Whether the file system of the store has RESUME_FREE bytes free (a recovery, not a flap)."""
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return True
+        return st.f_bavail * st.f_frsize >= RESUME_FREE
 
     def close(self) -> None:
         self._closed = True

@@ -3,7 +3,7 @@
 Real processes on real file systems: the mock upstream (`python -m bench.mock_upstream`) and `sidecar serve`
 run as children; the full disk is a 5 MB tmpfs (skipped where mount is not permitted); the CLI runs as
 `python -m launcher`. Every call through the proxy must be answered.
-- test_full_disk: large answers on a nearly full tmpfs: every call answered, the process alive, one
+- test_full_disk: large answers, 8 at once, on a nearly full tmpfs: every call answered, the process alive, one
   `store_unavailable` event; space freed, the next answer is stored and the event cleared.
 - test_broken_store[<kind>]: a corrupt header, corrupt pages, a newer format, a foreign file: one line
   `sidecar: ...` naming data.mdb and the fix, status 2, for `stats`, `cache stats`, `sessions list`; the
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,8 @@ def test_full_disk(tmp_path, tmpfs):
         filler = tmpfs / "filler"
         with filler.open("wb") as out:   # all but about 1.5 MB of the file system
             out.write(b"\0" * (int(os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize) - (3 << 19)))
-        answered = [rig.call(f"full disk {i}")[0] for i in range(40)]
+        with ThreadPoolExecutor(8) as pool:   # under load: 8 calls at once
+            answered = list(pool.map(lambda i: rig.call(f"full disk {i}")[0], range(40)))
         assert answered == [200] * 40
         assert rig.proc.poll() is None, rig.log.read_text()
         overview = rig.overview()
