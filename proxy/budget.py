@@ -7,11 +7,14 @@ it drops, in order (the rest of the budget is room for LMDB to find runs of free
 its file never shrinks, and grows when freed pages are too scattered; should the file still pass the
 budget, the target is lowered by as much, so the data fits in the file as it is and it stops growing):
 1. cache entries past `[cache] ttl_seconds`, created longest ago first;
-2. the least recently used of: a cache entry (by its last hit), a call record (by its time), a
+2. while checkpoints take more than RUNNING_SHARE of the budget: conversations, least recently updated
+   first, those not running before those running (so running ones never starve the cache);
+3. the least recently used of: a cache entry (by its last hit), a call record (by its time), a
    conversation that is not running (by its last turn);
-3. only then conversations still running, least recently updated first, each one named in a
-   `checkpoint_evicted` event: its agent goes on untouched, and its next turn checkpoints the whole
-   conversation again (every request carries it), so only a restore before that turn would miss it.
+4. only then conversations still running, least recently updated first.
+A running conversation evicted (in 2 or 4) is named in a `checkpoint_evicted` event: its agent goes on
+untouched, and its next turn checkpoints the whole conversation again (every request carries it), so
+only a restore before that turn would miss it.
 A conversation is running while its agent runs: an agent attached to this sidecar until it exits; an
 agent this sidecar does not know (another sidecar's on the same state directory, a client that never
 registered) for RUNNING_SECONDS after the conversation's last turn.
@@ -29,7 +32,8 @@ from .migrations import STAMP
 
 log = logging.getLogger("sidecar")
 TARGET = 0.8              # share of the budget the pages in use are kept under (measured: the file then stays within)
-RUNNING_SECONDS = 3600.0  # a conversation of an agent not attached here runs this long after its last turn
+RUNNING_SECONDS = 300.0   # a conversation of an agent not attached here runs this long after its last turn
+RUNNING_SHARE = 0.5       # share of the budget checkpoints may hold before running ones go too (the cache works on)
 
 
 class Budget:
@@ -85,6 +89,11 @@ class Budget:
             row = cache.oldest_expired(txn)
             if row is not None:
                 return cache.evict_one(txn, row, expired=True)
+        if self.sessions is not None and self._share(txn) > RUNNING_SHARE:   # checkpoints past their share
+            row = self.sessions.least_recent(txn, keep=running)
+            if row is not None:
+                return self.sessions.evict_one(txn, row)
+            return self._drop_running(txn, dropped)
         candidates = []
         if cache is not None and (row := cache.least_recent(txn)) is not None:
             candidates.append((STAMP.unpack(row[:8])[0], 0, row))
@@ -99,7 +108,16 @@ class Budget:
             if kind == 0:
                 return cache.evict_one(txn, row, expired=False)
             return (self.records if kind == 1 else self.sessions).evict_one(txn, row)
-        row = self.sessions.least_recent(txn) if self.sessions is not None else None
+        return self._drop_running(txn, dropped) if self.sessions is not None else None
+
+    def _share(self, txn: lmdb.Transaction) -> float:
+        """The share of the budget the checkpoints' pages take."""
+        stat = txn.stat(self.lmdb.db["sessions"])
+        return (stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]) * stat["psize"] / self.max_bytes
+
+    def _drop_running(self, txn: lmdb.Transaction, dropped: list[dict]) -> int | None:
+        """Evict the least recently updated conversation though it runs; it is named in `dropped`."""
+        row = self.sessions.least_recent(txn)
         if row is None:
             return None
         updated, sid = self.sessions.row_info(row)

@@ -5,8 +5,8 @@ a long run in a real `sidecar serve` is in test_state_store.py.)
 - test_an_expired_entry_goes_before_a_less_recently_used_one: the cache's own size limit, and the budget.
 - test_an_expired_entry_is_not_served_nor_touched_and_the_next_write_drops_it
 - test_running_conversations_go_last_and_each_one_dropped_is_named: two running agents whose conversations
-  outgrow the budget: the cache goes first; the older conversation goes with a `checkpoint_evicted` event
-  naming it; its next turn checkpoints it whole again.
+  outgrow their half of the budget: the older conversation goes with a `checkpoint_evicted` event naming
+  it, the cache keeps working; its next turn checkpoints it whole again.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ async def test_running_conversations_go_last_and_each_one_dropped_is_named(start
         assert "raise [state] max_mb" in event["fix"]
         assert sessions.find(alpha) is None                                 # the older one went
         assert len(sessions.messages(beta)) == len(history["beta"])        # the newer one is whole
-        assert px.state.cache.store.stats()["entries"] <= 1                # the cache went first
+        assert px.state.cache.store.stats()["entries"] > 0                 # and the cache still works
 
         await turn(http, "alpha")                                          # its next turn: whole again
         assert len(sessions.messages(alpha)) == len(history["alpha"])
