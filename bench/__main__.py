@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 
-from . import fleet, footprint, hits, overhead, realistic, recording, report, storm
+from . import fleet, footprint, hits, overhead, overload, realistic, recording, report, storm
 from .plan import Ctx, make_plan
 from .procs import BenchError, Procs
 from .stats import Result
@@ -31,7 +31,8 @@ SCENARIOS = {
     "footprint": ("6. Footprint", footprint.footprint),
     "recording": ("7. Recording cost", recording.recording),
     "redis": ("8. Two sidecars on one Redis", fleet.redis),
-    "realistic": ("9. Realistic agent traffic", realistic.realistic),
+    "overload": ("9. Overload wall", overload.overload),
+    "realistic": ("10. Realistic agent traffic", realistic.realistic),
 }
 
 

@@ -1,12 +1,15 @@
-"""A local emulator of the Anthropic and OpenAI HTTP APIs for tests and benchmarks.
+"""A local emulator of the Anthropic and OpenAI (chat, embeddings, Responses) HTTP APIs for tests and benchmarks.
 
 Real JSON shapes, SSE event sequences, error bodies and headers, so the official SDKs
 (and a proxy in front of it) parse it as they parse the real services.  Reply text is a
 function of the request (caches can be tested); ids are fresh each time (a cached answer
-can be told from a new one).  Latency, pacing, a concurrency cap and failures come from a
-mutable `Profile` and `inject()`.  Never reaches the network.
+can be told from a new one).  Latency, pacing, a concurrency cap, token-bucket rate limits
+(bench/mock/ratelimit.py) and failures come from a mutable `Profile`, `inject()` and
+`wall()` (an overload wall: 529 to every call for a while).  Never reaches the network.
 
 Standalone:  python -m bench.mock_upstream --port 9000 --ttft 0.4 --tps 60 [--log]
+Control:     GET /_mock/stats, POST /_mock/reset, /_mock/inject {"kind": ..., "times": N},
+             /_mock/profile {field: value}, /_mock/wall {"seconds": 60, "status": 529} (from the next call)
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ import orjson
 from aiohttp import web
 
 from .mock.anthropic import AnthropicAPI, anthropic_problem
-from .mock.common import SSE_HEADERS, Fail, Profile, Received, rfc3339
+from .mock.common import SSE_HEADERS, Fail, Profile, Received
 from .mock.openai_chat import OpenAIChatAPI
+from .mock.ratelimit import RateLimits, Wall
+from .mock.openai_responses import OpenAIResponsesAPI
+from .mock.openai_responses_ws import OpenAIResponsesSocketAPI
 
 __all__ = ["MockUpstream", "Profile", "Received", "KINDS", "anthropic_problem"]
 
@@ -39,10 +45,10 @@ _FAILURES = {
 }
 _MID_STREAM = ("drop_mid_stream", "error_mid_stream")
 KINDS = (*_FAILURES, "drop", *_MID_STREAM)
-_OPENAI_PREFIXES = ("/v1/chat/", "/v1/embeddings", "/v1/completions")
+_OPENAI_PREFIXES = ("/v1/chat/", "/v1/embeddings", "/v1/completions", "/v1/responses")
 
 
-class MockUpstream(AnthropicAPI, OpenAIChatAPI):
+class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI, OpenAIResponsesSocketAPI):
     """The emulator: an aiohttp app plus counters, an injection queue and a profile.
     Each API's routes live in its own module under bench/mock/, mixed in here."""
 
@@ -56,12 +62,17 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
         self._runner: web.AppRunner | None = None
         self._reset_counters()
         self._routes = {key: getattr(self, name)
-                        for api in (AnthropicAPI, OpenAIChatAPI) for key, name in api.ROUTES.items()}
+                        for api in (AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI)
+                        for key, name in api.ROUTES.items()}
+        # What each model route counts against the input-token bucket (the others count one request).
+        self._metered = {"/v1/messages": self.anthropic_input_tokens,
+                         "/v1/chat/completions": self.openai_input_tokens, "/v1/embeddings": lambda data: 1}
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_get("/_mock/stats", self._ctl_stats)
         self.app.router.add_post("/_mock/reset", self._ctl_reset)
         self.app.router.add_post("/_mock/inject", self._ctl_inject)
         self.app.router.add_post("/_mock/profile", self._ctl_profile)
+        self.app.router.add_post("/_mock/wall", self._ctl_wall)
         self.app.router.add_route("*", "/{tail:.*}", self._handle)
 
     # ---- public API ----------------------------------------------------------
@@ -88,6 +99,18 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
             raise ValueError(f"unknown failure kind {kind!r}; expected one of {KINDS}")
         self._injected.extend([(kind, kw)] * times)
 
+    def wall(self, seconds: float, status: int = 529) -> None:
+        """For `seconds` from the next model call on, every model call is answered `status` (overloaded),
+        then the upstream recovers."""
+        self._wall = Wall(seconds, status)
+
+    def rate_limits(self) -> RateLimits:
+        """The token buckets of the current profile (new, full buckets when the profile's limits change)."""
+        shape = (self.profile.rate_requests, self.profile.rate_input_tokens, self.profile.rate_window)
+        if self._limits_shape != shape:
+            self._limits, self._limits_shape = RateLimits(*shape), shape
+        return self._limits
+
     def reset(self) -> None:
         self.received.clear()
         self._reset_counters()
@@ -97,6 +120,10 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
         self._per_path: collections.Counter[str] = collections.Counter()
         self._injected: collections.deque[tuple[str, dict]] = collections.deque()
         self.rate_limited = 0
+        self._limits_shape = None   # full buckets again
+        self._wall = Wall()
+        self.socket_requests = 0   # response.create messages on Responses sockets (each also in socket_messages)
+        self.socket_messages: list = []
         self.in_flight = getattr(self, "in_flight", 0)  # streams still running stay counted
         self.peak_in_flight = self.in_flight
 
@@ -125,16 +152,26 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
         openai = path.startswith(_OPENAI_PREFIXES)
         if path == "/" and request.method in ("GET", "HEAD"):
             return web.Response(text="OK")  # Claude Code's connectivity check
-        route = self._routes.get((request.method, path))
+        if path == "/v1/responses" and request.headers.get("upgrade", "").lower() == "websocket":
+            return await self._responses_socket(request, start)
+        route = (self._routes.get((request.method, path))  # or a route ending in /{id}
+                 or self._routes.get((request.method, path.rsplit("/", 1)[0] + "/*")))
         if route is None and openai:
             msg = f"Invalid URL ({request.method} {path})"
             return self._error(True, 404, "invalid_request_error", msg)
         if route is None:
             return self._error(False, 404, "not_found_error", "Not Found")
+        if path in self._metered and self._wall.meet():
+            return await self._overloaded(openai)
         cap = self.profile.max_concurrency
         if cap and self.in_flight >= cap:
             self.rate_limited += 1
             return self._failure(openai, "rate_limit", {})
+        if path in self._metered and request.method == "POST":
+            wait = self.rate_limits().admit(self._metered[path](data))
+            if wait:
+                self.rate_limited += 1
+                return self._bucket_exhausted(openai, wait)
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
@@ -185,12 +222,43 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
         if status in (429, 529):
             ra = float(kw.get("retry_after", self.profile.retry_after))
             headers = {"retry-after": str(math.ceil(ra)), "retry-after-ms": str(int(ra * 1000))}
-            if status == 429 and not openai:
-                headers["anthropic-ratelimit-requests-remaining"] = "0"
-                headers["anthropic-ratelimit-requests-reset"] = rfc3339(time.time() + ra)
         if openai:
             return self._error(True, status, o_type, message, code=o_code, headers=headers)
         return self._error(False, status, a_type, message, headers=headers)
+
+    async def _overloaded(self, openai: bool) -> web.Response:
+        """An answer from inside an overload wall: the wall's status, after its latency."""
+        wall = self._wall
+        wall.requests += 1
+        late = wall.first_answered > 0
+        wall.in_flight += 1
+        wall.late_in_flight += late
+        wall.peak_in_flight = max(wall.peak_in_flight, wall.in_flight)
+        wall.peak_late_in_flight = max(wall.peak_late_in_flight, wall.late_in_flight)
+        try:
+            if self.profile.wall_latency > 0:
+                await asyncio.sleep(self.profile.wall_latency)
+        finally:
+            wall.in_flight -= 1
+            wall.late_in_flight -= late
+            wall.first_answered = wall.first_answered or time.monotonic()
+        kind = "rate_limit" if wall.status == 429 else "overloaded"
+        if wall.status in (429, 529):
+            return self._failure(openai, kind, {})
+        message = "Service Unavailable"
+        return self._error(openai, wall.status, "server_error" if openai else "api_error", message)
+
+    def _bucket_exhausted(self, openai: bool, wait: float) -> web.Response:
+        """The token bucket cannot cover the call: 429, retry-after = when it could."""
+        headers = {"retry-after": str(max(1, math.ceil(wait)))}
+        limits = self.rate_limits()
+        if openai:
+            message = (f"Rate limit reached for requests or tokens per min: limit {limits.input.capacity} tokens. "
+                       f"Please try again in {wait:.3f}s.")
+            return self._error(True, 429, "tokens", message, code="rate_limit_exceeded", headers=headers)
+        message = (f"This request would exceed your organization's rate limit of {limits.input.capacity} input "
+                   f"tokens per {self.profile.rate_window:g} s. Please reduce the prompt length or try again later.")
+        return self._error(False, 429, "rate_limit_error", message, headers=headers)
 
     @staticmethod
     def _drop(request: web.Request, resp: web.StreamResponse | None = None) -> web.StreamResponse:
@@ -236,7 +304,7 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
     def stats(self) -> dict:
         return {"count": self._total, "paths": dict(self._per_path), "in_flight": self.in_flight,
                 "peak_in_flight": self.peak_in_flight, "rate_limited": self.rate_limited,
-                "pending_injections": len(self._injected)}
+                "pending_injections": len(self._injected), "wall": self._wall.stats()}
 
     async def _ctl_stats(self, request: web.Request) -> web.Response:
         return self._json(self.stats(), {})
@@ -252,6 +320,14 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI):
         except (ValueError, KeyError, TypeError) as e:
             return self._json({"ok": False, "error": repr(e)}, {}, 400)
         return self._json({"ok": True, "pending": len(self._injected)}, {})
+
+    async def _ctl_wall(self, request: web.Request) -> web.Response:
+        try:
+            spec = dict(orjson.loads(await request.read()))
+            self.wall(float(spec["seconds"]), int(spec.get("status", 529)))
+        except (ValueError, KeyError, TypeError) as e:
+            return self._json({"ok": False, "error": repr(e)}, {}, 400)
+        return self._json({"ok": True, **self._wall.stats()}, {})
 
     async def _ctl_profile(self, request: web.Request) -> web.Response:
         current = dataclasses.asdict(self.profile)
@@ -274,12 +350,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output-tokens", type=int, default=12)
     p.add_argument("--max-concurrency", type=int, default=0)
     p.add_argument("--retry-after", type=float, default=1.0)
+    p.add_argument("--rate-requests", type=int, default=0, help="requests per --rate-window (token bucket)")
+    p.add_argument("--rate-input-tokens", type=int, default=0, help="input tokens per --rate-window")
+    p.add_argument("--rate-window", type=float, default=60.0)
+    p.add_argument("--wall-latency", type=float, default=0.05, help="seconds an overload wall takes per answer")
     p.add_argument("--no-validate", action="store_true")
     p.add_argument("--log", action="store_true", help="one line per request on stderr")
     a = p.parse_args(argv)
     profile = Profile(ttft=a.ttft, tokens_per_second=a.tps, output_tokens=a.output_tokens,
                       max_concurrency=a.max_concurrency, retry_after=a.retry_after,
-                      validate=not a.no_validate)
+                      rate_requests=a.rate_requests, rate_input_tokens=a.rate_input_tokens,
+                      rate_window=a.rate_window, wall_latency=a.wall_latency, validate=not a.no_validate)
 
     async def serve() -> None:
         mock = MockUpstream(profile, record=False, log=a.log)

@@ -44,7 +44,10 @@ class Plan:
     rec_n_c1: int = 1000       # calls per batch, recording on vs off (scenario 7), at concurrency 1 ...
     rec_n_c32: int = 2000      # ... and at concurrency 32
     rec_rounds: int = 11       # measured rounds of scenario 7 (per-batch CPU is noisy on 2 shared cores)
-    real_agents: int = 4       # scenario 9: conversations at once ...
+    overload_agents: int = 16  # scenario 9: agents on the official SDK ...
+    overload_calls: int = 1    # ... calls each ...
+    overload_wall: float = 60.0   # ... against an upstream answering 529 to everything this long
+    real_agents: int = 4       # scenario 10: conversations at once ...
     real_turns: int = 40       # ... of this many turns ...
     real_last_kb: int = 4096   # ... growing from 76 KB to this
     real_warmup: int = 1
@@ -57,11 +60,12 @@ PLANS = {
                   session_turns=4, session_reps=1, storm_calls=2, storm_warmup=0, storm_rounds=1,
                   storm_configured=False,
                   fp_calls=500, idle_s=2.0, startup_runs=3, rec_n_c1=200, rec_n_c32=400, rec_rounds=2,
-                  real_agents=2, real_turns=12, real_last_kb=1024, real_warmup=0, real_rounds=1),
+                  real_agents=2, real_turns=12, real_last_kb=1024, real_warmup=0, real_rounds=1, overload_wall=20.0),
     "smoke": Plan(mode="smoke", rounds=1, n_c1=10, n_c8=16, n_c32=32, ttft_n=2, ttft_tokens=6,
                   session_turns=3, session_tokens=6, session_reps=1, storm_agents=6, storm_calls=1, storm_k=2,
                   storm_warmup=0, storm_rounds=1, fp_calls=60, idle_s=1.0, startup_runs=1,
                   rec_n_c1=150, rec_n_c32=300, rec_rounds=1,
+                  overload_agents=4, overload_wall=1.0,
                   real_agents=2, real_turns=3, real_last_kb=200, real_warmup=0, real_rounds=1),   # enough calls to rise above the 10 ms CPU clock
 }
 

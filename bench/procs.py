@@ -195,10 +195,12 @@ class Procs:
         return f"{self._n:02d}-{base}"
 
     def mock(self, ttft: float = 0.0, tps: float = 0.0, output_tokens: int = 12, max_concurrency: int = 0,
-             retry_after: float = 1.0) -> Proc:
+             retry_after: float = 1.0, **flags: float) -> Proc:
+        """The mock API; `flags` such as wall_latency=0.05 become its --wall-latency 0.05 options."""
         cmd = [sys.executable, "-m", "bench.mock_upstream", "--host", "127.0.0.1", "--port", "0",
                "--ttft", str(ttft), "--tps", str(tps), "--output-tokens", str(output_tokens),
-               "--max-concurrency", str(max_concurrency), "--retry-after", str(retry_after)]
+               "--max-concurrency", str(max_concurrency), "--retry-after", str(retry_after),
+               *(x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v)))]
         proc = Proc(self._name("mock"), cmd, clean_env(), self.tmp)
         self.all.append(proc)
         return proc

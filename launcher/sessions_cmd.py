@@ -1,7 +1,9 @@
 """`sidecar sessions ...`: the checkpointed conversations.
 
 `export ID --format messages` prints {"model", "system", "messages"} that the
-official SDK accepts as-is: `client.messages.create(max_tokens=..., **doc)`.
+official SDK accepts as-is: `client.messages.create(max_tokens=..., **doc)`; for
+a Responses API conversation {"model", "instructions", "input"}, as
+`client.responses.create(**doc)` takes it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import time
 import orjson
 
 from proxy.config import Config, ConfigError
-from proxy.restore import trim_for_api
+from proxy.conversation import RESPONSES
+from proxy.restore import trim_for_api, trim_items
 from proxy.sessions import Sessions
 from proxy.store import open_lmdb
 
@@ -53,11 +56,16 @@ def run(args: argparse.Namespace, config: Config) -> int:
             print(clean(f"session {meta['id']}  agent {meta.get('agent')}  model {meta.get('model')}  "
                         f"turns {meta.get('turns')}  updated {_when(meta.get('updated'))}"))
             for message in sessions.messages(meta["id"]):
-                print(f"\n[{clean(message.get('role'))}]\n{clean(_text(message), multiline=True)}")
+                label = message.get("role") or message.get("type")   # a Responses item may have no role
+                print(f"\n[{clean(label)}]\n{clean(_text(message), multiline=True)}")
         elif action == "export":
             meta = _find(sessions, args.session)
             messages = sessions.messages(meta["id"])
-            if args.format == "messages":
+            if args.format == "messages" and meta.get("format") == RESPONSES:
+                doc = {"model": meta.get("model"), "input": trim_items(messages)}
+                if meta.get("system") is not None:
+                    doc["instructions"] = meta["system"]
+            elif args.format == "messages":
                 doc = {"model": meta.get("model"), "messages": trim_for_api(messages)}
                 if meta.get("system") is not None and meta.get("api") == "anthropic":
                     doc["system"] = meta["system"]
@@ -86,12 +94,14 @@ def _text(message: dict) -> str:
     parts = []
     for block in content or []:
         kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text":
+        if kind in ("text", "input_text", "output_text"):
             parts.append(block.get("text", ""))
         elif kind:
             parts.append(f"<{kind}> " + orjson.dumps({k: v for k, v in block.items() if k != "type"}).decode()[:200])
     for call in message.get("tool_calls") or []:
         parts.append("<tool_call> " + orjson.dumps(call).decode()[:200])
+    if "content" not in message and message.get("type"):   # a Responses item: a function call, its output
+        parts.append(orjson.dumps({k: v for k, v in message.items() if k not in ("type", "id")}).decode()[:200])
     return "\n".join(parts)
 
 

@@ -23,10 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+from proxy import telemetry, tracecontext
 from proxy.config import Config
 from proxy.listen import bind
 
-from . import client
+from . import client, codex
 from .proxy_process import ProxyProcess, unblock_signals
 from .summary import format_summary
 
@@ -55,9 +56,11 @@ def agent_id_for(cmd: list[str], config: Config) -> str:
     return f"{name}-{secrets.token_hex(3)}"
 
 
-def agent_env(base: str, proxy_url: str, agent: str) -> dict[str, str]:
+def agent_env(base: str, proxy_url: str, agent: str, traceparent: str = "") -> dict[str, str]:
     env = dict(os.environ)
     env.update(ANTHROPIC_BASE_URL=base, OPENAI_BASE_URL=base + "/v1", SIDECAR_URL=proxy_url, SIDECAR_AGENT_ID=agent)
+    if traceparent:   # the agent's own spans, if it makes any, join the run's trace
+        env["TRACEPARENT"] = traceparent
     return env
 
 
@@ -84,6 +87,12 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
             import redis  # noqa: F401  - checked here, so the error is one line before the agent starts
         except ImportError:
             raise LaunchError("[state] backend = \"redis\" needs the Redis client: pip install 'agent-sidecar[redis]'")
+    traced = {}
+    if config.telemetry.otlp_endpoint:
+        problem = telemetry.missing()
+        if problem:   # said once, before the agent takes the terminal; the agent runs all the same
+            print(f"sidecar: {problem}", file=sys.stderr)
+        traced = tracecontext.for_run(os.environ.get("TRACEPARENT"))
     proxy: ProxyProcess | None = None
     restore = config.launcher.restore
     if connect:
@@ -98,6 +107,13 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
         host, port = sock.getsockname()[:2]
         proxy_url = base = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
         config = config.replace("proxy", agent_id=agent, port=port)
+    launch = codex.repoint(cmd, base, os.environ, own_proxy=not connect)   # Codex: a -c override
+    cmd = launch.cmd
+    if launch.upstream:
+        config = config.replace("upstream", openai=launch.upstream)
+    if launch.ignore_fields:
+        config = config.replace("cache", ignore_fields=(*config.cache.ignore_fields, *launch.ignore_fields))
+    if not connect:
         proxy = ProxyProcess(config, sock, config.state_dir / "logs" / "proxy.log")
 
     settings = config.launcher
@@ -108,9 +124,9 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
             proxy.start()
             if restore:
                 proxy.send({"restore": restore}, standing="restore")
-        env = agent_env(base, proxy_url, agent)
+        env = agent_env(base, proxy_url, agent, traced.get("traceparent", ""))
         child = spawn(cmd, env)
-        tell(proxy, connect, {"id": agent, "event": "started", "pid": child.pid, "cmd": shlex.join(cmd)},
+        tell(proxy, connect, {"id": agent, "event": "started", "pid": child.pid, "cmd": shlex.join(cmd), **traced},
              config.state_dir)
         restarts = 0
         while True:
@@ -123,8 +139,8 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
             if proxy:   # the restarted agent's next conversation continues the last checkpointed one
                 proxy.send({"restore": f"agent:{agent}"}, standing="restore")
             child = spawn([*cmd, *settings.restart_args], env)
-            tell(proxy, connect, {"id": agent, "event": "restarted", "pid": child.pid, "cmd": shlex.join(cmd)},
-                 config.state_dir)
+            tell(proxy, connect, {"id": agent, "event": "restarted", "pid": child.pid, "cmd": shlex.join(cmd),
+                                  **traced}, config.state_dir)
         if not settings.quiet and (connect or proxy and proxy.ready):
             print_summary(proxy_url, agent, started, peak_rss)
     finally:

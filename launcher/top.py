@@ -102,6 +102,7 @@ def render(doc: dict, url: str, width: int = 100) -> list[str]:
             for name, s in [*groups.items(), *([("all", total)] if len(groups) != 1 else [])]]
     lines += ["", *_table(["MODEL", "CALLS", "HIT%", "TOTAL p50", "p95", "TTFT p50", "p95", "QUEUE p50", "p95",
                            "OVERHEAD p50", "p95"], rows)] if total["calls"] else ["", "MODEL  (no calls yet)"]
+    lines += upstream_lines(doc)
     chart, span = doc["chart"], max(10, min(len(doc["chart"]["calls"]), width - 24))
     lines += ["", f"{'calls/' + str(chart['step']) + 's':12} |{_spark(chart['calls'], span)}| max {max(chart['calls'])}",
               f"{'p95 latency':12} |{_spark(chart['p95'], span, log=True)}| "
@@ -120,6 +121,21 @@ def render(doc: dict, url: str, width: int = 100) -> list[str]:
     clock = time.strftime("%H:%M:%S", time.localtime(doc["now"]))   # at the right edge of the widest line
     right = min(width, max(len(line) for line in lines))
     return [line[:width] for line in [title + " " * max(2, right - len(title) - len(clock)) + clock, *lines]]
+
+
+def upstream_lines(doc: dict) -> list[str]:
+    """An overload wall, if one is on, and the rate-limit headroom the upstream reports, per budget and bucket."""
+    overload, pacing = doc.get("overload") or {}, doc.get("headroom") or {}
+    lines = [f"UPSTREAM OVERLOADED  {wall['upstream']} answers {wall['status']} to everything for "
+             f"{_uptime(wall['since_s'])}; {wall['held']} calls held, one probe at a time (next in "
+             f"{wall['next_probe_in_s']:g} s)" for wall in overload.get("open", [])]
+    rows = [[budget, bucket, f"{v['remaining']:,} / {v['limit']:,}", f"{v['reserved']:,}", f"{v['reset_in_s']:g} s"]
+            for budget, buckets in (pacing.get("budgets") or {}).items() for bucket, v in buckets.items()]
+    if rows:
+        lines += _table(["HEADROOM", "BUCKET", "REMAINING / LIMIT", "RESERVED", "RESET IN"], rows, left=(0, 1))
+        lines.append(f"paced: {pacing['holding']} held now, {pacing['held']} held in all "
+                     f"({pacing['held_s']:.1f} s){'  (one budget for the fleet)' if pacing.get('fleet') else ''}")
+    return ["", *lines] if lines else []
 
 
 # ---- reading /_sidecar/live ---------------------------------------------------------------

@@ -23,13 +23,14 @@ from typing import AsyncIterator
 import orjson
 from aiohttp import web
 
-from . import __version__
+from . import __version__, tracecontext
 from .live_page import HEADERS
 from .overview import overview
 from .redact import redact
 from .routes import AGENT_ID
 from .run_file import write_private
 from .state import STATE
+from .stats import _labels as labels
 from .stats import summarize
 
 log = logging.getLogger("sidecar")
@@ -39,7 +40,7 @@ MAX_AGENTS = 1000                          # in the agent table; the oldest exit
 MAX_CMD = 8192                             # characters of an agent's command line
 MAX_MESSAGE = 64 * 1024                    # bytes of one agent event
 EVENTS = ("started", "exited", "restarted")
-FIELDS = frozenset({"id", "event", "pid", "cmd", "status", "watch"})
+FIELDS = frozenset({"id", "event", "pid", "cmd", "status", "watch", "traceparent", "trace_root"})
 
 
 def token_path(state_dir: Path, pid: int) -> Path:
@@ -94,8 +95,32 @@ async def metrics(request: web.Request) -> web.Response:
         "sidecar_cache_entries": ("Entries in the response cache.", cache["entries"]),
         "sidecar_cache_bytes": ("Bytes in the response cache.", cache["bytes"]),
     }
-    return web.Response(body=redact(state.stats.prometheus(gauges).encode()),
+    text = state.stats.prometheus(gauges) + upstream_metrics(state)
+    return web.Response(body=redact(text.encode()),
                         headers={**HEADERS, "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def upstream_metrics(state) -> str:
+    """The upstream's rate-limit headroom per budget and bucket, and the overload circuits, in Prometheus text."""
+    pacing, overload = state.pacer.snapshot(), state.circuits.snapshot()
+    lines = []
+    for name, what in (("limit", "Rate-limit bucket size the upstream reports."),
+                       ("remaining", "What the upstream last said remains in the bucket."),
+                       ("reserved", "Taken from the bucket by calls whose answers have not reported yet."),
+                       ("reset_in_s", "Seconds until the upstream says the bucket is full again.")):
+        lines += [f"# HELP sidecar_ratelimit_{name} {what}", f"# TYPE sidecar_ratelimit_{name} gauge"]
+        for budget, buckets in pacing["budgets"].items():
+            for bucket, values in buckets.items():
+                lines.append(f"sidecar_ratelimit_{name}{labels([('budget', budget), ('bucket', bucket)])} {values[name]}")
+    for name, what, value in (("paced_holding", "Calls held now until the rate-limit headroom covers them.",
+                               pacing["holding"]),
+                              ("paced_total", "Calls ever held by the rate-limit pacing.", pacing["held"]),
+                              ("overload_open", "Upstreams answering overloaded to everything (circuits open).",
+                               len(overload["open"])),
+                              ("overload_holding", "Calls held now by an open overload circuit.", overload["holding"]),
+                              ("overload_held_total", "Calls ever held by an overload circuit.", overload["held"])):
+        lines += [f"# HELP sidecar_{name} {what}", f"# TYPE sidecar_{name} gauge", f"sidecar_{name} {value}"]
+    return "\n".join(lines) + "\n"
 
 
 async def limits(request: web.Request) -> web.Response:
@@ -157,6 +182,10 @@ def agent_event(body: bytes) -> dict:
         raise _bad("status must be an integer (the exit status) or null")
     if not isinstance(message.get("watch", False), bool):
         raise _bad("watch must be true or false")
+    if "traceparent" in message and not tracecontext.valid(message["traceparent"]):
+        raise _bad("traceparent must be a W3C traceparent: 00-<32 hex>-<16 hex>-<2 hex>")
+    if not isinstance(message.get("trace_root", False), bool):
+        raise _bad("trace_root must be true or false")
     return message
 
 

@@ -20,11 +20,14 @@ class Backends:
     secret: bytes              # the partition HMAC secret: shared by the fleet with Redis
     global_slots: Any = None   # RedisSlots, or None: the local limiter alone
     mirror: Any = None         # RedisCheckpoints, or None
+    budget: Any = None         # RedisBudget (the fleet's rate-limit headroom), or None: this process's own
     link: Any = None
 
     async def close(self) -> None:
         if self.global_slots is not None:
             await self.global_slots.close()
+        if self.budget is not None:
+            await self.budget.close()
         if self.link is not None:
             await self.link.close()
 
@@ -34,7 +37,7 @@ async def open_backends(config: Config, lmdb_env: Lmdb, emit: Callable[..., None
     if config.state.backend == "lmdb":
         return Backends(ResponseStore(lmdb_env, max_bytes, config.cache.ttl_seconds), load_secret(config.state_dir))
     try:
-        from .redis_backend import RedisCheckpoints, RedisLink, RedisResponseStore, RedisSlots
+        from .redis_backend import RedisBudget, RedisCheckpoints, RedisLink, RedisResponseStore, RedisSlots
     except ImportError:
         raise ConfigError("[state] backend = \"redis\" needs the Redis client: pip install 'agent-sidecar[redis]'") from None
     link = RedisLink(config.state.redis_url, config.state.redis_prefix, emit)
@@ -42,7 +45,7 @@ async def open_backends(config: Config, lmdb_env: Lmdb, emit: Callable[..., None
     limit = config.limits.max_concurrency
     return Backends(RedisResponseStore(link, max_bytes, config.cache.ttl_seconds), secret,
                     global_slots=RedisSlots(link, limit, config.state.lease_seconds) if limit else None,
-                    mirror=RedisCheckpoints(link), link=link)
+                    mirror=RedisCheckpoints(link), budget=RedisBudget(link, config.state.lease_seconds), link=link)
 
 
 async def _fleet_secret(link, local: bytes) -> bytes:

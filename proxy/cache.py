@@ -123,10 +123,11 @@ class Cache:
         if not (self.should_store(call) and capture.storable and 200 <= head.status < 300):
             return None
         meta = {"path": call.route.path, "model": call.model, "input_tokens": call.input_tokens,
-                "output_tokens": call.output_tokens, "upstream_s": round(time.monotonic() - call.t_sent, 4),
+                "output_tokens": call.output_tokens, "cached_tokens": call.cached_tokens,
+                "reasoning_tokens": call.reasoning_tokens, "upstream_s": round(time.monotonic() - call.t_sent, 4),
                 "hash": call.request_hash.hex()}
-        if head.sse and call.route.api == "openai":
-            meta["include_usage"] = form_of(call)[-1]
+        if head.sse and len(form := form_of(call)) > 1:   # OpenAI chat: whether usage was streamed
+            meta["include_usage"] = form[-1]
         entry = Entry(status=head.status, headers=kept_headers(head.headers), body=body, stream=head.sse,
                       pacing=capture.pacing if head.sse else None, meta=meta)
         return self._spawn(self.store.put(call.cache_key, entry.encode()))

@@ -1,9 +1,11 @@
 """The cache key: a hash of the canonical request, partitioned per credential.
 
 Canonical request = method, API path (no agent prefix), query, the headers
-that change the answer, and the JSON body with the ignored fields removed, in
-the order the client sent it (a client always sends its keys in one order;
-sorting a 4 MB body would cost 14 times as much as writing it). Whether the call streams is ignored on purpose: one answer
+that change the answer, and the JSON body with the ignored fields removed
+(dotted paths; `[*]` stands for every element of a list, as in `input[*].id`),
+in the order the client sent it (a client always sends its keys in one order;
+sorting a 4 MB body would cost 14 times as much as writing it). Whether the
+call streams is ignored on purpose: one answer
 serves both forms. The credential partition is a keyed hash (HMAC with a
 secret kept in the state directory) of every credential the call carries:
 `x-api-key`, `authorization`, `api-key` (Azure OpenAI), `x-goog-api-key`, a
@@ -65,30 +67,47 @@ def load_secret(state_dir: Path) -> bytes:
     return secret
 
 
-def without(body: Any, dotted: Iterable[tuple[str, ...]]) -> Any:
-    """A copy of body with the ignored fields removed (only the dicts on their paths are copied)."""
-    if not isinstance(body, dict):
-        return body
-    body = dict(body)
-    for path in dotted:
-        _drop(body, path)
+EACH = "[*]"   # a step of a field path: every element of a list
+
+
+def field_path(text: str) -> tuple[str, ...]:
+    """'input[*].id' -> ('input', '[*]', 'id'); ValueError for a path that names no field."""
+    steps: list[str] = []
+    for part in text.split("."):
+        name, bracket, rest = part.partition("[")
+        lists = (bracket + rest).count(EACH)
+        if not name or (bracket + rest) != EACH * lists:
+            raise ValueError(f"{text!r} is not a field path: use dotted names, with [*] after a list's "
+                             f"name for each of its elements (e.g. input[*].id)")
+        steps += [name, *[EACH] * lists]
+    if steps[-1] == EACH:
+        raise ValueError(f"{text!r} ends with [*]: name the field to leave out of each element (e.g. input[*].id)")
+    return tuple(steps)
+
+
+def without(body: Any, paths: Iterable[tuple[str, ...]]) -> Any:
+    """A copy of body with the ignored fields removed (only the dicts and lists on their paths are copied)."""
+    for path in paths:
+        body = _dropped(body, path)
     return body
 
 
-def _drop(node: dict, path: tuple[str, ...]) -> None:
-    head = path[0]
-    if len(path) == 1:
-        node.pop(head, None)
-    elif isinstance(node.get(head), dict):
-        node[head] = child = dict(node[head])
-        _drop(child, path[1:])
+def _dropped(node: Any, path: tuple[str, ...]) -> Any:
+    head, rest = path[0], path[1:]
+    if head == EACH:
+        return [_dropped(item, rest) for item in node] if isinstance(node, list) else node
+    if not isinstance(node, dict) or head not in node:
+        return node
+    if not rest:
+        return {k: v for k, v in node.items() if k != head}
+    return {**node, head: _dropped(node[head], rest)}
 
 
 class KeyMaker:
     def __init__(self, secret: bytes, ignore_fields: Iterable[str], key_headers: Iterable[str],
                  credential_headers: Iterable[str] = ()):
         self._secret = secret
-        self.ignore = tuple(tuple(f.split(".")) for f in ignore_fields)
+        self.ignore = tuple(field_path(f) for f in ignore_fields)
         self.headers = tuple(h.lower() for h in key_headers)
         configured = (h.lower() for h in credential_headers)
         self.credentials = tuple(dict.fromkeys(h for h in (*MORE_CREDENTIAL_HEADERS, *configured)

@@ -44,6 +44,8 @@ class Call:
     streamed: bool = False
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0        # input tokens the upstream read from its prompt cache (Responses)
+    reasoning_tokens: int = 0     # output tokens spent reasoning (Responses)
     bytes_out: int = 0
     retries: int = 0
     error: str = ""               # error type when the call failed

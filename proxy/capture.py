@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from . import responses_api
 from .call import Call
 from .encoding import STORABLE, decoded
 from .sse import ANTHROPIC_END, OPENAI_END, EventParser, assemble_anthropic, assemble_openai
@@ -31,6 +32,8 @@ def _count(value: Any) -> int:
 
 def well_formed(path: str, doc: Any) -> bool:
     """A JSON answer of the shape its route returns (an error body sent with 200 is not)."""
+    if path == responses_api.PATH:
+        return responses_api.well_formed(doc)
     if not isinstance(doc, dict) or "error" in doc:
         return False
     if path == "/v1/messages":
@@ -41,7 +44,7 @@ def well_formed(path: str, doc: Any) -> bool:
 
 
 class Capture:
-    __slots__ = ("call", "sse", "encoding", "pacing", "complete", "malformed", "answer", "_parser",
+    __slots__ = ("call", "sse", "encoding", "pacing", "complete", "malformed", "answer", "responses", "_parser",
                  "_inflate", "_events", "_t0")
 
     def __init__(self, call: Call, sse: bool, encoding: str, keep_pacing: bool):
@@ -52,6 +55,7 @@ class Capture:
         self.complete = False            # ended properly
         self.malformed = self.encoding not in STORABLE
         self.answer: dict | None = None  # the answer as the JSON body of a non-streaming call
+        self.responses = responses_api.handles(call.route.api, call.route.path)
         # A compressed stream is read through a decompressor; what is relayed stays compressed.
         self._parser = EventParser() if sse and not self.malformed else None
         self._inflate = zlib.decompressobj(WBITS[self.encoding]) if self._parser and self.encoding in WBITS else None
@@ -92,7 +96,8 @@ class Capture:
                 self.malformed = True
         if self.complete:
             tail = chunk.rstrip(b"\r\n")   # this chunk must end with the final event's data
-            if tail and not tail.endswith(b"}" if self.call.route.api == "anthropic" else OPENAI_END):
+            last = b"}" if self.call.route.api == "anthropic" or self.responses else OPENAI_END
+            if tail and not tail.endswith(last):
                 self.malformed = True
             self._assemble()
             return True
@@ -117,7 +122,12 @@ class Capture:
 
     def _on_event(self, name: str, data: bytes) -> None:
         call = self.call
-        if call.route.api == "anthropic":
+        if self.responses:
+            self.answer = responses_api.on_event(call, data)
+            if self.answer is not None:
+                self.complete = True
+                self._usage(self.answer.get("usage"))
+        elif call.route.api == "anthropic":
             if name == "content_block_delta":
                 if not call.t_first_token:
                     call.t_first_token = time.monotonic()
@@ -143,7 +153,10 @@ class Capture:
         if not isinstance(usage, dict):
             return
         call = self.call
-        if call.route.api == "anthropic":
+        if self.responses:
+            call.input_tokens, call.output_tokens, call.cached_tokens, call.reasoning_tokens = \
+                responses_api.usage_of(usage)
+        elif call.route.api == "anthropic":
             if not output_only and "input_tokens" in usage:
                 call.input_tokens = _count(usage["input_tokens"])
             if "output_tokens" in usage:
@@ -157,7 +170,7 @@ class Capture:
             return
         assemble = assemble_anthropic if self.call.route.api == "anthropic" else assemble_openai
         try:
-            answer = assemble(self._events)
+            answer = self.answer if self.responses else assemble(self._events)
         except ValueError:
             answer = None
         if not well_formed(self.call.route.path, answer):

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .cache_key import field_path
+
 
 class ConfigError(Exception):
     """A setting is missing, unknown or of the wrong type; the message says which and where."""
@@ -58,8 +60,10 @@ class StateSection:
 @dataclass(frozen=True)
 class CacheSection:
     mode: str = field(default="read-write", metadata=_choice("read-write", "read-only", "refresh", "off", "replay"))
-    routes: tuple[str, ...] = ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/embeddings")
-    ignore_fields: tuple[str, ...] = ("metadata.user_id", "stream", "stream_options")
+    routes: tuple[str, ...] = ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/embeddings",
+                               "/v1/responses")
+    ignore_fields: tuple[str, ...] = ("metadata.user_id", "stream", "stream_options", "prompt_cache_key",
+                                      "client_metadata", "input[*].internal_chat_message_metadata_passthrough")
     key_headers: tuple[str, ...] = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project")
     credential_headers: tuple[str, ...] = ()
     deterministic_only: bool = False
@@ -77,6 +81,7 @@ class LimitsSection:
     max_queue: int = 1000
     queue_timeout: float = 300.0
     adaptive: bool = True
+    pace: bool = True
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ class RetrySection:
     max_total: float = 120.0
     base_delay: float = 0.5
     max_delay: float = 20.0
+    overload_circuit: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,13 @@ class LauncherSection:
 
 
 @dataclass(frozen=True)
+class TelemetrySection:
+    """OpenTelemetry export (proxy/telemetry.py): the OTLP/HTTP receiver, and whether message content goes too."""
+    otlp_endpoint: str = ""
+    capture_content: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     proxy: ProxySection = ProxySection()
     upstream: UpstreamSection = UpstreamSection()
@@ -133,6 +146,7 @@ class Config:
     monitor: MonitorSection = MonitorSection()
     shared: SharedSection = SharedSection()
     launcher: LauncherSection = LauncherSection()
+    telemetry: TelemetrySection = TelemetrySection()
 
     @property
     def state_dir(self) -> Path:
@@ -230,10 +244,19 @@ def load_layers(layers: list[Mapping[str, Any]], names: list[str]) -> Config:
                 merged[section][key] = _coerce(value, fields[key], f"{where}: {variable} ([{section}] {key})"
                                                if variable else f"{where} [{section}]")
     config = Config(**{name: SECTIONS[name](**values) for name, values in merged.items()})
+    for entry in config.cache.ignore_fields:
+        try:
+            field_path(entry)
+        except ValueError as exc:
+            raise ConfigError(f"{names[-1]} [cache] ignore_fields: {exc}") from None
     for entry in config.limits.per_model:
         model, sep, count = entry.rpartition("=")
         if not (sep and model.strip() and count.strip().isdigit()):
             raise ConfigError(f"{names[-1]} [limits]: 'per_model' entries look like \"MODEL=N\", not {entry!r}")
+    endpoint = config.telemetry.otlp_endpoint
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"[telemetry] otlp_endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT) must be the OTLP/HTTP "
+                          f"receiver's base URL, like http://127.0.0.1:4318, not {endpoint!r}")
     return config
 
 
@@ -248,12 +271,15 @@ def read_file(path: str | Path) -> dict[str, Any]:
 
 
 def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    """`SIDECAR_<SECTION>_<KEY>` variables, plus the base URLs an agent's user already set."""
+    """`SIDECAR_<SECTION>_<KEY>` variables, plus the base URLs an agent's user already set and the OTLP endpoint."""
     layer: dict[str, dict[str, str]] = {}
     # A base URL the user already points at (another gateway, a mock) becomes the upstream.
     for var, key in (("ANTHROPIC_BASE_URL", "anthropic"), ("OPENAI_BASE_URL", "openai")):
         if environ.get(var):
             layer.setdefault("upstream", {})[key] = environ[var]
+    # The standard OpenTelemetry variable turns export on, as it does for any instrumented program.
+    if environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        layer.setdefault("telemetry", {})["otlp_endpoint"] = environ["OTEL_EXPORTER_OTLP_ENDPOINT"]
     for var, value in environ.items():
         if not var.startswith("SIDECAR_") or var in _NOT_SETTINGS:
             continue

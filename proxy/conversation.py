@@ -2,7 +2,10 @@
 
 An id is the client's own session id where it sends one (Claude Code:
 `metadata.user_id`'s session_id), else a hash of the agent and the
-conversation's root (system prompt head and first user message).
+conversation's root (system prompt head and first user message). A Responses
+API conversation is its `instructions` and `input` items (see `turns_of`); a
+turn naming a `previous_response_id` continues the conversation of that
+response (sessions.py keeps which one it is).
 
 A shape tells the conversation an agent continues apart from the side
 conversations it opens (a title call, a sub-agent): the same tools, and a
@@ -19,8 +22,31 @@ from typing import Any
 
 import orjson
 
-CHAT_ROUTES = {"/v1/messages": "anthropic", "/v1/chat/completions": "openai"}
+from . import responses_api
+
+CHAT_ROUTES = {"/v1/messages": "anthropic", "/v1/chat/completions": "openai", responses_api.PATH: "openai"}
 SYSTEM_ROLES = ("system", "developer")
+RESPONSES = "responses"   # a checkpoint's format when its rows are Responses items, not chat messages
+
+
+def turns_of(path: str, body: dict) -> tuple[Any, list | None]:
+    """A request's system prompt and its conversation so far (messages, or Responses input items)."""
+    if path == responses_api.PATH:
+        return body.get("instructions"), responses_api.input_items(body)
+    messages = body.get("messages")
+    return body.get("system"), messages if isinstance(messages, list) else None
+
+
+def with_turns(path: str, body: dict, turns: list) -> dict:
+    return responses_api.with_input(body, turns) if path == responses_api.PATH else {**body, "messages": turns}
+
+
+def answer_turns(path: str, api: str, answer: dict | None) -> list[dict]:
+    """The answer as the next request would carry it: one assistant message, or the Responses output items."""
+    if path == responses_api.PATH:
+        return responses_api.answer_items(answer)
+    reply = answer_message(api, answer)
+    return [reply] if reply is not None else []
 
 
 def digest(value: Any) -> str:
@@ -40,13 +66,12 @@ def client_session(body: dict, headers) -> str | None:
     return headers.get("x-claude-code-session-id")
 
 
-def session_id(agent: str, body: dict, headers) -> str:
+def session_id(agent: str, body: dict, headers, path: str = "") -> str:
     own = client_session(body, headers)
     if own:
         return "c" + digest(["client", own])[:15]
-    messages = body.get("messages") or []
-    first_user = next((m for m in messages if m.get("role") == "user"), None)
-    system = body.get("system")
+    system, messages = turns_of(path, body)
+    first_user = next((m for m in messages or () if isinstance(m, dict) and m.get("role") == "user"), None)
     head = system[:4096] if isinstance(system, str) else orjson.dumps(system)[:4096].decode("utf-8", "ignore")
     return "r" + digest([agent, head, first_user])[:15]
 
@@ -124,8 +149,9 @@ class Shape:
     tools: str | None   # None: a checkpoint from before the tool set was kept
 
     @classmethod
-    def of(cls, body: dict) -> Shape:
-        return cls(tuple(system_texts(body.get("system"), body.get("messages") or [])), tools_digest(body))
+    def of(cls, body: dict, path: str = "") -> Shape:
+        system, turns = turns_of(path, body)
+        return cls(tuple(system_texts(system, turns or [])), tools_digest(body))
 
     def continued_by(self, other: Shape) -> bool:
         """Same tools, and a system prompt whose every block keeps at least half of its text, at its start

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import orjson
 
+from . import responses_api
 from .call import Call
 from .encoding import UndecodableBody, decoded
 from .entry import Entry
@@ -25,6 +26,8 @@ def form_of(call: Call) -> tuple:
     """What shape of answer the request asks for; a recorded answer of another shape is converted."""
     if not call.wants_stream:
         return ("json",)
+    if responses_api.handles(call.route.api, call.route.path):
+        return ("sse",)
     options = call.json.get("stream_options")
     include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
     return ("sse", include_usage) if call.route.api == "openai" else ("sse",)
@@ -45,7 +48,10 @@ def message_of(entry: Entry, api: str) -> dict:
         else:
             parser = EventParser()
             events = parser.feed(body) + parser.feed(b"\n\n")
-            message = (assemble_openai if api == "openai" else assemble_anthropic)(events)
+            if entry.meta.get("path") == responses_api.PATH:
+                message = responses_api.assemble(events)
+            else:
+                message = (assemble_openai if api == "openai" else assemble_anthropic)(events)
     except (ValueError, UndecodableBody) as exc:
         raise Unconvertible(f"stored answer unreadable: {exc}") from exc
     if not isinstance(message, dict):
@@ -62,7 +68,12 @@ def as_json(message: dict) -> bytes:
 
 def as_stream(message: dict, api: str, include_usage: bool) -> bytes:
     try:
-        events = synthesize_openai(message, include_usage) if api == "openai" else synthesize_anthropic(message)
+        if message.get("object") == "response":   # a Responses API answer names itself
+            events = responses_api.synthesize(message)
+        elif api == "openai":
+            events = synthesize_openai(message, include_usage)
+        else:
+            events = synthesize_anthropic(message)
         return b"".join(events)
     except (TypeError, ValueError, LookupError, AttributeError) as exc:   # a shape synthesis cannot follow
         raise Unconvertible(str(exc)) from exc

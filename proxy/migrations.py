@@ -10,7 +10,9 @@ Formats (meta `format`, ASCII digits):
    sessions (`s:ID` meta, `y:ID` system prompt, `m:ID:N` messages), meta (format, bytes, shared).
 2. access rows end with the entry's creation time (key -> last use, size, created) and a `created` index
    (created + key -> "") finds expired entries first; sessions gain a `u:` index (last turn + ID -> agent),
-   so the least recently updated conversation is found without reading them all; meta gains `key_version`.
+   so the least recently updated conversation is found without reading them all, and a `q:ID:RESPONSE`
+   row per `p:RESPONSE` row (a Responses answer's conversation), so those go with their conversation;
+   meta gains `key_version`.
 
 The canonical form of the cache key has a version of its own (cache_key.KEY_VERSION, meta `key_version`,
 1 when absent): entries keyed in an older form can never be hit again, so they are dropped.
@@ -61,6 +63,19 @@ def _to_2(txn: lmdb.Transaction, db: dict) -> None:
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
             continue   # an unreadable meta row: the session stays as it was, listed by what can be read
         txn.put(b"u:" + STAMP.pack(updated) + sid, agent.encode(), db=db["sessions"])
+    chains = []
+    cursor = txn.cursor(db=db["sessions"])
+    if cursor.set_range(b"p:"):   # a Responses answer id -> [its conversation, items]: indexed by conversation
+        for key, value in cursor:
+            if not key.startswith(b"p:"):
+                break
+            chains.append((key[2:], value))
+    for response, value in chains:
+        try:
+            sid = str(orjson.loads(value)[0])
+        except (orjson.JSONDecodeError, IndexError, KeyError, TypeError):
+            continue
+        txn.put(b"q:" + sid.encode() + b":" + response, b"", db=db["sessions"])
 
 
 STEPS: dict[int, Callable[[lmdb.Transaction, dict], None]] = {2: _to_2}

@@ -43,6 +43,8 @@ class Agent:
     peak_rss: int = 0
     cpu_percent: float = 0.0
     process: psutil.Process | None = None
+    traceparent: str = ""        # the agent run's W3C trace context (TRACEPARENT), the parent of its calls' spans
+    trace_root: bool = False     # the launcher began that trace: the run's span is ours to export
 
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "pid": self.pid, "cmd": self.cmd, "started": self.started, "state": self.state,
@@ -101,6 +103,9 @@ class Monitor:
         kind = message.get("event", "started")
         if kind in ("started", "restarted"):
             agent.pid, agent.cmd = message.get("pid", 0), message.get("cmd", agent.cmd)
+            agent.traceparent = message.get("traceparent", agent.traceparent)
+            if kind == "started":   # its run's span is exported at its first exit, not again after a restart
+                agent.trace_root = message.get("trace_root", False)
             agent.process = None
             agent.state = "running" if kind == "started" else "restarted"
             self._exited_order.pop(agent.id, None)

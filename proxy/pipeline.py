@@ -2,11 +2,15 @@
 
     stage         module              hook       what a failure does
     receive       intake              -          refusal: an API-shaped 4xx, nothing goes upstream
+    (websocket)   websocket, exchange -          an upgrade is relayed both ways; each Responses exchange
+                                                 on it runs the stages below as its own call
     route         routes              -          -
     restore       stages, restore     request    side: the request goes on unchanged
     cache key     stages, cache       request    side: the call is not cached
     cache lookup  stages, replay      request    side: a miss            (a hit is replayed: the way ends)
     join          flight              -          -                       (an identical call in flight is joined)
+    admit         admission           -          held through a wall / until headroom (bounded); then the
+                  (circuit, headroom)             upstream's last overload answer, or an API-shaped 529
     slot          limits              -          refusal: a 429 the client backs off from
     forward       upstream, retry     -          an API-shaped 502/504 before the head, a cut after it
     capture       stages, capture     head/chunk/end   side: relayed, neither stored nor checkpointed
@@ -14,6 +18,7 @@
     checkpoint    stages, sessions    chunk/end  side: the turn is not checkpointed
     relay         (here)              -          a cut, as a broken upstream would cut it
     record        stages, state       done       side: no record, stats or live update
+    telemetry     stages, telemetry   done       side: no span or measurements (OTLP export, when on)
 
 The side stages are `STAGES`, run hook by hook in that order by `run`: a stage
 that fails is a fault (one log line, a `sidecar_fault` event) and is off for
@@ -37,8 +42,9 @@ from typing import Any, Callable
 import aiohttp
 from aiohttp import web
 
-from . import intake, replay, stages
+from . import admission, intake, replay, stages, websocket
 from .call import Call
+from .circuit import WallHeld
 from .convert import form_of
 from .errors import SidecarError, UpstreamError, answer_for, from_library
 from .flight import Flight, Head
@@ -52,7 +58,7 @@ CALL = web.RequestKey("call", Call)
 # The side stages, in the order their hooks run. Store queues the cache entry before Checkpoint queues the
 # turn, so at a JSON answer's end both go into one LMDB commit (the store's group commit), awaited once.
 STAGES = (stages.Restore, stages.CacheKey, stages.CacheLookup, stages.Capture, stages.Store, stages.Checkpoint,
-          stages.Record)
+          stages.Record, stages.Telemetry)
 
 
 # ---- the way of one call ---------------------------------------------------------------------------------
@@ -67,6 +73,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     call.accept_encoding = headers.get("accept-encoding", "")
     try:
         intake.check_target(request, state.config.proxy.allow_remote)   # receive
+        if websocket.is_upgrade(request):                               # a socket: its own way (websocket.py)
+            return await websocket.relay(request, state, call.route)
         await intake.read_body(request, call, state.body_limit)
         if call.model_call:
             hit = await run(state, "request", call)   # restore, cache key, cache lookup
@@ -202,8 +210,10 @@ async def exchange(state: ProxyState, call: Call, flight: Flight) -> None:
         forwarded = request_headers(call.headers)
         attempts = Attempts(state.config.retry, call, state.limiter)
         while True:
-            token = await take_slot(state, call, attempts.retrying)
+            # An overload wall's circuit, then the rate-limit pacing: either may hold the attempt (bounded).
+            gate = await admission.admit(state, call, attempts) if call.model_call else None
             try:
+                token = await take_slot(state, call, attempts.retrying)
                 try:
                     attempts.sending()
                     upstream = await state.client.send(call.method, url, forwarded, call.body)
@@ -213,15 +223,22 @@ async def exchange(state: ProxyState, call: Call, flight: Flight) -> None:
                         raise
                 else:
                     delay = attempts.after_response(upstream) if call.model_call else None
+                    if gate is not None:
+                        await admission.answered(state, gate, upstream, retrying=delay is not None)
                     if delay is None:
                         await take_answer(state, call, flight, upstream)
                         return
                     upstream.release()
-            finally:   # the slot of this attempt, given back however it ended
-                if call.model_call:
-                    state.limiter.release(call.route.agent, call.model, token)
+                finally:   # the slot of this attempt, given back however it ended
+                    if call.model_call:
+                        state.limiter.release(call.route.agent, call.model, token)
+            finally:
+                if gate is not None:
+                    admission.settle(state, gate)
             state.counters["retries"] += 1
             await asyncio.sleep(delay)
+    except WallHeld as held:   # held through an overload wall until its deadline: the upstream's last word
+        answer_with(flight, held)
     except SidecarError as exc:
         flight.abort(exc)
     except asyncio.CancelledError:
@@ -232,6 +249,17 @@ async def exchange(state: ProxyState, call: Call, flight: Flight) -> None:
     finally:
         flight.finish(failed=True)   # a no-op when the answer ended properly
         state.flights.remove(flight)
+
+
+def answer_with(flight: Flight, held: WallHeld) -> None:
+    """A call that waited out its deadline in a wall gets the upstream's own last overload answer."""
+    last = held.last
+    if last is None:
+        flight.abort(held.error)
+        return
+    flight.start_head(Head(last.status, last.reason, last.headers, sse=False, incremental=False))
+    flight.append(last.body)
+    flight.finish()
 
 
 async def take_slot(state: ProxyState, call: Call, retrying: bool):

@@ -3,7 +3,8 @@
 Cache entries, their size accounting and LRU order live in Redis, so every
 sidecar pointed at it shares hits; per-key expiry does the TTL. A lookup is
 one round trip (GET and the LRU touch pipelined); a store is one atomic Lua
-script (set, account, evict). The global concurrency limit is a semaphore of
+script (set, account, evict). The rate-limit headroom is one budget for the
+fleet: readings and reservations in Redis, taken by one atomic script. The global concurrency limit is a semaphore of
 leases in a sorted set: a holder's lease expires unless its sidecar renews it,
 so a killed sidecar cannot leak slots; a release is published, so waiters
 retry at once instead of polling. Checkpoints are mirrored to Redis too.
@@ -51,6 +52,63 @@ if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   return 1
 end
 return 0
+"""
+
+
+# The fleet's rate-limit budget (proxy/headroom.py's arithmetic, in one atomic step). KEYS[1]: the budget's
+# readings (a hash of <bucket>.limit/.remaining/.reset); KEYS[2..]: per bucket a sorted set of reservations,
+# "<ticket>:<need>" scored by their expiry. ARGV: now, expiry, ticket, force, then the buckets, then the needs.
+TAKE = """
+local now, n = tonumber(ARGV[1]), #KEYS - 1
+local untl, report = 0, false
+for i = 1, n do
+  local name, need = ARGV[4 + i], tonumber(ARGV[4 + n + i])
+  redis.call('ZREMRANGEBYSCORE', KEYS[1 + i], '-inf', now)
+  local limit = tonumber(redis.call('HGET', KEYS[1], name .. '.limit') or '')
+  if limit and ARGV[4] ~= '1' then
+    local reserved = 0
+    for _, m in ipairs(redis.call('ZRANGE', KEYS[1 + i], 0, -1)) do
+      reserved = reserved + tonumber(string.match(m, ':(%d+)$'))
+    end
+    local remaining = tonumber(redis.call('HGET', KEYS[1], name .. '.remaining'))
+    local reset = tonumber(redis.call('HGET', KEYS[1], name .. '.reset'))
+    local left = (reset <= now and limit or remaining) - reserved
+    if need > left and need <= limit then
+      if reset > now then untl = math.max(untl, reset) else report = true end
+    end
+  end
+end
+if report then return 'inf' end
+if untl > 0 then return tostring(untl) end
+for i = 1, n do
+  redis.call('ZADD', KEYS[1 + i], ARGV[2], ARGV[3] .. ':' .. ARGV[4 + n + i])
+  redis.call('EXPIRE', KEYS[1 + i], math.ceil(tonumber(ARGV[2]) - now) + 1)
+end
+return '0'
+"""
+
+# An answer's reading (the later of it and the one kept, as headroom.newer decides) and its reservations given
+# back. KEYS as TAKE; ARGV: now, ticket, the number of buckets read, their name/limit/remaining/reset, the needs'
+# bucket names and needs.
+REPORT = """
+local now, read = tonumber(ARGV[1]), tonumber(ARGV[3])
+for j = 0, read - 1 do
+  local name, limit, remaining, reset = ARGV[4 + 4 * j], ARGV[5 + 4 * j], tonumber(ARGV[6 + 4 * j]), tonumber(ARGV[7 + 4 * j])
+  local old_limit = redis.call('HGET', KEYS[1], name .. '.limit')
+  local old_reset = tonumber(redis.call('HGET', KEYS[1], name .. '.reset') or '0')
+  local old_remaining = tonumber(redis.call('HGET', KEYS[1], name .. '.remaining') or '0')
+  if old_limit ~= limit or reset > old_reset or old_reset <= now then
+    redis.call('HSET', KEYS[1], name .. '.limit', limit, name .. '.remaining', remaining, name .. '.reset', reset)
+  elseif reset == old_reset and remaining < old_remaining then
+    redis.call('HSET', KEYS[1], name .. '.remaining', remaining)
+  end
+end
+redis.call('EXPIRE', KEYS[1], 3600)
+local base = 4 + 4 * read
+for i = 1, #KEYS - 1 do
+  redis.call('ZREM', KEYS[1 + i], ARGV[2] .. ':' .. ARGV[base + i - 1])
+end
+return 1
 """
 
 
@@ -241,6 +299,92 @@ class RedisSlots:
                 await self.link.redis.zrem(self._slots, *self._held)
             except (RedisError, OSError):
                 pass
+
+
+class RedisBudget:
+    """The rate-limit headroom of every sidecar on this Redis as one budget (headroom.LocalBudget's interface).
+
+    A reservation is a member of a sorted set that expires after `lease` seconds, so a sidecar that dies
+    holding some cannot shrink the fleet's budget for longer. A report is published: calls held anywhere
+    look again at once. Redis failing: this sidecar's own budget takes over until it is back."""
+
+    shared = True
+
+    def __init__(self, link: RedisLink, lease: float = 30.0):
+        from .headroom import LocalBudget
+        self.link = link
+        self.lease = lease
+        self.local = LocalBudget()          # the readings this sidecar saw (shown), and the fallback
+        self.budgets = self.local.budgets
+        self.on_report = lambda: None      # the pacer's wake-up
+        self._take = link.redis.register_script(TAKE)
+        self._report = link.redis.register_script(REPORT)
+        self._channel = link.key("headroom-reported")
+        self._listener: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    def _keys(self, ticket) -> list[str]:
+        base = self.link.key("headroom", ticket.key)
+        return [base, *(f"{base}:{name}" for name in ticket.needs)]
+
+    async def take(self, ticket, now: float, force: bool = False) -> float | None:
+        if not self.link.up:
+            return await self.local.take(ticket, now, force)
+        names, needs = list(ticket.needs), [str(v) for v in ticket.needs.values()]
+        try:
+            answer = await self._take(keys=self._keys(ticket),
+                                      args=[now, now + self.lease, ticket.id, "1" if force else "0", *names, *needs])
+        except (RedisError, OSError) as exc:
+            self.link.failed(exc)
+            return await self.local.take(ticket, now, force)
+        self.link.worked()
+        until = float(answer)
+        if until:
+            self._listen()
+        return until or None
+
+    async def report(self, ticket, buckets: dict) -> None:
+        """Kept here at once; sent to Redis without holding the answer up."""
+        self.local.remember(ticket.key, buckets)
+        task = asyncio.get_running_loop().create_task(self._send_report(ticket, buckets))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_report(self, ticket, buckets: dict) -> None:
+        read = [str(x) for name, (limit, remaining, reset) in buckets.items() for x in (name, limit, remaining, reset)]
+        try:
+            await self._report(keys=self._keys(ticket), args=[time.time(), ticket.id, len(buckets), *read,
+                                                              *ticket.needs.values()])
+            await self.link.redis.publish(self._channel, "1")
+        except (RedisError, OSError) as exc:
+            self.link.failed(exc)
+
+    def give_back(self, ticket) -> None:
+        self.local.give_back(ticket)
+        task = asyncio.get_running_loop().create_task(self._send_report(ticket, {}))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _listen(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._subscribe())
+
+    async def _subscribe(self) -> None:
+        try:
+            pubsub = self.link.redis.pubsub()
+            await pubsub.subscribe(self._channel)
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    self.on_report()
+        except (RedisError, OSError) as exc:
+            self.link.failed(exc)
+            self.on_report()
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 class RedisCheckpoints:

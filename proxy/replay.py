@@ -65,6 +65,8 @@ def account(call: Call, entry: Entry) -> None:
     call.saved_s = entry.meta.get("upstream_s", 0.0)
     call.input_tokens = entry.meta.get("input_tokens", 0)
     call.output_tokens = entry.meta.get("output_tokens", 0)
+    call.cached_tokens = entry.meta.get("cached_tokens", 0)
+    call.reasoning_tokens = entry.meta.get("reasoning_tokens", 0)
 
 
 def _recorded_chunks(entry: Entry) -> list[bytes]:

@@ -7,6 +7,9 @@ the checkpointed messages, trimmed back to a point the API accepts, in front
 of its own, on each of its calls. Side conversations (a title call, a
 sub-agent) pass unchanged, and so does an agent that replays its old
 conversation: its repeated calls are cache hits (fast-forward, no tokens).
+A Responses API checkpoint (items) goes only to a Responses call, and only to
+one that sends its history itself: a turn naming a `previous_response_id`
+has its history upstream already.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from __future__ import annotations
 import orjson
 
 from .call import Call
-from .conversation import SYSTEM_ROLES, Shape, digest, system_texts
+from .conversation import RESPONSES, SYSTEM_ROLES, Shape, digest, system_texts, turns_of, with_turns
+from .responses_api import PATH as RESPONSES_PATH
 
 
 def _tool_uses(message: dict) -> set[str]:
@@ -40,12 +44,23 @@ def trim_for_api(messages: list[dict]) -> list[dict]:
     return prefix
 
 
+def trim_items(items: list[dict]) -> list[dict]:
+    """The longest prefix of Responses items that ends with an assistant message: every function call
+    before it has had its output (a model answers in text only once its calls are done)."""
+    end = len(items)
+    while end > 0 and not (isinstance(items[end - 1], dict) and items[end - 1].get("role") == "assistant"
+                           and items[end - 1].get("type", "message") == "message"):
+        end -= 1
+    return items[:end]
+
+
 class Restore:
     """One armed restore: the history to put in front, the shape it continues, and, once a conversation
     took it, that conversation's first user message."""
 
     def __init__(self, meta: dict, stored: list[dict], agent: str | None):
-        self.messages = trim_for_api(stored)
+        self.path = RESPONSES_PATH if meta.get("format") == RESPONSES else None   # None: chat messages
+        self.messages = trim_items(stored) if self.path else trim_for_api(stored)
         # A call bringing its own system messages (OpenAI) gets the history without the old ones.
         self._without_system = [m for m in self.messages if m.get("role") not in SYSTEM_ROLES]
         self._old_roots = {digest(h[0]) for h in (self.messages, self._without_system) if h}
@@ -54,7 +69,10 @@ class Restore:
         self.root: str | None = None
 
     def apply(self, call: Call) -> None:
-        messages = call.json["messages"]
+        path = call.route.path
+        if (path == RESPONSES_PATH) != (self.path is not None) or call.json.get("previous_response_id"):
+            return   # another API's conversation, or one whose history the upstream keeps
+        messages = turns_of(path, call.json)[1]
         lead = 0   # OpenAI-style system messages stay first
         while lead < len(messages) and isinstance(messages[lead], dict) \
                 and messages[lead].get("role") in SYSTEM_ROLES:
@@ -69,11 +87,11 @@ class Restore:
             return
         if self.agent is not None and call.route.agent != self.agent:
             return
-        if not self._continued_by(Shape.of(call.json)):
+        if not self._continued_by(Shape.of(call.json, path)):
             return   # a side conversation (a title call, a sub-agent), even with the same first message
         old = self._without_system if lead else self.messages
         forwarded = messages[:lead] + old + messages[lead:]
-        body = {**call.json, "messages": forwarded}
+        body = with_turns(path, call.json, forwarded)
         raw = orjson.dumps(body)   # first: should it fail, the call goes on as it came, whole
         call.forwarded_messages, call.json, call.body, call.restored = forwarded, body, raw, True
         self.root = root

@@ -2,7 +2,7 @@
 
 429, 529, 502, 503, 504 and connection failures are retried with exponential
 backoff and full jitter, or after the delay the API asks for (`retry-after-ms`,
-`retry-after`, Anthropic's `anthropic-ratelimit-*-reset`), within a bounded
+`retry-after`, for a 429 the reset of its exhausted rate-limit bucket), within a bounded
 number of attempts and a bounded total time. The pipeline gives the slot back
 while waiting, so the concurrency limit (lowered by a 429) also governs the
 retries.
@@ -13,23 +13,22 @@ from __future__ import annotations
 
 import random
 import time
-from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 import aiohttp
 
+from . import headroom
 from .call import Call
 from .config import RetrySection
 from .errors import UpstreamError
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504, 529})
 RATE_LIMITED = frozenset({429, 529})
-RESET_HEADERS = ("anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-reset",
-                 "anthropic-ratelimit-input-tokens-reset", "anthropic-ratelimit-output-tokens-reset")
 
 
-def requested_delay(headers, now: float | None = None) -> float | None:
-    """The wait the upstream asked for, in seconds, if it asked."""
+def requested_delay(headers, now: float | None = None, status: int = 429) -> float | None:
+    """The wait the upstream asked for, in seconds, if it asked; for a 429 without retry-after, until the
+    reset of the exhausted rate-limit bucket."""
     now = time.time() if now is None else now
     value = headers.get("retry-after-ms")
     if value:
@@ -46,19 +45,12 @@ def requested_delay(headers, now: float | None = None) -> float | None:
                 return max(0.0, parsedate_to_datetime(value).timestamp() - now)
             except (TypeError, ValueError):
                 pass
-    resets = [_rfc3339(headers.get(name)) for name in RESET_HEADERS]
-    future = [t - now for t in resets if t is not None and t > now]
-    return min(future) if future else None
-
-
-def _rfc3339(value: str | None) -> float | None:
-    if not value:
+    if status != 429:
         return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+    buckets = headroom.reading(headers, now)
+    exhausted = [reset - now for _, remaining, reset in buckets.values() if remaining == 0 and reset > now]
+    future = [reset - now for _, _, reset in buckets.values() if reset > now]
+    return max(exhausted) if exhausted else min(future) if future else None
 
 
 def backoff(settings: RetrySection, attempt: int) -> float:
@@ -71,7 +63,7 @@ class Attempts:
 
     The pipeline owns the loop and the limiter slot of each attempt; this says only when to try again."""
 
-    __slots__ = ("settings", "call", "limiter", "attempt", "deadline", "sent_at")
+    __slots__ = ("settings", "call", "limiter", "attempt", "deadline", "sent_at", "in_wall")
 
     def __init__(self, settings: RetrySection, call: Call, limiter):
         self.settings = settings
@@ -80,6 +72,7 @@ class Attempts:
         self.attempt = 0
         self.deadline = time.monotonic() + settings.max_total
         self.sent_at = 0.0
+        self.in_wall = False   # this attempt is an overload circuit's probe (proxy/circuit.py)
 
     @property
     def retrying(self) -> bool:
@@ -98,8 +91,9 @@ class Attempts:
             return None
         if response.status in RATE_LIMITED:
             self.call.rate_limited = True
-            self.limiter.upstream_limited(self.sent_at)
-        delay = requested_delay(response.headers)
+            if not self.in_wall:   # a wall says nothing about our concurrency: keep what was learned
+                self.limiter.upstream_limited(self.sent_at)
+        delay = requested_delay(response.headers, status=response.status)
         return self._next(backoff(self.settings, self.attempt) if delay is None else delay)
 
     def _next(self, delay: float) -> float | None:

@@ -6,13 +6,18 @@ answer's last byte is relayed: whatever the agent saw is on disk. Rows:
 `s:{id}` the meta, `y:{id}` the system prompt (its own row, rewritten only when
 it changes: it can be large), `m:{id}:{index}` one per message, and
 `u:{updated}{id}` -> agent, the index that finds the least recently updated
-conversation for the state's byte budget (budget.py).
+conversation for the state's byte budget (budget.py), and `q:{id}:{response id}`
+for each `p:` row below, so that they go with their conversation.
 
 The merge is exact: each message is serialised once, its bytes compared with
 its stored row (read in one cursor walk; several times cheaper than hashing
 them), and only rows that differ are written; a message the agent rewrote in the
 middle (compacted, edited) replaces the stored one. A request that repeats an
 earlier turn unchanged (a replay through the cache) leaves the later turns.
+
+A Responses API turn that names a `previous_response_id` sends only its new
+items: row `p:{response id}` says which conversation that response ended and
+how many items it had, so the turn's items are merged from there on.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import lmdb
 import orjson
 
 from .call import Call
-from .conversation import CHAT_ROUTES, answer_message, client_session, digest, session_id, tools_digest
+from . import responses_api
+from .conversation import (CHAT_ROUTES, RESPONSES, answer_turns, client_session, digest, session_id, tools_digest,
+                           turns_of)
 from .restore import Restore
 from .store import Lmdb
 
@@ -56,45 +63,68 @@ class Sessions:
     @staticmethod
     def applies(call: Call) -> bool:
         return call.method == "POST" and call.route.path in CHAT_ROUTES and isinstance(call.json, dict) \
-            and isinstance(call.json.get("messages"), list)
+            and turns_of(call.route.path, call.json)[1] is not None
 
     def has_turn(self, call: Call) -> bool:
         """Whether this very request was the conversation's last checkpointed turn (so its answer is kept)."""
-        call.session = call.session or session_id(call.route.agent, call.json, call.headers)
+        call.session = call.session or self._place(call, call.headers)[0]
         return bool(call.request_hash) and self._last_turn.get(call.session) == call.request_hash
+
+    def _place(self, call: Call, headers) -> tuple[str, int]:
+        """The conversation this call continues, and the index its first message has in it."""
+        previous = call.json.get("previous_response_id") if call.route.path == responses_api.PATH else None
+        if isinstance(previous, str):
+            found = self.lmdb.read(lambda txn: txn.get(b"p:" + previous.encode(), db=self._db))
+            if found:
+                sid, start = orjson.loads(found)
+                return sid, start
+            return "r" + digest([call.route.agent, "previous", previous])[:15], 0   # a chain begun elsewhere
+        return session_id(call.route.agent, call.json, headers, call.route.path), 0
 
     async def checkpoint(self, call: Call, answer: dict | None, headers) -> None:
         """Merge this turn into the conversation's checkpoint; committed when this returns."""
-        reply = answer_message(call.route.api, answer)
-        if reply is None:
+        path = call.route.path
+        replies = answer_turns(path, call.route.api, answer)
+        if not replies:
             return
-        sid = call.session or session_id(call.route.agent, call.json, headers)
+        sid, start = self._place(call, headers)
         call.session = sid
-        messages = [*(call.forwarded_messages or call.json["messages"]), reply]
+        system, turns = turns_of(path, call.json)
+        messages = [*(call.forwarded_messages or turns), *replies]
         rows = [orjson.dumps(m) for m in messages]
-        system = call.json.get("system")
         meta = {"id": sid, "agent": call.route.agent, "api": call.route.api, "model": call.model,
                 "client_session": client_session(call.json, headers), "tools_digest": tools_digest(call.json)}
-        await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system))
+        if path == responses_api.PATH:
+            meta["format"] = RESPONSES
+        # A Responses answer's id: the next turn may name it as its previous_response_id.
+        ends = answer.get("id") if meta.get("format") and isinstance(answer.get("id"), str) else None
+        await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system, start, ends))
         if len(self._last_turn) >= 10_000:   # bounded: forgetting only costs a redundant merge
             self._last_turn.clear()
         self._last_turn[sid] = call.request_hash
         if self.mirror is not None:
-            await self.mirror.append(sid, messages, {**meta, "system": system})
+            await self.mirror.append(sid, messages if not start else self.messages(sid), {**meta, "system": system})
 
-    def _merge(self, txn: lmdb.Transaction, sid: str, rows: list[bytes], meta: dict, system) -> None:
+    def _merge(self, txn: lmdb.Transaction, sid: str, rows: list[bytes], meta: dict, system, start: int = 0,
+               ends: str | None = None) -> None:
+        """Rows are the messages from index `start` on; `ends`: the id of the answer they end with."""
         key = f"s:{sid}".encode()
         old = txn.get(key, db=self._db)
         stored = orjson.loads(old) if old else {**meta, "created": time.time()}
         count = stored.get("messages", 0)
-        differ = self._differing(txn, sid, rows)
-        if count > len(rows) and (not differ or differ[0] == len(rows) - 1):
+        start = min(start, count)   # a chain from an answer a later branch cut off: rows stay dense
+        total = start + len(rows)
+        if ends is not None:
+            txn.put(b"p:" + ends.encode(), orjson.dumps([sid, total]), db=self._db)
+            txn.put(b"q:" + sid.encode() + b":" + ends.encode(), b"", db=self._db)   # p: rows go with it
+        differ = self._differing(txn, sid, rows, start)
+        if count > total and (not differ or differ[0] == total - 1):
             return   # an earlier turn sent again, unchanged up to its answer: the later turns stay
-        if count == len(rows) and not differ:
+        if count == total and not differ:
             return   # the same turn again (a cache hit, a coalesced call): nothing new to keep
-        for index in [*differ, *range(count, len(rows))]:
-            txn.put(self._message_key(sid, index), rows[index], db=self._db)
-        for index in range(len(rows), count):
+        for index in [*differ, *range(max(count, start), total)]:
+            txn.put(self._message_key(sid, index), rows[index - start], db=self._db)
+        for index in range(total, count):
             txn.delete(self._message_key(sid, index), db=self._db)
         system_digest = digest(system)
         if stored.get("system_digest") != system_digest:
@@ -104,20 +134,21 @@ class Sessions:
         if stored.get("updated") is not None:
             txn.delete(index_key(stored["updated"], sid), db=self._db)
         stored.update(model=meta["model"] or stored.get("model"), tools_digest=meta["tools_digest"],
-                      updated=time.time(), turns=stored.get("turns", 0) + 1, messages=len(rows))
+                      updated=time.time(), turns=stored.get("turns", 0) + 1, messages=total)
         txn.put(key, orjson.dumps(stored), db=self._db)
         txn.put(index_key(stored["updated"], sid), str(stored.get("agent", "")).encode(), db=self._db)
 
-    def _differing(self, txn: lmdb.Transaction, sid: str, rows: list[bytes]) -> list[int]:
-        """The indices below len(rows) whose stored row differs, in order (rows are stored densely from 0)."""
+    def _differing(self, txn: lmdb.Transaction, sid: str, rows: list[bytes], start: int = 0) -> list[int]:
+        """The indices from `start` whose stored row differs from rows[index - start], in order (rows are
+        stored densely from 0)."""
         prefix = f"m:{sid}:".encode()
         cursor = txn.cursor(db=self._db)
         differ = []
-        if cursor.set_range(prefix):
-            for index, (key, value) in enumerate(cursor):
-                if index >= len(rows) or not key.startswith(prefix):
+        if cursor.set_range(self._message_key(sid, start)):
+            for index, (key, value) in enumerate(cursor, start):
+                if index >= start + len(rows) or not key.startswith(prefix):
                     break
-                if value != rows[index]:
+                if value != rows[index - start]:
                     differ.append(index)
         return differ
 
@@ -191,13 +222,15 @@ class Sessions:
             if value is not None:
                 freed += len(key) + len(value)
                 txn.delete(key, db=self._db)
-        prefix = b"m:" + sid + b":"
-        cursor = txn.cursor(db=self._db)
-        if cursor.set_range(prefix):
-            while cursor.key().startswith(prefix):
-                freed += len(cursor.key()) + len(cursor.value())
-                if not cursor.delete():
-                    break
+        for prefix in (b"m:" + sid + b":", b"q:" + sid + b":"):
+            cursor = txn.cursor(db=self._db)
+            if cursor.set_range(prefix):
+                while cursor.key().startswith(prefix):
+                    freed += len(cursor.key()) + len(cursor.value())
+                    if prefix[0] == ord("q"):   # the answer ids of this conversation: their p: rows too
+                        txn.delete(b"p:" + cursor.key()[len(prefix):], db=self._db)
+                    if not cursor.delete():
+                        break
         return freed
 
     def least_recent(self, txn: lmdb.Transaction, keep: Callable[[str, float], bool] | None = None

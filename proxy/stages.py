@@ -145,3 +145,15 @@ class Record(Stage):
 
     def done(self, call: Call) -> None:
         self.state.finish(call)
+
+
+class Telemetry(Stage):
+    """The call as an OpenTelemetry GenAI span and measurements (proxy/telemetry.py), when export is on."""
+
+    name = "telemetry"
+
+    def done(self, call: Call) -> None:
+        exporter = self.state.telemetry
+        if exporter is not None:
+            agent = self.state.monitor.agents.get(call.route.agent)
+            exporter.export(call, agent.traceparent if agent is not None else "")

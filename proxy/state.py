@@ -10,12 +10,15 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from typing import Callable
+from typing import Any, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from . import telemetry
 from .cache import Cache
+from .circuit import Circuits
+from .headroom import Pacer
 from .backends import Backends, open_backends
 from .cache_key import KeyMaker
 from .config import Config
@@ -43,6 +46,8 @@ class ProxyState:
     client: UpstreamClient
     upstreams: Upstreams
     limiter: Limiter | None = None
+    circuits: Circuits | None = None   # overload walls: one probe at a time
+    pacer: Pacer = field(default_factory=Pacer)   # rate-limit headroom: hold what would run into a 429
     cache: Cache | None = None
     lmdb: Lmdb | None = None
     flights: Flights = field(default_factory=Flights)
@@ -55,12 +60,13 @@ class ProxyState:
     after_call: Callable[[], None] | None = None   # the live page's push, when it is served
     started: float = field(default_factory=time.time)
     stage_hooks: dict = field(default_factory=dict)   # the pipeline's side stages, hook by hook
+    telemetry: Any = None                              # the OpenTelemetry exporter, when [telemetry] is on
     _fault_seen: dict = field(default_factory=dict)   # (stage, error type) -> when its last event went out
 
     @classmethod
     def build(cls, config: Config) -> "ProxyState":
         return cls(config=config, client=UpstreamClient(config.proxy), limiter=Limiter(config.limits),
-                   upstreams=Upstreams(config.upstream.anthropic, config.upstream.openai))
+                   circuits=Circuits(config.retry), upstreams=Upstreams(config.upstream.anthropic, config.upstream.openai))
 
     @property
     def agent_id(self) -> str:
@@ -84,6 +90,10 @@ class ProxyState:
         self.backends = await open_backends(self.config, self.lmdb,
                                             lambda kind, state, **detail: self.monitor.emit(make_event(kind, state, **detail)))
         self.limiter.global_slots = self.backends.global_slots
+        if self.backends.budget is not None:   # the fleet's one rate-limit budget
+            self.pacer = Pacer(self.backends.budget)
+            self.backends.budget.on_report = self.pacer.wake
+        self.circuits.on_change = lambda crossed, **detail: self.monitor._set("upstream_overloaded", crossed, **detail)
         keys = KeyMaker(self.backends.secret, settings.ignore_fields, settings.key_headers, settings.credential_headers)
         self.cache = Cache(settings, self.backends.store, keys)
         self.cache.on_fault = self.fault
@@ -95,6 +105,9 @@ class ProxyState:
             self.lmdb.budget = Budget(self.lmdb, int(self.config.state.max_mb * 1024 * 1024), store, self.records,
                                       self.sessions, agents=self._agents,
                                       on_evicted=lambda dropped: loop.call_soon_threadsafe(self._evicted, dropped))
+        self.telemetry = telemetry.start(self.config.telemetry, self.upstreams, self._export_failing)
+        if self.telemetry is not None:
+            self.monitor.listeners.append(self._agent_run_span)
         await self.client.open()
 
     def _agents(self) -> dict[str, bool]:
@@ -117,6 +130,25 @@ class ProxyState:
                           fix="free disk space where the state directory is, or move it ([state] dir / "
                               "SIDECAR_STATE_DIR); a broken store: 'sidecar cache clear' sets it aside")
         self.monitor._set("store_unavailable", error is not None, **detail)
+
+    def _export_failing(self, failing: bool) -> None:
+        """OTLP exports fail (or work again): the `telemetry_unavailable` event, raised once."""
+        endpoint = telemetry.shown(self.config.telemetry.otlp_endpoint)
+        self.monitor._set("telemetry_unavailable", failing, endpoint=endpoint,
+                          effect="spans and metrics are dropped; calls are not affected",
+                          fix="start the OTLP/HTTP receiver, or correct [telemetry] otlp_endpoint")
+
+    def _agent_run_span(self, event: dict) -> None:
+        """An agent whose run's trace the launcher began has exited (the first time): its run's span."""
+        if event["kind"] != "agent_exited":
+            return
+        agent = self.monitor.agents.get(event.get("agent"))
+        if agent is not None and agent.trace_root:
+            agent.trace_root = False   # once per run: a restarted agent's calls stay under the same span
+            try:
+                self.telemetry.export_run(agent)
+            except Exception as exc:   # fails open, as the telemetry stage does
+                self.fault("telemetry", exc)
 
     def finish(self, call) -> None:
         """A call is over: its record, the live aggregates, the thresholds."""
@@ -167,6 +199,8 @@ class ProxyState:
             await self.backends.close()
         if self.lmdb is not None:
             self.lmdb.close()
+        if self.telemetry is not None:   # last: a receiver that is down may take its few seconds
+            await self.telemetry.close()
 
 
 

@@ -27,7 +27,7 @@ from proxy.events import EventLog
 from proxy.config import load_layers
 from proxy.state import STATE
 
-ENV_PREFIXES = ("ANTHROPIC_", "OPENAI_", "SIDECAR_")
+ENV_PREFIXES = ("ANTHROPIC_", "OPENAI_", "SIDECAR_", "OTEL_", "TRACEPARENT")
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 

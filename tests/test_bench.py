@@ -16,23 +16,25 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = {"overhead", "ttft", "hits", "session", "storm", "footprint", "recording", "redis", "realistic"}
+SCENARIOS = {"overhead", "ttft", "hits", "session", "storm", "footprint", "recording", "redis", "realistic", "overload"}
 NEW_FIGURES = {
     "recording": [f"{w}.{k}" for w in ("json_c1", "json_c32")
                   for k in ("cpu_s_per_1000.on", "cpu_s_per_1000.off", "cpu_s_per_1000.diff", "cpu_pct_of_on")],
     "redis": [f"{w}.{m}.{t}" for w, m in (("json_c1", "p50_ms"), ("json_c1", "p99_ms"), ("json_c32", "rps"))
               for t in ("direct", "redis", "lmdb", "redis_vs_lmdb")] + ["cross_hits.first_fetch", "cross_hits.rounds"],
     "realistic": ["0-256KB.sidecar_added", "0-256KB.excess_over_target", "rps.sidecar_vs_bare", "stall.sidecar_worst"],
+    "overload": [f"{k}.{t}" for k in ("client_errors", "wall_requests", "wall_peak_in_flight", "wall_peak_after_first",
+                                      "completion_s") for t in ("direct", "sidecar")],
 }
 REDIS_SERVER = Path("/usr/bin/redis-server")
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)   # ten scenarios, each with its own processes: about a minute idle, more on a busy machine
 def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--smoke", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=140)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert set(doc["scenarios"]) == SCENARIOS
@@ -57,5 +59,5 @@ def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
                 (name, key, figures[key])
     assert doc["targets"] and all(isinstance(t["met"], bool) for t in doc["targets"])
     for title in ("Pass-through overhead", "Cache hits", "Rate-limit storm", "Footprint", "Recording cost",
-                  "Two sidecars on one Redis", "Realistic agent traffic", "Machine:"):
+                  "Two sidecars on one Redis", "Realistic agent traffic", "Overload wall", "Machine:"):
         assert title in done.stdout

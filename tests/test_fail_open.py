@@ -2,7 +2,7 @@
 
 Each test breaks one side stage of a real in-process proxy (restore, cache key,
 cache lookup, capture, checkpoint, the Redis mirror, store, record, stats,
-monitor, live page), sends a streamed and a JSON call through it to the hostile
+monitor, live page, telemetry), sends a streamed and a JSON call through it to the hostile
 upstream's well-formed cases (fixed bytes), and checks the answer against the
 same case fetched directly, a `sidecar_fault` event naming the stage, and that
 the proxy keeps serving.
@@ -57,6 +57,11 @@ class BrokenMirror:
         raise RuntimeError("injected failure")
 
 
+class BrokenExporter:
+    def export(self, *args):
+        raise RuntimeError("injected failure")
+
+
 # stage name in the fault event -> how to break it on a running proxy's state
 BREAKERS = {
     "restore": lambda state, mp: mp.setattr(state.sessions, "restore", boom),
@@ -71,6 +76,7 @@ BREAKERS = {
     "record (stats)": lambda state, mp: mp.setattr(state.stats, "observe", boom),
     "record (monitor)": lambda state, mp: mp.setattr(state.monitor, "on_call", boom),
     "record (live page)": lambda state, mp: mp.setattr(state, "after_call", boom),
+    "telemetry": lambda state, mp: mp.setattr(state, "telemetry", BrokenExporter()),
 }
 
 

@@ -351,6 +351,8 @@ def model_request(port: int, model: str, *, api: str = "anthropic", stream: bool
                   headers: list[tuple[str, str]] | None = None) -> bytes:
     """A model call, exactly as an SDK would send it (Accept-Encoding only when given)."""
     body = {"model": model, "messages": [{"role": "user", "content": text or f"{model} {nonce()}"}]}
+    if api == "responses":
+        body = {"model": model, "input": body["messages"]}
     if api == "anthropic":
         body["max_tokens"] = 64
     if stream:
@@ -359,7 +361,7 @@ def model_request(port: int, model: str, *, api: str = "anthropic", stream: bool
     head = list(headers if headers is not None else A_HEADERS if api == "anthropic" else O_HEADERS)
     if accept is not None:
         head.append(("accept-encoding", accept))
-    path = target or ("/v1/messages" if api == "anthropic" else "/v1/chat/completions")
+    path = target or {"anthropic": "/v1/messages", "responses": "/v1/responses"}.get(api, "/v1/chat/completions")
     return request_bytes("POST", path, head, orjson.dumps(body), port=port)
 
 
@@ -448,7 +450,7 @@ async def test_upstream_case(name: str, sidecar: Sidecar, upstream: Upstream) ->
         check_answer(case, second)
 
 
-HIT_HEADER_CASES = ["json_ok", "sse_ok", "chat_ok", "chat_stream_ok"]
+HIT_HEADER_CASES = ["json_ok", "sse_ok", "chat_ok", "chat_stream_ok", "responses_ok", "responses_stream_ok"]
 
 
 @pytest.mark.parametrize("name", HIT_HEADER_CASES)
@@ -1055,10 +1057,12 @@ async def test_after_corpus_sidecar_still_serves(proxy: Sidecar) -> None:
 def well_formed(body: bytes, stream: bool) -> bool:
     if stream:
         events = sse_events(body)
-        return bool(events) and (events[-1][0] == "message_stop" or body.rstrip().endswith(b"data: [DONE]"))
+        return bool(events) and (events[-1][0] in ("message_stop", "response.completed")
+                                 or body.rstrip().endswith(b"data: [DONE]"))
     answer = orjson.loads(body)
     return isinstance(answer, dict) and answer.get("type") != "error" and (
-        answer.get("type") == "message" or isinstance(answer.get("choices"), list))
+        answer.get("type") == "message" or isinstance(answer.get("choices"), list)
+        or answer.get("object") == "response" and answer.get("status") == "completed")
 
 
 async def test_after_corpus_nothing_malformed_stored(proxy: Sidecar, tmp_path: Path) -> None:

@@ -222,6 +222,35 @@ async def test_redis_global_limit_holds_across_sidecars(sidecar, mock, redis_ser
     await eventually(lambda: redis_server.slots() == 0, 5, "every lease given back")
 
 
+async def test_redis_rate_limit_pacing_is_one_budget_for_the_fleet(sidecar, mock, redis_server, tmp_path):
+    """Two sidecars on one Redis pace against one token bucket: what one reserved, the other sees."""
+    import anthropic
+    from bench.mock_upstream import Profile
+    mock.profile = Profile(ttft=0.05, rate_input_tokens=1000, rate_window=2.0)
+    _, url_a = await serve(sidecar, fleet_env(mock, redis_server, tmp_path / "a"))
+    _, url_b = await serve(sidecar, fleet_env(mock, redis_server, tmp_path / "b"))
+    prompt = "Summarise this build log line by line. " * 20   # ~200 input tokens: the bucket covers ~4 at once
+    clients = [anthropic.AsyncAnthropic(base_url=(url_a, url_b)[i % 2], api_key="sk-ant-test", timeout=60)
+               for i in range(8)]
+
+    def ask_sdk(client, tag):
+        return client.messages.create(model="claude-mock-1", max_tokens=16,
+                                      messages=[{"role": "user", "content": f"{tag} {prompt}"}])
+    try:
+        await ask_sdk(clients[0], "warm-up")   # through A only: B learns the headroom from the fleet
+        results = await asyncio.gather(*(ask_sdk(c, f"fleet {i}") for i, c in enumerate(clients)),
+                                       return_exceptions=True)
+    finally:
+        for c in clients:
+            await c.close()
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert mock.rate_limited == 0, f"{mock.rate_limited} calls ran into the upstream's 429"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url_b + "/_sidecar/overview") as resp:
+            headroom = (await resp.json())["headroom"]
+    assert headroom["fleet"] is True and headroom["held"] >= 1
+
+
 async def test_redis_slots_of_a_killed_sidecar_expire_with_their_lease(sidecar, mock, redis_server, tmp_path):
     lease = 2.0
     env = {"SIDECAR_LIMITS_MAX_CONCURRENCY": "2", "SIDECAR_STATE_LEASE_SECONDS": str(lease)}

@@ -96,6 +96,17 @@ async def test_the_budget_counts_every_kind_and_evicts_the_oldest_first(env):
     assert abs(len(kept_entries) - len(kept_records)) <= 3   # one LRU across kinds: their times interleave
 
 
+def test_a_conversation_evicted_takes_its_responses_chain_rows_along(env):
+    sessions = Sessions(env)
+    meta = {"id": "conv", "agent": "a", "api": "openai", "model": "m", "client_session": None, "tools_digest": "t"}
+    rows = [orjson.dumps({"role": "user", "content": "hi"}), orjson.dumps({"role": "assistant", "content": "yo"})]
+    env.write_now(lambda txn: sessions._merge(txn, "conv", rows, meta, None, 0, "resp_1"))
+    assert env.read(lambda txn: txn.get(b"p:resp_1", db=env.db["sessions"])) is not None
+    row = env.read(lambda txn: sessions.least_recent(txn))
+    env.write_now(lambda txn: sessions.evict_one(txn, row))
+    assert env.read(lambda txn: list(txn.cursor(db=env.db["sessions"]).iternext(values=False))) == []
+
+
 async def test_running_conversations_go_last_and_each_one_dropped_is_named(start_app, mock, tmp_path):
     mock.profile = Profile(output_tokens=14_000)   # answers of about 100 KB
     px = await start_app(mock.url, state={"dir": str(tmp_path / "budget-state"), "max_mb": 2.0})

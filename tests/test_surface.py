@@ -145,6 +145,9 @@ BAD = [
     ({"id": "a", "event": "exited", "status": "1"}, "status"),
     ({"id": "a", "event": "exited", "status": 1.0}, "status"),
     ({"id": "a", "event": "started", "pid": 1, "watch": "yes"}, "watch"),
+    ({"id": "a", "event": "started", "pid": 1, "traceparent": f"00-{'0' * 32}-{'1' * 16}-01"}, "traceparent"),
+    ({"id": "a", "event": "started", "pid": 1, "traceparent": "00-abc\n"}, "traceparent"),
+    ({"id": "a", "event": "started", "pid": 1, "trace_root": 1}, "trace_root"),
     ({"id": "a", "event": "started", "pid": 1, "state": "running"}, "unknown field 'state'"),
 ]
 

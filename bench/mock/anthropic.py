@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import orjson
 from aiohttp import web
 
-from .common import WORDS, Fail, deltas, rand, rfc3339, sse, words_of
+from .common import WORDS, Fail, deltas, rand, sse, words_of
 
 MODELS = [("claude-sonnet-4-5", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z"),
           ("claude-opus-4-1", "Claude Opus 4.1", "2025-08-05T00:00:00Z"),
@@ -136,11 +134,12 @@ class AnthropicAPI:
               ("GET", "/v1/models"): "_models"}
 
     def _anthropic_headers(self) -> dict[str, str]:
-        limit = self.profile.max_concurrency or 4000
-        return {"request-id": "req_011C" + rand(20),
-                "anthropic-ratelimit-requests-limit": str(limit),
-                "anthropic-ratelimit-requests-remaining": str(max(limit - self.in_flight, 0)),
-                "anthropic-ratelimit-requests-reset": rfc3339(time.time() + 1)}
+        return {"request-id": "req_011C" + rand(20), **self.rate_limits().anthropic_headers()}
+
+    @staticmethod
+    def anthropic_input_tokens(data: object) -> int:
+        """What a Messages call counts against the input-token limit: its usage.input_tokens."""
+        return len(_material(data)) // 4 + 1 if isinstance(data, dict) else 1
 
     def _check(self, data, need_max_tokens: bool) -> None:
         if problem := anthropic_problem(data, need_max_tokens, strict=self.profile.validate):

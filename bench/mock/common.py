@@ -52,6 +52,10 @@ class Profile:
     max_concurrency: int = 0        # 0 = unlimited; beyond it answer 429 with retry-after
     retry_after: float = 1.0        # seconds sent in retry-after on 429/529 (also retry-after-ms)
     validate: bool = True           # validate Anthropic message structure as the real API does
+    rate_requests: int = 0          # requests per rate_window (token bucket); 0 = the mock's large default
+    rate_input_tokens: int = 0      # input tokens per rate_window; beyond them a 429 with retry-after
+    rate_window: float = 60.0       # seconds an empty bucket takes to refill
+    wall_latency: float = 0.05      # seconds an overload wall takes to answer each call
 
 
 @dataclass

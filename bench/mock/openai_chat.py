@@ -25,13 +25,16 @@ class OpenAIChatAPI:
               ("POST", "/v1/embeddings"): "_embeddings"}
 
     def _openai_headers(self, start: float) -> dict[str, str]:
-        limit = self.profile.max_concurrency or 10000
         return {"x-request-id": "req_" + rand(32), "openai-version": "2020-10-01",
                 "openai-processing-ms": str(int((time.monotonic() - start) * 1000)),
-                "x-ratelimit-limit-requests": str(limit),
-                "x-ratelimit-remaining-requests": str(max(limit - self.in_flight, 0)),
-                "x-ratelimit-reset-requests": "6ms", "x-ratelimit-limit-tokens": "30000000",
-                "x-ratelimit-remaining-tokens": "29999000", "x-ratelimit-reset-tokens": "0s"}
+                **self.rate_limits().openai_headers()}
+
+    @staticmethod
+    def openai_input_tokens(data: object) -> int:
+        """What a chat call counts against the tokens limit: its usage.prompt_tokens."""
+        if not isinstance(data, dict) or "messages" not in data:
+            return 1
+        return len(orjson.dumps([data.get("model"), data["messages"]], option=orjson.OPT_SORT_KEYS)) // 4 + 1
 
     @staticmethod
     def _openai_check(data, needs: tuple[str, ...]) -> None:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import orjson
 
 from .shapes import (ANTHROPIC_HEADERS, JSON_TYPE, OPENAI_HEADERS, SSE_TYPE, anthropic_error, chat_chunks, chunk,
-                     completion, data_lines, dumps, message, message_events, nested, openai_error, sse)
+                     completion, data_lines, dumps, function_call_events, message, message_events, nested, openai_error,
+                     response, response_events, sse)
 
 STORED, RELAYED, BROKEN, NO_HEAD = "stored", "relayed", "broken", "no_head"
 
@@ -55,7 +56,8 @@ class Case:
     doc: str
     kind: str
     answer: Answer
-    api: str = "anthropic"              # anthropic: POST /v1/messages; openai: POST /v1/chat/completions
+    api: str = "anthropic"              # anthropic: POST /v1/messages; openai: POST /v1/chat/completions;
+    #                                     responses: POST /v1/responses
     stream: bool = False                # the request asks for "stream": true
     accept: str = "gzip, deflate"       # the request's Accept-Encoding
     decoded: bytes | None = None        # the body without its content-encoding, for encoded answers
@@ -87,6 +89,15 @@ def o_json(body: bytes, **kw) -> Answer:
     return Answer(headers=(("content-type", JSON_TYPE),) + OPENAI_HEADERS, pieces=(body,), **kw)
 
 
+def r_json(body: bytes, **kw) -> Answer:
+    return o_json(body, **kw)
+
+
+def r_sse(events: list[tuple[str, object]], **kw) -> Answer:
+    head = (("content-type", SSE_TYPE),) + OPENAI_HEADERS
+    return Answer(headers=head, pieces=per_event(sse(events)), framing="chunked", **kw)
+
+
 def o_sse(body: bytes, **kw) -> Answer:
     head = (("content-type", SSE_TYPE),) + OPENAI_HEADERS
     return Answer(headers=head, pieces=per_event(body), framing="chunked", **kw)
@@ -101,6 +112,7 @@ EVENTS = message_events()
 STREAM = sse(EVENTS)
 CHAT = dumps(completion())
 CHAT_STREAM = data_lines(chat_chunks())
+RESPONSE_EVENTS = response_events()
 RATE_LIMITED = anthropic_error(
     "rate_limit_error", "This request would exceed the rate limit for your organization of 2,000,000 input tokens "
                         "per minute. Please reduce the prompt length or try again later.")
@@ -264,6 +276,36 @@ _CASES = [
          o_sse(data_lines(chat_chunks()[:2] + [orjson.loads(openai_error(
              "server_error", "The server had an error while processing your request.", None))], done=False)),
          api="openai", stream=True),
+    # ---- OpenAI Responses ----
+    Case("responses_ok", "a normal Responses API answer", STORED, r_json(dumps(response())), api="responses"),
+    Case("responses_stream_ok", "a normal Responses stream ending in response.completed", STORED,
+         r_sse(RESPONSE_EVENTS), api="responses", stream=True),
+    Case("responses_stream_function_call", "a streamed function call with its argument deltas", STORED,
+         r_sse(function_call_events()), api="responses", stream=True),
+    Case("responses_stream_failed", "a Responses stream ending in response.failed", RELAYED,
+         r_sse(response_events(end="response.failed", final=response(
+             status="failed", output=[], error={"code": "server_error", "message": "The model failed."}))),
+         api="responses", stream=True),
+    Case("responses_stream_incomplete", "a Responses stream ending in response.incomplete (max_output_tokens)",
+         RELAYED, r_sse(response_events(end="response.incomplete", final=response(
+             status="incomplete", incomplete_details={"reason": "max_output_tokens"}))), api="responses",
+         stream=True),
+    Case("responses_stream_error_event", "an error event after the first delta, then a proper HTTP end", RELAYED,
+         r_sse(RESPONSE_EVENTS[:5] + [("error", {"type": "error", "sequence_number": 5, "code": "server_error",
+                                                 "param": None, "message": "The server had an error."})]),
+         api="responses", stream=True),
+    Case("responses_stream_no_completed", "a Responses stream that ends after output_item.done", RELAYED,
+         r_sse(RESPONSE_EVENTS[:-1]), api="responses", stream=True),
+    Case("responses_stream_event_after_completed", "an event after response.completed", RELAYED,
+         r_sse(RESPONSE_EVENTS + RESPONSE_EVENTS[-1:]), api="responses", stream=True),
+    Case("responses_stream_cut", "a Responses stream cut before response.completed", BROKEN,
+         r_sse(RESPONSE_EVENTS[:6], end="cut"), api="responses", stream=True),
+    Case("responses_incomplete_json", "a JSON response whose status is incomplete", RELAYED,
+         r_json(dumps(response(status="incomplete", incomplete_details={"reason": "max_output_tokens"}))),
+         api="responses"),
+    Case("responses_failed_json", "a JSON response whose status is failed, with its error", RELAYED,
+         r_json(dumps(response(status="failed", output=[], error={"code": "server_error", "message": "failed"}))),
+         api="responses"),
     # ---- connections and framing ----
     Case("conn_close_after", "a normal message with Connection: close, then close", STORED, a_json(OK, end="close")),
     Case("http10_until_close", "an HTTP/1.0 answer without content-length, read until close", STORED,

@@ -180,3 +180,69 @@ def nested(depth: int) -> bytes:
 def echo_text(body: bytes) -> str:
     """The default answers' text: a function of the request, so identical requests get identical answers."""
     return "echo " + hashlib.sha256(body).hexdigest()[:16]
+
+
+# ---- the OpenAI Responses API ----
+
+RESPONSE_USAGE = {"input_tokens": 12, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                  "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 21}
+
+
+def response(text: str = TEXT, *, status: str = "completed", output: list | None = None, **fields) -> dict:
+    """A Responses API response object (as POST /v1/responses returns and response.completed carries)."""
+    body = {"id": "resp_NastyFixed0001", "object": "response", "created_at": 1735689600, "status": status,
+            "background": False, "error": None, "incomplete_details": None, "instructions": None,
+            "max_output_tokens": None, "model": "gpt-4.1-2025-04-14",
+            "output": output if output is not None else [
+                {"id": "msg_NastyFixed0001", "type": "message", "status": "completed", "role": "assistant",
+                 "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}]}],
+            "parallel_tool_calls": True, "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
+            "service_tier": "default", "store": True, "temperature": 1.0,
+            "text": {"format": {"type": "text"}, "verbosity": "medium"}, "tool_choice": "auto", "tools": [],
+            "top_p": 1.0, "truncation": "disabled", "usage": RESPONSE_USAGE, "user": None, "metadata": {}}
+    body.update(fields)
+    return body
+
+
+def response_events(text: str = TEXT, *, end: str = "response.completed",
+                    final: dict | None = None) -> list[tuple[str, object]]:
+    """A streamed text answer: the real event sequence, sequence_number on each, ending with `end`."""
+    start = response(status="in_progress", output=[], usage=None)
+    item = {"id": "msg_NastyFixed0001", "type": "message", "status": "in_progress", "content": [],
+            "role": "assistant"}
+    at = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+    part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+    events = [("response.created", {"response": start}), ("response.in_progress", {"response": start}),
+              ("response.output_item.added", {"output_index": 0, "item": item}),
+              ("response.content_part.added", {**at, "part": {**part, "text": ""}})]
+    events += [("response.output_text.delta", {**at, "delta": p, "logprobs": []})
+               for p in (text[:9], text[9:21], text[21:])]
+    events += [("response.output_text.done", {**at, "text": text, "logprobs": []}),
+               ("response.content_part.done", {**at, "part": part}),
+               ("response.output_item.done", {"output_index": 0, "item": {**item, "status": "completed",
+                                                                          "content": [part]}}),
+               (end, {"response": final or response(text)})]
+    return numbered(events)
+
+
+def function_call_events() -> list[tuple[str, object]]:
+    """A streamed function call: its item, the argument deltas, the completed response."""
+    item = {"id": "fc_NastyFixed0001", "type": "function_call", "status": "in_progress", "arguments": "",
+            "call_id": "call_NastyFixed0001", "name": "get_weather"}
+    arguments = '{"city":"Paris"}'
+    done = {**item, "status": "completed", "arguments": arguments}
+    start = response(status="in_progress", output=[], usage=None)
+    at = {"item_id": item["id"], "output_index": 0}
+    return numbered([("response.created", {"response": start}), ("response.in_progress", {"response": start}),
+                     ("response.output_item.added", {"output_index": 0, "item": item}),
+                     ("response.function_call_arguments.delta", {**at, "delta": arguments[:8]}),
+                     ("response.function_call_arguments.delta", {**at, "delta": arguments[8:]}),
+                     ("response.function_call_arguments.done", {**at, "arguments": arguments}),
+                     ("response.output_item.done", {"output_index": 0, "item": done}),
+                     ("response.completed", {"response": response(output=[done])})])
+
+
+def numbered(events: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """Each event's data with its type and sequence_number first, as the API writes them."""
+    return [(name, {"type": name, "sequence_number": i, **data} if isinstance(data, dict) else data)
+            for i, (name, data) in enumerate(events)]

@@ -56,6 +56,7 @@ function render(doc) {
   $("cache-size").textContent = `${bytes(doc.cache.bytes)} on disk, mode ${doc.cache.mode}`;
   $("saved-tokens").textContent = num(all.saved_tokens) + " tokens";
   $("saved-time").textContent = `${all.saved_upstream_s.toFixed(1)} s of upstream time`;
+  renderUpstream(doc.headroom, doc.overload);
   renderAgents(doc.agents);
   renderLatency(doc.summary);
   barChart($("chart-calls"), doc.chart);
@@ -72,6 +73,23 @@ function tick() {
   $("meta").textContent = `v${last.version} \u00b7 pid ${last.pid} \u00b7 agent ${last.agent} \u00b7 ` +
     `up ${duration(now - last.started)} \u00b7 memory ${Math.round(last.system_memory_percent)}%`;
   for (const cell of document.querySelectorAll("td[data-started]")) cell.textContent = duration(now - Number(cell.dataset.started));
+}
+
+// An overload wall (one probe at a time, calls held) and what the upstream says is left of its rate limits.
+function renderUpstream(headroom, overload) {
+  const walls = (overload && overload.open) || [], banner = $("overloaded");
+  banner.hidden = !walls.length;
+  banner.textContent = walls.map((w) => `Upstream overloaded: ${w.upstream} has answered ${w.status} to every call ` +
+    `for ${duration(w.since_s)}; ${w.held} calls held, one probe at a time (next in ${w.next_probe_in_s} s)`).join(" \u00b7 ");
+  const budgets = (headroom && headroom.budgets) || {};
+  const rows = Object.entries(budgets).flatMap(([name, buckets]) => Object.entries(buckets).map(([bucket, b]) =>
+    el("tr", {}, el("td", { class: "mono", text: name }), el("td", { text: bucket }),
+      el("td", { class: "num", text: num(b.remaining) }), el("td", { class: "num", text: num(b.limit) }),
+      el("td", { class: "num", text: num(b.reserved) }), el("td", { class: "num", text: b.reset_in_s + " s" }))));
+  $("headroom-section").hidden = !rows.length;
+  fill($("headroom"), rows, "", 6);
+  if (headroom) $("paced").textContent = `paced: ${headroom.holding} held now, ${num(headroom.held)} held in all ` +
+    `(${headroom.held_s.toFixed(1)} s)` + (headroom.fleet ? " \u00b7 one budget for the fleet" : "");
 }
 
 function renderAgents(agents) {
