@@ -1,4 +1,4 @@
-"""A local emulator of the Anthropic and OpenAI (chat, embeddings, Responses) HTTP APIs for tests and benchmarks.
+"""A local emulator of the Anthropic, OpenAI (chat, embeddings, Responses) and Gemini HTTP APIs for tests and benchmarks.
 
 Real JSON shapes, SSE event sequences, error bodies and headers, so the official SDKs
 (and a proxy in front of it) parse it as they parse the real services.  Reply text is a
@@ -28,6 +28,7 @@ from aiohttp import web
 
 from .mock.anthropic import AnthropicAPI, anthropic_problem
 from .mock.common import SSE_HEADERS, Fail, Profile, Received
+from .mock.gemini import GeminiAPI, is_gemini
 from .mock.openai_chat import OpenAIChatAPI
 from .mock.ratelimit import RateLimits, Wall
 from .mock.openai_responses import OpenAIResponsesAPI
@@ -48,7 +49,7 @@ KINDS = (*_FAILURES, "drop", *_MID_STREAM)
 _OPENAI_PREFIXES = ("/v1/chat/", "/v1/embeddings", "/v1/completions", "/v1/responses")
 
 
-class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI, OpenAIResponsesSocketAPI):
+class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI, OpenAIResponsesSocketAPI, GeminiAPI):
     """The emulator: an aiohttp app plus counters, an injection queue and a profile.
     Each API's routes live in its own module under bench/mock/, mixed in here."""
 
@@ -150,12 +151,18 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI, OpenAIRespon
 
     async def _answer(self, request, path, body, data, start) -> web.StreamResponse:
         openai = path.startswith(_OPENAI_PREFIXES)
+        gemini = is_gemini(path, request.headers, request.query_string)
         if path == "/" and request.method in ("GET", "HEAD"):
             return web.Response(text="OK")  # Claude Code's connectivity check
         if path == "/v1/responses" and request.headers.get("upgrade", "").lower() == "websocket":
             return await self._responses_socket(request, start)
-        route = (self._routes.get((request.method, path))  # or a route ending in /{id}
-                 or self._routes.get((request.method, path.rsplit("/", 1)[0] + "/*")))
+        if gemini:
+            route = self._gemini_route(request.method, path)
+            if route is None:
+                return self._gemini_error(404, f"Method not found: {request.method} {path}")
+        else:
+            route = (self._routes.get((request.method, path))  # or a route ending in /{id}
+                     or self._routes.get((request.method, path.rsplit("/", 1)[0] + "/*")))
         if route is None and openai:
             msg = f"Invalid URL ({request.method} {path})"
             return self._error(True, 404, "invalid_request_error", msg)
@@ -166,7 +173,7 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI, OpenAIRespon
         cap = self.profile.max_concurrency
         if cap and self.in_flight >= cap:
             self.rate_limited += 1
-            return self._failure(openai, "rate_limit", {})
+            return self._gemini_failure("rate_limit", {}) if gemini else self._failure(openai, "rate_limit", {})
         if path in self._metered and request.method == "POST":
             wait = self.rate_limits().admit(self._metered[path](data))
             if wait:
@@ -176,10 +183,11 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI, OpenAIRespon
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             kind, kw = self._injected.popleft() if self._injected else (None, {})
-            if kind in _MID_STREAM and not (isinstance(data, dict) and data.get("stream") is True):
+            streams = isinstance(data, dict) and data.get("stream") is True or path.endswith(":streamGenerateContent")
+            if kind in _MID_STREAM and not streams:
                 kind = "drop" if kind == "drop_mid_stream" else "overloaded"  # no stream to cut
             if kind in _FAILURES:
-                return self._failure(openai, kind, kw)
+                return self._gemini_failure(kind, kw) if gemini else self._failure(openai, kind, kw)
             if kind == "drop":
                 return self._drop(request)
             if body and data is None:
@@ -188,6 +196,8 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI, OpenAIRespon
                             else "There was an error parsing the body of your request.")
             return await route(request, data, kind, start)
         except Fail as f:
+            if gemini:
+                return self._gemini_error(f.status, f.message)
             return self._error(openai, f.status, f.kind, f.message, **f.kw)
         finally:
             self.in_flight -= 1
@@ -342,7 +352,7 @@ class MockUpstream(AnthropicAPI, OpenAIChatAPI, OpenAIResponsesAPI, OpenAIRespon
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Mock Anthropic/OpenAI upstream for benchmarks.")
+    p = argparse.ArgumentParser(description="Mock Anthropic/OpenAI/Gemini upstream for benchmarks.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--ttft", type=float, default=0.0)

@@ -17,10 +17,12 @@ def ms(value: float | None) -> str:
     return f"{value:.1f} ms" if value < 1000 else f"{value / 1000:.2f} s"
 
 
-def format_summary(summary: dict, events: list[dict], peak_rss: int) -> str:
+def format_summary(summary: dict, events: list[dict], peak_rss: int, variables: tuple[str, ...] = ()) -> str:
     calls = summary["calls"]
-    if not calls:
-        return f"sidecar: no API calls; agent peak RSS {human_bytes(peak_rss)}"
+    if not calls:   # a bypass is never silent: an agent that reads none of these went around the sidecar
+        return (f"sidecar: no API calls came through the sidecar (it set {', '.join(variables) or 'no variables'}; "
+                f"an agent that called an API read its base URL from elsewhere); agent peak RSS "
+                f"{human_bytes(peak_rss)}")
     rate = summary["hit_rate"]
     hits = f"{summary['hits']} from cache ({rate:.0%})" if rate is not None else "no cacheable calls"
     raised = sorted({e["kind"] for e in events if e.get("state") == "raised"})

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 from proxy import telemetry, tracecontext
-from proxy.config import Config
+from proxy.config import UPSTREAM_VARIABLES, VARIABLE_SUFFIX, Config, UpstreamSection
 from proxy.listen import bind
 
-from . import client, codex
+from . import client, codex, gemini_cli
 from .proxy_process import ProxyProcess, unblock_signals
 from .summary import format_summary
 
@@ -56,12 +56,25 @@ def agent_id_for(cmd: list[str], config: Config) -> str:
     return f"{name}-{secrets.token_hex(3)}"
 
 
-def agent_env(base: str, proxy_url: str, agent: str, traceparent: str = "") -> dict[str, str]:
+def agent_env(base: str, proxy_url: str, agent: str, upstream: UpstreamSection,
+              traceparent: str = "") -> dict[str, str]:
+    """The agent's environment: every base-URL variable a client reads (proxy/config.py) points at the sidecar,
+    so one an SDK reads first does not send its calls around it. A variable the user set to another place than
+    its API's upstream keeps its value: the sidecar forwards to one upstream per API, and its calls must not
+    change destination."""
     env = dict(os.environ)
-    env.update(ANTHROPIC_BASE_URL=base, OPENAI_BASE_URL=base + "/v1", SIDECAR_URL=proxy_url, SIDECAR_AGENT_ID=agent)
+    for var, api in UPSTREAM_VARIABLES:
+        own = env.get(var)
+        if not own or own.rstrip("/") == getattr(upstream, api).rstrip("/"):
+            env[var] = base + VARIABLE_SUFFIX[api]
+    env.update(SIDECAR_URL=proxy_url, SIDECAR_AGENT_ID=agent)
     if traceparent:   # the agent's own spans, if it makes any, join the run's trace
         env["TRACEPARENT"] = traceparent
     return env
+
+
+def repointed(env: dict[str, str], base: str) -> tuple[str, ...]:
+    return tuple(var for var, api in UPSTREAM_VARIABLES if env.get(var) == base + VARIABLE_SUFFIX[api])
 
 
 def tell(proxy: ProxyProcess | None, connect: str | None, message: dict, state_dir: Path) -> None:
@@ -124,7 +137,8 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
             proxy.start()
             if restore:
                 proxy.send({"restore": restore}, standing="restore")
-        env = agent_env(base, proxy_url, agent, traced.get("traceparent", ""))
+        env = {**agent_env(base, proxy_url, agent, config.upstream, traced.get("traceparent", "")),
+               **gemini_cli.agent_env(os.environ, config.state_dir)}
         child = spawn(cmd, env)
         tell(proxy, connect, {"id": agent, "event": "started", "pid": child.pid, "cmd": shlex.join(cmd), **traced},
              config.state_dir)
@@ -142,7 +156,7 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
             tell(proxy, connect, {"id": agent, "event": "restarted", "pid": child.pid, "cmd": shlex.join(cmd),
                                   **traced}, config.state_dir)
         if not settings.quiet and (connect or proxy and proxy.ready):
-            print_summary(proxy_url, agent, started, peak_rss)
+            print_summary(proxy_url, agent, started, peak_rss, repointed(env, base))
     finally:
         if proxy:
             proxy.stop()
@@ -183,13 +197,13 @@ def _interrupted(backoff: float) -> bool:
     return False
 
 
-def print_summary(proxy_url: str, agent: str, started: float, peak_rss: int) -> None:
+def print_summary(proxy_url: str, agent: str, started: float, peak_rss: int, variables: tuple[str, ...]) -> None:
     """One short summary of the agent's calls on stderr, once it has exited."""
     try:
         doc = client.call(proxy_url, f"/_sidecar/stats?agent={agent}&since={started}", timeout=5.0)
     except client.SidecarUnreachable:
         return
-    print(format_summary(doc["summary"]["all"], doc.get("events", []), peak_rss), file=sys.stderr)
+    print(format_summary(doc["summary"]["all"], doc.get("events", []), peak_rss, variables), file=sys.stderr)
 
 
 def _supervise(child: subprocess.Popen, proxy: ProxyProcess | None) -> tuple[int, int, bool]:

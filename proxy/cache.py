@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import Awaitable
 
@@ -35,11 +36,19 @@ class Cache:
         self.store = store
         self.keys = keys
         self.routes = frozenset(settings.routes)
+        # Routes with `*` (a model name in the path, as Gemini's): one pattern, tried after the exact routes.
+        patterns = [re.escape(r).replace(r"\*", "[^/:]+") for r in settings.routes if "*" in r]
+        self._route_pattern = re.compile("|".join(patterns)) if patterns else None
         # Imported recordings are readable with any key; looked up after a miss only when some exist.
         self.has_shared_entries = bool(store and store.shared_entries())
         self.writes: set[asyncio.Task] = set()
         self.write_errors = 0
         self.on_fault = lambda stage, exc: None   # the pipeline's fault report (log line and event)
+
+    def is_model_route(self, path: str) -> bool:
+        """A path of `[cache] routes`: a model call, cached, limited and counted."""
+        pattern = self._route_pattern
+        return path in self.routes or pattern is not None and pattern.fullmatch(path) is not None
 
     def plan(self, call: Call, headers) -> Awaitable[None] | None:
         """Decide whether this call reads and writes the cache, and compute its key (awaitable when the

@@ -6,7 +6,8 @@ that change the answer, and the JSON body with the ignored fields removed
 in the order the client sent it (a client always sends its keys in one order;
 sorting a 4 MB body would cost 14 times as much as writing it). Whether the
 call streams is ignored on purpose: one answer
-serves both forms. The credential partition is a keyed hash (HMAC with a
+serves both forms (a Gemini stream is keyed as its JSON method,
+gemini_api.key_target). The credential partition is a keyed hash (HMAC with a
 secret kept in the state directory) of every credential the call carries:
 `x-api-key`, `authorization`, `api-key` (Azure OpenAI), `x-goog-api-key`, a
 `key=` query parameter (Gemini, left out of the canonical query) and the
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import orjson
+
+from .gemini_api import key_target
 
 # The partition of a call carrying only these is HMAC("x-api-key\0authorization"), as it always was:
 # existing entries keep hitting. Any other credential present is appended after them, tagged by its name.
@@ -117,6 +120,7 @@ class KeyMaker:
     def canonical(self, method: str, path: str, query: str, headers, body: Any) -> bytes:
         if QUERY_KEY in query:   # a credential: it goes to the partition, never into the request hash
             query = "&".join(part for part in query.split("&") if not part.startswith(QUERY_KEY))
+        path, query = key_target(path, query)
         doc = {"method": method, "path": path, "query": query,
                "headers": {h: headers[h] for h in self.headers if h in headers},
                "body": without(body, self.ignore)}

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .gemini_api import model_of
 from .routes import Route
 
 
@@ -67,6 +68,8 @@ class Call:
 
     @property
     def model(self) -> str:
+        if self.route.api == "gemini":   # in the path: /v1beta/models/{model}:generateContent
+            return model_of(self.route.path)
         return self.json.get("model", "") if isinstance(self.json, dict) else ""
 
     @property

@@ -2,7 +2,8 @@
 
 The capture sees every chunk the agent receives, in order, and never changes
 one. It knows when an answer has ended properly (`message_stop`, `[DONE]`, a
-complete JSON body), which is the only kind worth storing or checkpointing;
+Gemini stream that ended with a `finishReason`, a complete JSON body), which is
+the only kind worth storing or checkpointing;
 anything malformed (an event that is not JSON, a shape the API never sends,
 an `error` event, bytes after the end) is relayed as it came and marked so.
 It notes the first content token and the token counts for the call's record.
@@ -16,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from . import responses_api
+from . import gemini_api, responses_api
 from .call import Call
 from .encoding import STORABLE, decoded
 from .sse import ANTHROPIC_END, OPENAI_END, EventParser, assemble_anthropic, assemble_openai
@@ -36,6 +37,8 @@ def well_formed(path: str, doc: Any) -> bool:
         return responses_api.well_formed(doc)
     if not isinstance(doc, dict) or "error" in doc:
         return False
+    if gemini_api.method_of(path) is not None:
+        return gemini_api.well_formed(path, doc)
     if path == "/v1/messages":
         return doc.get("type") == "message" and isinstance(doc.get("content"), list)
     if path == "/v1/chat/completions":
@@ -106,7 +109,7 @@ class Capture:
     def end(self, body: bytes) -> bool:
         """The upstream's body is over (`body`, for a JSON answer); True when that completes the answer."""
         if self.sse:
-            return False
+            return self._end_of_stream()
         try:
             doc = orjson.loads(decoded(body, self.encoding))
         except ValueError:
@@ -117,8 +120,20 @@ class Capture:
             return False
         self.complete = True
         self.answer = doc
-        self._usage(doc.get("usage"))
+        self._usage(doc.get("usageMetadata" if self.call.route.api == "gemini" else "usage"))
         return True
+
+    def _end_of_stream(self) -> bool:
+        """A Gemini stream has no end event: it is complete when it ends with no event left open."""
+        if self.call.route.api != "gemini" or self._parser is None or self.complete:
+            return False
+        if self._inflate is not None and (not self._inflate.eof or self._inflate.unused_data):
+            self.malformed = True
+        if self._parser.feed(b"\n\n"):   # an event still open: the stream stopped in the middle of it
+            self.malformed = True
+        self.complete = True
+        self._assemble()
+        return self.storable
 
     def _on_event(self, name: str, data: bytes) -> None:
         call = self.call
@@ -140,6 +155,13 @@ class Capture:
                 self.malformed = True
             elif name == ANTHROPIC_END:
                 self.complete = True
+        elif call.route.api == "gemini":
+            if not call.t_first_token and b'"text"' in data:
+                call.t_first_token = time.monotonic()
+            if gemini_api.error_in(data):
+                self.malformed = True
+            elif b'"usageMetadata"' in data:
+                self._usage(orjson.loads(data).get("usageMetadata"))
         elif data == OPENAI_END:
             self.complete = True
         elif not call.t_first_token or b'"usage"' in data:
@@ -161,6 +183,9 @@ class Capture:
                 call.input_tokens = _count(usage["input_tokens"])
             if "output_tokens" in usage:
                 call.output_tokens = _count(usage["output_tokens"])
+        elif call.route.api == "gemini":
+            counts = gemini_api.usage_of(usage)
+            call.input_tokens, call.output_tokens = counts["input_tokens"], counts["output_tokens"]
         else:
             call.input_tokens = _count(usage.get("prompt_tokens"))
             call.output_tokens = _count(usage.get("completion_tokens"))
@@ -168,7 +193,9 @@ class Capture:
     def _assemble(self) -> None:
         if self.malformed:
             return
-        assemble = assemble_anthropic if self.call.route.api == "anthropic" else assemble_openai
+        api = self.call.route.api
+        assemble = assemble_anthropic if api == "anthropic" else gemini_api.assemble if api == "gemini" else \
+            assemble_openai
         try:
             answer = self.answer if self.responses else assemble(self._events)
         except ValueError:

@@ -43,6 +43,7 @@ class ProxySection:
 class UpstreamSection:
     anthropic: str = "https://api.anthropic.com"
     openai: str = "https://api.openai.com/v1"
+    gemini: str = "https://generativelanguage.googleapis.com"
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,20 @@ class StateSection:
     lease_seconds: float = 30.0
 
 
+# Gemini's model calls: `*` stands for the model (one path segment); v1 is the google-genai SDK's, v1beta the CLI's.
+GEMINI_ROUTES = tuple(f"/{version}/models/*:{method}" for version in ("v1beta", "v1")
+                      for method in ("generateContent", "streamGenerateContent", "countTokens", "embedContent",
+                                     "batchEmbedContents"))
+
+
 @dataclass(frozen=True)
 class CacheSection:
     mode: str = field(default="read-write", metadata=_choice("read-write", "read-only", "refresh", "off", "replay"))
     routes: tuple[str, ...] = ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/embeddings",
-                               "/v1/responses")
+                               "/v1/responses", *GEMINI_ROUTES)
     ignore_fields: tuple[str, ...] = ("metadata.user_id", "stream", "stream_options", "prompt_cache_key",
-                                      "client_metadata", "input[*].internal_chat_message_metadata_passthrough")
+                                      "client_metadata", "input[*].internal_chat_message_metadata_passthrough",
+                                      "contents[*].parts[*].functionCall.id", "contents[*].parts[*].functionResponse.id")
     key_headers: tuple[str, ...] = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project")
     credential_headers: tuple[str, ...] = ()
     deterministic_only: bool = False
@@ -273,9 +281,10 @@ def read_file(path: str | Path) -> dict[str, Any]:
 def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
     """`SIDECAR_<SECTION>_<KEY>` variables, plus the base URLs an agent's user already set and the OTLP endpoint."""
     layer: dict[str, dict[str, str]] = {}
-    # A base URL the user already points at (another gateway, a mock) becomes the upstream.
-    for var, key in (("ANTHROPIC_BASE_URL", "anthropic"), ("OPENAI_BASE_URL", "openai")):
-        if environ.get(var):
+    # A base URL the user already points at (another gateway, a mock) becomes the upstream; per API the
+    # first variable set counts.
+    for var, key in UPSTREAM_VARIABLES:
+        if environ.get(var) and key not in layer.get("upstream", {}):
             layer.setdefault("upstream", {})[key] = environ[var]
     # The standard OpenTelemetry variable turns export on, as it does for any instrumented program.
     if environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
@@ -293,6 +302,14 @@ def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
             raise _moved(section, "environment", sorted(layer[section]))
     return layer
 
+
+# The base-URL variables clients read, per API (LangChain reads ANTHROPIC_API_URL and OPENAI_API_BASE, litellm
+# ANTHROPIC_API_BASE, the google-genai SDK and the Gemini CLI GOOGLE_GEMINI_BASE_URL), and what each one holds
+# beyond the base (OpenAI's include /v1). The launcher sets them all for an agent.
+UPSTREAM_VARIABLES = (("ANTHROPIC_BASE_URL", "anthropic"), ("ANTHROPIC_API_URL", "anthropic"),
+                      ("ANTHROPIC_API_BASE", "anthropic"), ("OPENAI_BASE_URL", "openai"),
+                      ("OPENAI_API_BASE", "openai"), ("GOOGLE_GEMINI_BASE_URL", "gemini"))
+VARIABLE_SUFFIX = {"anthropic": "", "openai": "/v1", "gemini": ""}
 
 # Variables the launcher itself sets for agents; they are not settings.
 _NOT_SETTINGS = {"SIDECAR_URL", "SIDECAR_CONFIG", "SIDECAR_AGENT_ID", "SIDECAR_PROXY_CONFIG"}

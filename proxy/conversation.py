@@ -7,6 +7,11 @@ API conversation is its `instructions` and `input` items (see `turns_of`); a
 turn naming a `previous_response_id` continues the conversation of that
 response (sessions.py keeps which one it is).
 
+The turns are a body's `messages` (Anthropic, OpenAI) or `contents` (Gemini,
+whose system prompt is `systemInstruction`, whose model turns have the role
+`model` and whose tools are `functionDeclarations`): `turns_field` and
+`system_of` say which.
+
 A shape tells the conversation an agent continues apart from the side
 conversations it opens (a title call, a sub-agent): the same tools, and a
 system prompt that is the same apart from its environment. Claude Code's
@@ -22,10 +27,11 @@ from typing import Any
 
 import orjson
 
-from . import responses_api
+from . import gemini_api, responses_api
 
 CHAT_ROUTES = {"/v1/messages": "anthropic", "/v1/chat/completions": "openai", responses_api.PATH: "openai"}
 SYSTEM_ROLES = ("system", "developer")
+ASSISTANT_ROLES = ("assistant", "model")
 RESPONSES = "responses"   # a checkpoint's format when its rows are Responses items, not chat messages
 
 
@@ -33,12 +39,17 @@ def turns_of(path: str, body: dict) -> tuple[Any, list | None]:
     """A request's system prompt and its conversation so far (messages, or Responses input items)."""
     if path == responses_api.PATH:
         return body.get("instructions"), responses_api.input_items(body)
+    if gemini_api.is_generate(path):
+        contents = body.get("contents")
+        return body.get("systemInstruction"), contents if isinstance(contents, list) else None
     messages = body.get("messages")
     return body.get("system"), messages if isinstance(messages, list) else None
 
 
 def with_turns(path: str, body: dict, turns: list) -> dict:
-    return responses_api.with_input(body, turns) if path == responses_api.PATH else {**body, "messages": turns}
+    if path == responses_api.PATH:
+        return responses_api.with_input(body, turns)
+    return {**body, "contents" if gemini_api.is_generate(path) else "messages": turns}
 
 
 def answer_turns(path: str, api: str, answer: dict | None) -> list[dict]:
@@ -82,6 +93,8 @@ def answer_message(api: str, answer: dict | None) -> dict | None:
         return None
     if api == "anthropic":
         return {"role": "assistant", "content": answer.get("content") or []}
+    if api == "gemini":
+        return gemini_api.answer_turn(answer)
     choice = (answer.get("choices") or [{}])[0]
     message = choice.get("message") or {}
     turn = {"role": "assistant", "content": message.get("content")}
@@ -96,12 +109,17 @@ def tools_digest(body: dict) -> str:
     tools = body.get("tools")
     names = [(t.get("type"), t.get("name") or (t.get("function") or {}).get("name"))
              for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
+    names += [("function", d.get("name")) for t in tools if isinstance(t, dict)   # Gemini's
+              for d in t.get("functionDeclarations") or () if isinstance(d, dict)] if isinstance(tools, list) else []
     return digest(names)
 
 
 def system_texts(system: Any, messages: list) -> list[str]:
-    """The system prompt as one text per block: Anthropic's `system`, else OpenAI's leading system messages."""
-    if system is None:
+    """The system prompt as one text per block: Anthropic's `system`, Gemini's `systemInstruction` parts, else
+    OpenAI's leading system messages."""
+    if isinstance(system, dict) and isinstance(system.get("parts"), list):
+        blocks = system["parts"]
+    elif system is None:
         blocks = []
         for message in messages:
             if not isinstance(message, dict) or message.get("role") not in SYSTEM_ROLES:

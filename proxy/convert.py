@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import orjson
 
-from . import responses_api
+from . import gemini_api, responses_api
 from .call import Call
 from .encoding import UndecodableBody, decoded
 from .entry import Entry
 from .sse import EventParser, assemble_anthropic, assemble_openai, synthesize_anthropic, synthesize_openai
+
+ASSEMBLE = {"anthropic": assemble_anthropic, "openai": assemble_openai, "gemini": gemini_api.assemble}
 
 
 class Unconvertible(ValueError):
@@ -24,6 +26,8 @@ class Unconvertible(ValueError):
 
 def form_of(call: Call) -> tuple:
     """What shape of answer the request asks for; a recorded answer of another shape is converted."""
+    if call.route.api == "gemini":   # the method and alt=sse say it, not the body
+        return ("sse",) if gemini_api.streams(call.route.path, call.route.query) else ("json",)
     if not call.wants_stream:
         return ("json",)
     if responses_api.handles(call.route.api, call.route.path):
@@ -51,7 +55,7 @@ def message_of(entry: Entry, api: str) -> dict:
             if entry.meta.get("path") == responses_api.PATH:
                 message = responses_api.assemble(events)
             else:
-                message = (assemble_openai if api == "openai" else assemble_anthropic)(events)
+                message = ASSEMBLE[api](events)
     except (ValueError, UndecodableBody) as exc:
         raise Unconvertible(f"stored answer unreadable: {exc}") from exc
     if not isinstance(message, dict):
@@ -72,6 +76,8 @@ def as_stream(message: dict, api: str, include_usage: bool) -> bytes:
             events = responses_api.synthesize(message)
         elif api == "openai":
             events = synthesize_openai(message, include_usage)
+        elif api == "gemini":
+            events = gemini_api.synthesize(message)
         else:
             events = synthesize_anthropic(message)
         return b"".join(events)

@@ -21,6 +21,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from . import gemini_api
+
 # kind -> (HTTP status, Anthropic error type, OpenAI error type, OpenAI code)
 KINDS: dict[str, tuple[int, str, str, str | None]] = {
     "invalid_request": (400, "invalid_request_error", "invalid_request_error", None),
@@ -77,12 +79,14 @@ def from_library(exc: BaseException, url=None) -> SidecarError:
         return UpstreamError("bad_gateway", f"sidecar: {where} broke off its answer ({exc}); retry the call")
     if isinstance(exc, (aiohttp.ClientError, OSError, ValueError)):
         return UpstreamError("bad_gateway", f"sidecar: {where} unreachable ({exc}); check [upstream] in the "
-                                            f"config or ANTHROPIC_BASE_URL/OPENAI_BASE_URL")
+                                            f"config or ANTHROPIC_BASE_URL/OPENAI_BASE_URL/GOOGLE_GEMINI_BASE_URL")
     return Fault("upstream", exc)
 
 
 def error_body(api: str, kind: str, message: str) -> bytes:
     _, anthropic_type, openai_type, code = KINDS[kind]
+    if api == "gemini":
+        return gemini_api.error_body(kind, message)[1]
     if api == "openai":
         return orjson.dumps({"error": {"message": message, "type": openai_type, "param": None, "code": code}})
     return orjson.dumps({"type": "error", "error": {"type": anthropic_type, "message": message}})
@@ -95,6 +99,10 @@ def api_error(api: str, kind: str, message: str, *, retry_after: float | None = 
     if retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(retry_after)))
         headers["retry-after-ms"] = str(int(retry_after * 1000))
+    if api == "gemini":   # Google's status codes (no 529) and its RetryInfo
+        google_status, body = gemini_api.error_body(kind, message, retry_after)
+        return web.Response(status=status or google_status, body=body, content_type="application/json",
+                            headers=headers)
     return web.Response(status=status or KINDS[kind][0], body=error_body(api, kind, message),
                         content_type="application/json", headers=headers)
 

@@ -68,7 +68,7 @@ def _json_route(request: web.Request) -> bool:
     """A model route: its body is JSON (multipart is for uploads such as /v1/files)."""
     path = request.raw_path.partition("?")[0]
     match = AGENT_PREFIX.match(path)
-    return ((match.group(2) or "/") if match else path) in request.app[STATE].cache.routes
+    return request.app[STATE].cache.is_model_route((match.group(2) or "/") if match else path)
 
 
 async def read_body(request: web.Request, call: Call, limit: int) -> None:

@@ -69,7 +69,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     headers = request.headers
     call = request[CALL] = Call(route_of(request.raw_path, headers, state.agent_id), request.method)
     call.headers = headers
-    call.model_call = call.method == "POST" and call.route.path in state.cache.routes
+    call.model_call = call.method == "POST" and state.cache.is_model_route(call.route.path)
     call.accept_encoding = headers.get("accept-encoding", "")
     try:
         intake.check_target(request, state.config.proxy.allow_remote)   # receive

@@ -17,7 +17,7 @@ from __future__ import annotations
 import orjson
 
 from .call import Call
-from .conversation import RESPONSES, SYSTEM_ROLES, Shape, digest, system_texts, turns_of, with_turns
+from .conversation import ASSISTANT_ROLES, RESPONSES, SYSTEM_ROLES, Shape, digest, system_texts, turns_of, with_turns
 from .responses_api import PATH as RESPONSES_PATH
 
 
@@ -26,6 +26,10 @@ def _tool_uses(message: dict) -> set[str]:
     ids = {b.get("id") for b in content if isinstance(b, dict) and b.get("type") == "tool_use"} \
         if isinstance(content, list) else set()
     ids |= {c.get("id") for c in message.get("tool_calls") or []}
+    parts = message.get("parts")   # Gemini's functionCall parts
+    if isinstance(parts, list):
+        ids |= {str(p["functionCall"].get("name")) for p in parts
+                if isinstance(p, dict) and isinstance(p.get("functionCall"), dict)}
     return ids
 
 
@@ -35,7 +39,7 @@ def trim_for_api(messages: list[dict]) -> list[dict]:
     end = len(messages)
     while end > 0:
         last = messages[end - 1]
-        if last.get("role") == "assistant" and not _tool_uses(last):
+        if last.get("role") in ASSISTANT_ROLES and not _tool_uses(last):
             break
         end -= 1
     prefix = messages[:end]

@@ -13,11 +13,14 @@ from dataclasses import dataclass
 
 from yarl import URL
 
+from . import gemini_api
+
 AGENT_PREFIX = re.compile(r"^/a/([A-Za-z0-9][A-Za-z0-9._-]{0,63})(/.*|)$")
 AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 # Paths only the OpenAI API has; everything else goes to Anthropic unless the
-# request plainly comes from an OpenAI client (Bearer key, no anthropic-version).
+# request plainly comes from an OpenAI client (Bearer key, no anthropic-version)
+# or is Gemini's (its paths or its key: gemini_api.is_gemini).
 OPENAI_PATHS = ("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/audio/",
                 "/v1/images/", "/v1/moderations", "/v1/files", "/v1/batches", "/v1/fine_tuning/",
                 "/v1/assistants", "/v1/threads", "/v1/vector_stores", "/v1/uploads")
@@ -26,7 +29,7 @@ OPENAI_PATHS = ("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/responses
 @dataclass(frozen=True, slots=True)
 class Route:
     agent: str
-    api: str          # "anthropic" | "openai"
+    api: str          # "anthropic" | "openai" | "gemini"
     path: str         # the API path as the agent sent it (still percent-encoded), without any agent prefix
     query: str        # raw query string, without '?'
 
@@ -35,7 +38,9 @@ class Route:
         return f"{self.path}?{self.query}" if self.query else self.path
 
 
-def api_of(path: str, headers) -> str:
+def api_of(path: str, headers, query: str = "") -> str:
+    if gemini_api.is_gemini(path, headers, query):
+        return "gemini"
     if "anthropic-version" in headers or "x-api-key" in headers:
         return "anthropic"
     if path.startswith(OPENAI_PATHS) or "authorization" in headers and path != "/":
@@ -50,14 +55,14 @@ def route_of(target: str, headers, default_agent: str) -> Route:
     match = AGENT_PREFIX.match(path)
     if match:
         agent, path = match.group(1), match.group(2) or "/"
-    return Route(agent, api_of(path, headers), path, query)
+    return Route(agent, api_of(path, headers, query), path, query)
 
 
 class Upstreams:
     """The configured upstream bases, one per API; the only place upstream URLs are made."""
 
-    def __init__(self, anthropic: str, openai: str):
-        self.bases = {"anthropic": anthropic.rstrip("/"), "openai": openai.rstrip("/")}
+    def __init__(self, anthropic: str, openai: str, gemini: str = "https://generativelanguage.googleapis.com"):
+        self.bases = {"anthropic": anthropic.rstrip("/"), "openai": openai.rstrip("/"), "gemini": gemini.rstrip("/")}
         # OPENAI_BASE_URL conventionally ends in /v1 and so does the path the SDK appends to.
         self._openai_has_v1 = self.bases["openai"].endswith("/v1")
 

@@ -30,7 +30,7 @@ import lmdb
 import orjson
 
 from .call import Call
-from . import responses_api
+from . import gemini_api, responses_api
 from .conversation import (CHAT_ROUTES, RESPONSES, answer_turns, client_session, digest, session_id, tools_digest,
                            turns_of)
 from .restore import Restore
@@ -62,7 +62,7 @@ class Sessions:
     # -- checkpoints --
     @staticmethod
     def applies(call: Call) -> bool:
-        return call.method == "POST" and call.route.path in CHAT_ROUTES and isinstance(call.json, dict) \
+        return call.method == "POST" and (call.route.path in CHAT_ROUTES or gemini_api.is_generate(call.route.path)) and isinstance(call.json, dict) \
             and turns_of(call.route.path, call.json)[1] is not None
 
     def has_turn(self, call: Call) -> bool:

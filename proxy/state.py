@@ -66,7 +66,8 @@ class ProxyState:
     @classmethod
     def build(cls, config: Config) -> "ProxyState":
         return cls(config=config, client=UpstreamClient(config.proxy), limiter=Limiter(config.limits),
-                   circuits=Circuits(config.retry), upstreams=Upstreams(config.upstream.anthropic, config.upstream.openai))
+                   circuits=Circuits(config.retry),
+                   upstreams=Upstreams(config.upstream.anthropic, config.upstream.openai, config.upstream.gemini))
 
     @property
     def agent_id(self) -> str:

@@ -27,7 +27,7 @@ from proxy.events import EventLog
 from proxy.config import load_layers
 from proxy.state import STATE
 
-ENV_PREFIXES = ("ANTHROPIC_", "OPENAI_", "SIDECAR_", "OTEL_", "TRACEPARENT")
+ENV_PREFIXES = ("ANTHROPIC_", "OPENAI_", "SIDECAR_", "GOOGLE_GEMINI_", "GEMINI_", "OTEL_", "TRACEPARENT")
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
@@ -62,7 +62,7 @@ async def mock() -> MockUpstream:
 
 def proxy_config(anthropic: str, openai: str, state_dir: Path, **sections: dict[str, Any]):
     """A config whose upstreams are `anthropic`/`openai`; `sections` add settings, e.g. proxy={...}."""
-    layer: dict[str, dict[str, Any]] = {"upstream": {"anthropic": anthropic, "openai": openai},
+    layer: dict[str, dict[str, Any]] = {"upstream": {"anthropic": anthropic, "openai": openai, "gemini": anthropic},
                                         "state": {"dir": str(state_dir)}, **sections}
     return load_layers([layer], ["test"])
 
@@ -110,7 +110,7 @@ class Done:
 
 def upstream_env(mock: MockUpstream) -> dict[str, str]:
     """What points `sidecar run`/`serve` (or an agent run directly) at the mock."""
-    return {"ANTHROPIC_BASE_URL": mock.url, "OPENAI_BASE_URL": mock.url + "/v1"}
+    return {"ANTHROPIC_BASE_URL": mock.url, "OPENAI_BASE_URL": mock.url + "/v1", "GOOGLE_GEMINI_BASE_URL": mock.url}
 
 
 class Sidecar:
@@ -247,7 +247,7 @@ def start_app(aiohttp_server, tmp_path: Path):
     count = itertools.count()
 
     async def start(upstream: str, **sections: dict[str, Any]) -> AppProxy:
-        layer = {"upstream": {"anthropic": upstream, "openai": upstream + "/v1"},
+        layer = {"upstream": {"anthropic": upstream, "openai": upstream + "/v1", "gemini": upstream},
                  "state": {"dir": str(tmp_path / f"app-state-{next(count)}")}, **sections}
         config = load_layers([layer], ["test"])
         return AppProxy(await aiohttp_server(make_app(config), access_log=None), config)

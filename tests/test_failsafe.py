@@ -45,6 +45,7 @@ pytestmark = pytest.mark.timeout(60)
 FRAMING = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "proxy-connection"}
 A_HEADERS = [("content-type", "application/json"), ("x-api-key", "sk-ant-nasty"), ("anthropic-version", "2023-06-01")]
 O_HEADERS = [("content-type", "application/json"), ("authorization", "Bearer sk-nasty")]
+G_HEADERS = [("content-type", "application/json"), ("x-goog-api-key", "AIzaNastyGeminiKey0000000000000000000")]
 
 
 # ---- a raw HTTP/1.1 client ----------------------------------------------------------------------
@@ -195,6 +196,8 @@ def assert_sidecar_error(reply: Reply, api: str, statuses: tuple[int, ...]) -> N
     message = body["error"]["message"]
     if api == "anthropic":
         assert body["type"] == "error" and body["error"]["type"], body
+    elif api == "gemini":   # Google's shape
+        assert body["error"]["code"] == reply.status and body["error"]["status"], body
     else:
         assert body["error"]["type"], body
     assert message.startswith("sidecar:"), message
@@ -205,7 +208,7 @@ def assert_sidecar_error(reply: Reply, api: str, statuses: tuple[int, ...]) -> N
 
 def child_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ANTHROPIC_", "OPENAI_", "SIDECAR_")) and k.lower() not in
+           if not k.startswith(("ANTHROPIC_", "OPENAI_", "SIDECAR_", "GOOGLE_GEMINI_", "GEMINI_")) and k.lower() not in
            ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
     home.mkdir(parents=True, exist_ok=True)
     return {**env, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), "NO_PROXY": "127.0.0.1,localhost",
@@ -256,6 +259,7 @@ max_body_mb = 8.0
 [upstream]
 anthropic = "{url}"
 openai = "{url}/v1"
+gemini = "{url}"
 [state]
 dir = "{state}"
 [retry]
@@ -350,6 +354,12 @@ def model_request(port: int, model: str, *, api: str = "anthropic", stream: bool
                   text: str | None = None, extra: dict | None = None, target: str | None = None,
                   headers: list[tuple[str, str]] | None = None) -> bytes:
     """A model call, exactly as an SDK would send it (Accept-Encoding only when given)."""
+    if api == "gemini":   # the model is in the path; the form is the method
+        method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+        body = {"contents": [{"role": "user", "parts": [{"text": text or f"{model} {nonce()}"}]}], **(extra or {})}
+        return request_bytes("POST", target or f"/v1beta/models/{model}:{method}",
+                             list(headers if headers is not None else G_HEADERS) +
+                             ([("accept-encoding", accept)] if accept is not None else []), orjson.dumps(body), port=port)
     body = {"model": model, "messages": [{"role": "user", "content": text or f"{model} {nonce()}"}]}
     if api == "responses":
         body = {"model": model, "input": body["messages"]}

@@ -40,7 +40,8 @@ print("openai stream:", [ch.model_dump(exclude={"id", "created"}) for ch in chun
 
 ENV_AGENT = r'''
 import json, os, urllib.request
-seen = {k: os.environ.get(k) for k in ("ANTHROPIC_BASE_URL", "OPENAI_BASE_URL", "SIDECAR_URL", "SIDECAR_AGENT_ID")}
+seen = {k: os.environ.get(k) for k in ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_URL", "ANTHROPIC_API_BASE", "OPENAI_BASE_URL",
+                                       "OPENAI_API_BASE", "GOOGLE_GEMINI_BASE_URL", "SIDECAR_URL", "SIDECAR_AGENT_ID")}
 with urllib.request.urlopen(seen["SIDECAR_URL"] + "/_sidecar/health", timeout=10) as resp:
     seen["health"] = json.load(resp)
 print(json.dumps(seen))
@@ -117,20 +118,52 @@ async def test_sdk_agent_through_sidecar_matches_direct(sidecar, script, mock):
 
 
 async def test_agent_env_points_at_proxy(sidecar, script, mock):
-    done = await sidecar.run("run", "--quiet", "--", PY, str(script(ENV_AGENT)), env=upstream_env(mock))
+    # Set already (LangChain and litellm read these first): taken as upstreams, and repointed for the agent.
+    already = {"ANTHROPIC_API_URL": mock.url, "OPENAI_API_BASE": mock.url + "/v1", "ANTHROPIC_API_BASE": mock.url}
+    done = await sidecar.run("run", "--quiet", "--", PY, str(script(ENV_AGENT)), env={**upstream_env(mock), **already})
     assert done.returncode == 0, done.err
     seen = json.loads(done.out)
     url = seen["SIDECAR_URL"]
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
     assert port_of(url) != port_of(mock.url)
-    assert seen["ANTHROPIC_BASE_URL"] == url
-    assert seen["OPENAI_BASE_URL"] == url + "/v1"
+    assert seen["ANTHROPIC_BASE_URL"] == seen["ANTHROPIC_API_URL"] == seen["ANTHROPIC_API_BASE"] == url
+    assert seen["OPENAI_BASE_URL"] == seen["OPENAI_API_BASE"] == url + "/v1"
+    assert seen["GOOGLE_GEMINI_BASE_URL"] == url
+    # One pointing elsewhere than its API's upstream keeps its value: repointed, its calls would change place.
+    elsewhere = {**upstream_env(mock), "ANTHROPIC_API_URL": "http://127.0.0.1:9/elsewhere"}
+    done = await sidecar.run("run", "--quiet", "--", PY, str(script(ENV_AGENT)), env=elsewhere)
+    seen = json.loads(done.out)
+    assert seen["ANTHROPIC_API_URL"] == "http://127.0.0.1:9/elsewhere"
+    assert seen["ANTHROPIC_BASE_URL"] == seen["SIDECAR_URL"]
     assert seen["SIDECAR_AGENT_ID"]
     assert seen["health"]["status"] == "ok"
     assert seen["health"]["agent"] == seen["SIDECAR_AGENT_ID"]
     # The proxy does not outlive the run.
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port_of(url)), timeout=5).close()
+
+
+async def test_an_agent_that_made_no_call_through_the_sidecar_is_named_in_one_line(sidecar, script, mock):
+    # It asks the sidecar's health (no API call) and exits: as an agent whose calls went around the sidecar.
+    done = await sidecar.run("run", "--", PY, str(script(ENV_AGENT)), env=upstream_env(mock))
+    assert done.returncode == 0, done.err
+    line = one_sidecar_line(done.err)
+    assert "no API calls came through the sidecar" in line and mock.count() == 0
+    for variable in ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_URL", "ANTHROPIC_API_BASE", "OPENAI_BASE_URL",
+                     "OPENAI_API_BASE", "GOOGLE_GEMINI_BASE_URL"):
+        assert variable in line
+
+
+async def test_base_url_variables_already_set_become_the_upstreams(sidecar):
+    env = {"ANTHROPIC_API_URL": "http://127.0.0.1:9/a", "ANTHROPIC_API_BASE": "http://127.0.0.1:9/b",
+           "OPENAI_API_BASE": "http://127.0.0.1:9/o/v1", "GOOGLE_GEMINI_BASE_URL": "http://127.0.0.1:9/g"}
+    done = await sidecar.run("config", env=env)
+    assert done.returncode == 0, done.err
+    upstream = tomllib.loads(done.out)["upstream"]
+    assert upstream == {"anthropic": "http://127.0.0.1:9/a", "openai": "http://127.0.0.1:9/o/v1",
+                        "gemini": "http://127.0.0.1:9/g"}
+    done = await sidecar.run("config", env={**env, "ANTHROPIC_BASE_URL": "http://127.0.0.1:9/first"})
+    assert tomllib.loads(done.out)["upstream"]["anthropic"] == "http://127.0.0.1:9/first"   # the usual one first
 
 
 @pytest.mark.parametrize("quiet", [True, False], ids=["quiet", "default"])

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import orjson
 
-from .shapes import (ANTHROPIC_HEADERS, JSON_TYPE, OPENAI_HEADERS, SSE_TYPE, anthropic_error, chat_chunks, chunk,
-                     completion, data_lines, dumps, function_call_events, message, message_events, nested, openai_error,
-                     response, response_events, sse)
+from .shapes import (ANTHROPIC_HEADERS, GEMINI_HEADERS, JSON_TYPE, OPENAI_HEADERS, SSE_TYPE, anthropic_error, chat_chunks,
+                     chunk, completion, data_lines, dumps, function_call_events, gemini_chunks, gemini_error,
+                     gemini_response, gemini_sse, message, message_events, nested, openai_error, response,
+                     response_events, sse)
 
 STORED, RELAYED, BROKEN, NO_HEAD = "stored", "relayed", "broken", "no_head"
 
@@ -58,6 +59,7 @@ class Case:
     answer: Answer
     api: str = "anthropic"              # anthropic: POST /v1/messages; openai: POST /v1/chat/completions;
     #                                     responses: POST /v1/responses
+    #                                     gemini: POST /v1beta/models/nasty-<case>:(stream)generateContent
     stream: bool = False                # the request asks for "stream": true
     accept: str = "gzip, deflate"       # the request's Accept-Encoding
     decoded: bytes | None = None        # the body without its content-encoding, for encoded answers
@@ -101,6 +103,15 @@ def r_sse(events: list[tuple[str, object]], **kw) -> Answer:
 def o_sse(body: bytes, **kw) -> Answer:
     head = (("content-type", SSE_TYPE),) + OPENAI_HEADERS
     return Answer(headers=head, pieces=per_event(body), framing="chunked", **kw)
+
+
+def g_json(body: bytes, **kw) -> Answer:
+    return Answer(headers=(("content-type", "application/json; charset=UTF-8"),) + GEMINI_HEADERS, pieces=(body,), **kw)
+
+
+def g_sse(body: bytes, **kw) -> Answer:
+    head = (("content-type", "text/event-stream"), ("content-disposition", "attachment")) + GEMINI_HEADERS
+    return Answer(headers=head, pieces=per_event(body, b"\r\n\r\n"), framing="chunked", **kw)
 
 
 def error(status: int, body: bytes, ctype: str = JSON_TYPE, extra=(), headers=ANTHROPIC_HEADERS) -> Answer:
@@ -321,6 +332,25 @@ _CASES = [
     Case("json_bad_chunk", "chunked JSON whose second chunk size is garbage", BROKEN,
          Answer(headers=(("content-type", JSON_TYPE),) + ANTHROPIC_HEADERS, pieces=(OK[:50],), framing="chunked",
                 tail=b"zz\r\nnot a chunk\r\n", end="cut", pause=0.05)),
+    # ---- Gemini (no end marker: complete when the stream ends properly with a finishReason) ----
+    Case("gemini_json_ok", "a normal generateContent answer", STORED, g_json(dumps(gemini_response())), api="gemini"),
+    Case("gemini_sse_ok", "a normal streamGenerateContent?alt=sse stream", STORED,
+         g_sse(gemini_sse(gemini_chunks())), api="gemini", stream=True),
+    Case("gemini_sse_error_mid", "an error chunk after two text chunks, then the stream ends", RELAYED,
+         g_sse(gemini_sse([*gemini_chunks()[:2], orjson.loads(gemini_error(
+             503, "UNAVAILABLE", "The model is overloaded. Please try again later."))])), api="gemini", stream=True),
+    Case("gemini_sse_no_finish", "a stream whose chunks never carry a finishReason", RELAYED,
+         g_sse(gemini_sse(gemini_chunks(finish=None))), api="gemini", stream=True),
+    Case("gemini_sse_cut", "a stream cut after two chunks", BROKEN,
+         g_sse(gemini_sse(gemini_chunks()[:2]), end="cut"), api="gemini", stream=True),
+    Case("gemini_sse_open_event", "the finishReason chunk without its blank line, then the end", RELAYED,
+         g_sse(gemini_sse(gemini_chunks())[:-4]), api="gemini", stream=True),
+    Case("gemini_malformed_call", "finishReason MALFORMED_FUNCTION_CALL (the Gemini CLI retries it)", RELAYED,
+         g_sse(gemini_sse(gemini_chunks(finish="MALFORMED_FUNCTION_CALL"))), api="gemini", stream=True),
+    Case("gemini_err_429", "429 RESOURCE_EXHAUSTED with a RetryInfo detail", RELAYED,
+         Answer(status=429, headers=(("content-type", "application/json; charset=UTF-8"),) + GEMINI_HEADERS,
+                pieces=(gemini_error(429, "RESOURCE_EXHAUSTED", "Resource has been exhausted (e.g. check quota)."),))
+         , api="gemini"),
     Case("dup_headers", "several set-cookie and duplicate rate-limit headers", STORED,
          a_json(OK, extra=(("set-cookie", "__cf_bm=a; path=/; HttpOnly"), ("set-cookie", "_cfuvid=b; path=/"),
                            ("set-cookie", "third=c"), ("anthropic-ratelimit-requests-remaining", "3998"),

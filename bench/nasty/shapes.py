@@ -65,8 +65,43 @@ READABLE = ("request-id", "x-request-id", "anthropic-organization-id", "openai-o
             "x-ratelimit-remaining-requests", "x-ratelimit-limit-tokens")
 
 
+# What generativelanguage.googleapis.com sends beside every answer (values fixed).
+GEMINI_HEADERS: tuple[tuple[str, str], ...] = (
+    ("vary", "Origin"), ("vary", "X-Origin"), ("vary", "Referer"), ("server", "scaffolding on HTTPServer2"),
+    ("x-xss-protection", "0"), ("x-frame-options", "SAMEORIGIN"), ("x-content-type-options", "nosniff"),
+    ("alt-svc", 'h3=":443"; ma=2592000,h3-29=":443"; ma=2592000'),
+)
+
+
 def dumps(value: object) -> bytes:
     return orjson.dumps(value)
+
+
+def gemini_response(text: str = TEXT, finish: str | None = "STOP", *, usage: bool = True) -> dict:
+    """One GenerateContentResponse (or, with finish=None, a stream chunk before the last)."""
+    candidate: dict = {"content": {"parts": [{"text": text}], "role": "model"}}
+    if finish:
+        candidate.update(finishReason=finish, index=0)
+    out: dict = {"candidates": [candidate], "modelVersion": "gemini-2.5-flash", "responseId": "NastyGeminiResp01"}
+    if usage:
+        out["usageMetadata"] = {"promptTokenCount": 9, "candidatesTokenCount": 8 if finish else 0,
+                                "totalTokenCount": 17 if finish else 9, "cachedContentTokenCount": 4}
+    return out
+
+
+def gemini_chunks(text: str = TEXT, finish: str | None = "STOP") -> list[dict]:
+    words = text.split(" ")
+    pieces = [w + " " for w in words[:-1]] + words[-1:]
+    return [gemini_response(p, finish if i == len(pieces) - 1 else None) for i, p in enumerate(pieces)]
+
+
+def gemini_sse(items: list[object]) -> bytes:
+    """Gemini's stream: `data:` lines framed with CRLF, no end marker."""
+    return b"".join(b"data: " + orjson.dumps(item) + b"\r\n\r\n" for item in items)
+
+
+def gemini_error(status: int, name: str, text: str) -> bytes:
+    return orjson.dumps({"error": {"code": status, "message": text, "status": name}})
 
 
 def message(text: str = TEXT, *, model: str = MODEL, usage: object = ..., msg_id: str = "msg_01NastyFixed0001") -> dict:

@@ -254,6 +254,8 @@ class NastyUpstream:
         data = request.json()
         if not name and isinstance(data, dict) and isinstance(data.get("model"), str):
             name = data["model"].removeprefix("nasty-") if data["model"].startswith("nasty-") else ""
+        if not name and b"/models/nasty-" in request.path:   # Gemini: the model is in the path
+            name = request.path.split(b"/models/nasty-", 1)[1].split(b":", 1)[0].decode("latin-1")
         return name if name in ALL else ""
 
     def record(self, request: Request, case: str) -> None:
