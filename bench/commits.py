@@ -2,7 +2,7 @@
 
 The proxy commits inline on the event loop, without fsync. Issue 13 dropped `writemap` (a full disk was a
 SIGBUS on the sparse mapping; without it pages go through pwrite() and a full disk is a failed commit);
-this measures what that costs per commit, and what the byte budget (`[state] max_mb`, proxy/budget.py)
+this measures what that costs per commit, and what the byte budget (`[state] max_mb`, proxy/state_budget.py)
 adds per write once the store is at its budget and every write evicts.
 
 Two tables, each in one run, configurations alternating round by round, medians of the per-round medians
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import lmdb
 
-from proxy.budget import Budget
+from proxy.state_budget import StateBudget
 from proxy.entry import Entry
 from proxy.records import RecordLog
 from proxy.sessions import Sessions
@@ -53,7 +53,7 @@ async def store_puts(path: Path, budget: bool, size: int, puts: int) -> list[flo
     env = Lmdb(path, 1 << 20)
     store = ResponseStore(env, 1 << 30)
     if budget:
-        env.budget = Budget(env, BUDGET, store, RecordLog(env, 10 ** 6), Sessions(env))
+        env.budget = StateBudget(env, BUDGET, store, RecordLog(env, 10 ** 6), Sessions(env))
     blob, times = Entry(status=200, headers=[], body=os.urandom(size), stream=False).encode(), []
     try:
         for n in range(puts + BUDGET // size):   # the first writes fill the store up to its budget: not timed

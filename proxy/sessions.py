@@ -6,7 +6,7 @@ answer's last byte is relayed: whatever the agent saw is on disk. Rows:
 `s:{id}` the meta, `y:{id}` the system prompt (its own row, rewritten only when
 it changes: it can be large), `m:{id}:{index}` one per message, and
 `u:{updated}{id}` -> agent, the index that finds the least recently updated
-conversation for the state's byte budget (budget.py), and `q:{id}:{response id}`
+conversation for the state's byte budget (state_budget.py), and `q:{id}:{response id}`
 for each `p:` row below, so that they go with their conversation.
 
 The merge is exact: each message is serialised once, its bytes compared with

@@ -31,7 +31,7 @@ from .sessions import Sessions
 from .stats import Stats
 from .timing import record_of
 from .routes import Upstreams
-from .budget import Budget
+from .state_budget import StateBudget
 from .store import Lmdb, ResponseStore, StoreError, map_size_of, open_lmdb
 from .errors import Fault
 from .upstream import UpstreamClient
@@ -103,7 +103,7 @@ class ProxyState:
         if self.config.state.max_mb:
             store = self.backends.store if isinstance(self.backends.store, ResponseStore) else None
             loop = asyncio.get_running_loop()
-            self.lmdb.budget = Budget(self.lmdb, int(self.config.state.max_mb * 1024 * 1024), store, self.records,
+            self.lmdb.budget = StateBudget(self.lmdb, int(self.config.state.max_mb * 1024 * 1024), store, self.records,
                                       self.sessions, agents=self._agents,
                                       on_evicted=lambda dropped: loop.call_soon_threadsafe(self._evicted, dropped))
         self.telemetry = telemetry.start(self.config.telemetry, self.upstreams, self._export_failing)

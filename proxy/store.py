@@ -29,7 +29,7 @@ after the last try (space or permissions came back). A store found broken by
 a read is closed and treated the same way.
 
 Formats are versioned (migrations.py): an older store is upgraded as it is
-opened, a newer one refused. A `budget` (budget.py) set on the environment
+opened, a newer one refused. A `budget` (state_budget.py) set on the environment
 runs at the end of every write transaction, so the state stays within
 `[state] max_mb`.
 """

@@ -20,7 +20,7 @@ import pytest
 
 from bench.mock_upstream import Profile
 from conftest import until
-from proxy.budget import Budget
+from proxy.state_budget import StateBudget
 from proxy.entry import Entry
 from proxy.records import RecordLog
 from proxy.sessions import Sessions
@@ -54,7 +54,7 @@ async def test_an_expired_entry_goes_before_a_less_recently_used_one(env):
 
     # the same order under the whole state's budget (the cache's own limit far away)
     store.max_size = 1 << 30
-    env.budget = Budget(env, 1 << 20, store)
+    env.budget = StateBudget(env, 1 << 20, store)
     store.import_now([(b"expired", blob(time.time() - 120, 100_000))])
     for n in range(12):
         await store.put(b"fresh-%d" % n, blob(time.time(), 100_000))
@@ -79,7 +79,7 @@ async def test_an_expired_entry_is_not_served_nor_touched_and_the_next_write_dro
 
 async def test_the_budget_counts_every_kind_and_evicts_the_oldest_first(env):
     store, records, sessions = ResponseStore(env, 1 << 30), RecordLog(env, 10 ** 6), Sessions(env)
-    env.budget = Budget(env, 2 << 20, store, records, sessions)
+    env.budget = StateBudget(env, 2 << 20, store, records, sessions)
     for n in range(200):   # a cache entry and a record per round, 10 KB each
         await store.put(b"entry-%03d" % n, blob(time.time()))
         records.add({"id": f"record-{n:03d}", "ts": time.time(), "pad": "r" * 10_000})

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from conftest import stop_process
-from proxy.budget import Budget
+from proxy.state_budget import StateBudget
 from proxy.store import Lmdb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,7 +193,7 @@ def test_the_byte_budget_holds_under_a_long_run(tmp_path):
     assert "Traceback" not in rig.log.read_text()
     env = Lmdb(tmp_path / "state", 1 << 20)   # the pages in use, counted as the budget counts them
     try:
-        assert env.read(Budget(env, budget).used) <= budget
+        assert env.read(StateBudget(env, budget).used) <= budget
     finally:
         env.close()
 

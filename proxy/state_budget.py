@@ -36,7 +36,7 @@ RUNNING_SECONDS = 300.0   # a conversation of an agent not attached here runs th
 RUNNING_SHARE = 0.5       # share of the budget checkpoints may hold before running ones go too (the cache works on)
 
 
-class Budget:
+class StateBudget:
     def __init__(self, lmdb_env, max_bytes: int, cache=None, records=None, sessions=None,
                  agents: Callable[[], dict[str, bool]] = dict, on_evicted: Callable[[list[dict]], None] | None = None):
         self.lmdb = lmdb_env
