@@ -30,7 +30,7 @@ from proxy import store as store_module
 from proxy.cache_key import KEY_VERSION, KeyMaker, load_secret
 from proxy.config import CacheSection
 from proxy.entry import Entry
-from proxy.store import Lmdb, ResponseStore, StoreError
+from proxy.store import Lmdb, StoreError
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parent.parent
