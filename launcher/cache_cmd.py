@@ -14,7 +14,7 @@ import time
 
 import orjson
 
-from proxy.cache_key import ANY_KEY, KeyMaker, load_secret
+from proxy.cache_key import ANY_KEY, KEY_VERSION, KeyMaker, load_secret
 from proxy.config import Config, ConfigError
 from proxy.entry import CorruptEntry, Entry
 from proxy.encoding import decoded
@@ -125,8 +125,8 @@ def show(args, config, store) -> int:
 def _set_aside(config: Config, exc: StoreError) -> int:
     """The fix a broken store's error names: move it aside (kept, not deleted) and start afresh."""
     aside = set_aside(config.state_dir)
-    print(f"the state store could not be read, so it was moved to {aside}; a new, empty one is made on the next "
-          f"start (cache, sessions and call records start afresh)")
+    print(f"the state store could not be read, so it was moved to {aside}; a new, empty one takes its place "
+          f"(cache, sessions and call records start afresh), and a running sidecar uses it from its next call")
     return 0
 
 
@@ -157,7 +157,8 @@ def export(args, config, store) -> int:
     with open(args.file, "wb") as out:
         for _, entry in entries(store):
             if entry is not None and entry.meta.get("hash"):
-                out.write(orjson.dumps({"hash": entry.meta["hash"], "entry": base64.b64encode(entry.encode()).decode()}))
+                out.write(orjson.dumps({"hash": entry.meta["hash"], "key_version": KEY_VERSION,
+                                        "entry": base64.b64encode(entry.encode()).decode()}))
                 out.write(b"\n")
                 count += 1
     print(f"exported {count} entries to {args.file} (no API keys are in it)")
@@ -173,6 +174,11 @@ def import_entries(args, config, store) -> int:
             Entry.decode(blob)
     except (OSError, ValueError, KeyError, TypeError, CorruptEntry) as exc:
         raise ConfigError(f"{args.file} is not a sidecar cache export ({exc}); make one with 'sidecar cache export'")
+    forms = {line.get("key_version", 1) for line in lines} - {KEY_VERSION}   # exports before versions: form 1
+    if forms:
+        raise ConfigError(f"{args.file} holds entries keyed in form {', '.join(map(str, sorted(forms, key=str)))}, "
+                          f"this sidecar keys in form {KEY_VERSION}, so they could never be hit; record them again "
+                          f"and export with this sidecar")
 
     store.import_now([(KeyMaker.key(request_hash, ANY_KEY), blob) for request_hash, blob in blobs])
     print(f"imported {len(blobs)} entries from {args.file}; they answer calls made with any API key")

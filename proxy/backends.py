@@ -35,7 +35,7 @@ class Backends:
 async def open_backends(config: Config, lmdb_env: Lmdb, emit: Callable[..., None]) -> Backends:
     max_bytes = int(config.cache.max_size_mb * 1024 * 1024)
     if config.state.backend == "lmdb":
-        return Backends(ResponseStore(lmdb_env, max_bytes), load_secret(config.state_dir))
+        return Backends(ResponseStore(lmdb_env, max_bytes, config.cache.ttl_seconds), load_secret(config.state_dir))
     try:
         from .redis_backend import RedisBudget, RedisCheckpoints, RedisLink, RedisResponseStore, RedisSlots
     except ImportError:

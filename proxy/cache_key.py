@@ -14,6 +14,13 @@ secret kept in the state directory) of every credential the call carries:
 headers in `[cache] credential_headers`. One key's answers are never served
 to another, a call without any credential is a partition of its own, and no
 key is ever stored.
+
+The canonical form has a version, KEY_VERSION: bump it whenever `canonical`,
+`request_hash`, `partition` or `key` would make another key for the same
+request. The state
+store keeps the version its entries were keyed with and drops entries of an
+older form when it is opened (they could never be hit again); exports carry
+it, so an import of another form is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ CREDENTIAL_HEADERS = ("x-api-key", "authorization")
 MORE_CREDENTIAL_HEADERS = ("api-key", "x-goog-api-key")
 QUERY_KEY = "key="          # Gemini's ?key=API_KEY
 MEMO_SIZE = 1024            # credentials whose partition is remembered (an HMAC per call saved)
+# The canonical form's version (see above). 1: sorted body keys, BLAKE2b; 2: the client's key order, SHA-256.
+KEY_VERSION = 2
 
 
 class Uncacheable(ValueError):

@@ -36,6 +36,7 @@ class ProxySection:
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
     header_timeout: float = 60.0
+    max_connections: int = 1024
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class StateSection:
     """The state's home: the local directory (LMDB) and, for a fleet, the shared backend."""
     dir: str = ""
     durable: bool = False
+    max_mb: float = 2048.0
     backend: str = field(default="lmdb", metadata=_choice("lmdb", "redis"))
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "sidecar:"

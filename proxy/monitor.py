@@ -118,7 +118,8 @@ class Monitor:
             self._exited(agent, message.get("status"))
         elif kind == "exited" and agent.exit_status is None:   # the kernel told first; the launcher knows the status
             agent.exit_status = message.get("status")
-        self.sample(force=True)
+        if agent.state != "exited" and agent.pid:
+            self._sample_agent(agent)   # this one only: all of them per event is O(agents) psutil calls on the loop
         if self.on_agents_changed:
             self.on_agents_changed()
 

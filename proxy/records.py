@@ -34,11 +34,14 @@ class RecordLog:
     def __init__(self, lmdb_env: Lmdb, max_records: int):
         self.lmdb = lmdb_env
         self.max_records = max_records
-        self._db = lmdb_env.db["records"]
         self._pending: list[dict] = []
         self._flushing: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._seq = 0
+
+    @property
+    def _db(self):
+        return self.lmdb.db["records"]   # looked up per use: a store that could not be opened reopens
 
     def add(self, record: dict) -> None:
         self._pending.append(record)
@@ -75,6 +78,16 @@ class RecordLog:
                 for _ in range(excess):
                     if not cursor.delete():
                         break
+
+    def least_recent(self, txn: lmdb.Transaction) -> bytes | None:
+        """The key of the oldest record (its time first), for the state's byte budget."""
+        cursor = txn.cursor(db=self._db)
+        return cursor.key() if cursor.first() else None
+
+    def evict_one(self, txn: lmdb.Transaction, key: bytes) -> int:
+        value = txn.get(key, db=self._db)
+        txn.delete(key, db=self._db)
+        return len(key) + len(value or b"")
 
     async def drain(self) -> None:
         """Write every pending record now."""

@@ -9,8 +9,8 @@ are filtered first, so a malformed request's bytes (its headers) are never logge
 Bounded for a long-lived shared sidecar: a connection that sits idle or sends
 an unfinished request head for `[proxy] header_timeout` seconds is closed
 (aiohttp's keep-alive timer, which also runs from the connection's start), and
-at most MAX_CONNECTIONS client connections are open at once: one more gets an
-API-shaped 503 and is closed.
+at most `[proxy] max_connections` client connections are open at once: one
+more gets an API-shaped 503 and is closed.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from .state import STATE
 log = logging.getLogger("sidecar")
 AIOHTTP_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.internal")
 QUOTED = re.compile(r"[:'\"\n]")   # where the part of a parser message that quotes the request begins
-MAX_CONNECTIONS = 1024              # open client connections; the next one is refused with a 503
 REFUSED_LINGER = 5.0                # seconds a refused connection may take to send its head and read the 503
 
 
@@ -104,7 +103,7 @@ async def serve(config: Config, sock: socket.socket, *, control_fd: int | None =
     runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
                            shutdown_timeout=5.0, keepalive_timeout=config.proxy.header_timeout or 3630.0)
     await runner.setup()
-    site = CappedSite(runner, sock, max_connections=MAX_CONNECTIONS)
+    site = CappedSite(runner, sock, max_connections=config.proxy.max_connections)
     await site.start()
     if control_fd is not None:  # read only now: messages wait in the pipe until the state is open
         loop.add_reader(control_fd, on_readable)
@@ -128,7 +127,8 @@ async def serve(config: Config, sock: socket.socket, *, control_fd: int | None =
 
 
 class CappedSite(web.SockSite):
-    """A SockSite whose connections beyond `max_connections` are answered by `Refused` instead of the app."""
+    """A SockSite whose connections beyond `max_connections` (0: no limit) are answered by `Refused` instead
+    of the app."""
 
     def __init__(self, runner: web.BaseRunner, sock: socket.socket, *, max_connections: int, **kwargs):
         super().__init__(runner, sock, **kwargs)
@@ -140,7 +140,7 @@ class CappedSite(web.SockSite):
         assert server is not None
 
         def protocol() -> asyncio.Protocol:
-            if len(server.connections) >= self.max_connections:
+            if self.max_connections and len(server.connections) >= self.max_connections:
                 return Refused(self.max_connections)
             return server()
         self._server = await asyncio.get_running_loop().create_server(protocol, sock=self._sock,
@@ -190,7 +190,7 @@ class Refused(asyncio.Protocol):
         match = AGENT_PREFIX.match(path.partition("?")[0])
         body = error_body(api_of(match.group(2) or "/" if match else path, headers), "overloaded",
                           f"sidecar: too many connections ({self.limit} open, the limit); retry shortly, "
-                          f"or use fewer agents or connections per sidecar")
+                          f"use fewer connections, or raise [proxy] max_connections")
         self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
                              b"content-length: %d\r\nretry-after: 1\r\nretry-after-ms: 1000\r\n"
                              b"x-sidecar-error: overloaded\r\nconnection: close\r\n\r\n%s" % (len(body), body))

@@ -4,7 +4,10 @@ On every completed turn the conversation's messages and the assistant's answer
 are merged into its checkpoint, in one LMDB transaction that commits before the
 answer's last byte is relayed: whatever the agent saw is on disk. Rows:
 `s:{id}` the meta, `y:{id}` the system prompt (its own row, rewritten only when
-it changes: it can be large), `m:{id}:{index}` one per message.
+it changes: it can be large), `m:{id}:{index}` one per message, and
+`u:{updated}{id}` -> agent, the index that finds the least recently updated
+conversation for the state's byte budget (state_budget.py), and `q:{id}:{response id}`
+for each `p:` row below, so that they go with their conversation.
 
 The merge is exact: each message is serialised once, its bytes compared with
 its stored row (read in one cursor walk; several times cheaper than hashing
@@ -19,7 +22,9 @@ how many items it had, so the turn's items are merged from there on.
 
 from __future__ import annotations
 
+import struct
 import time
+from typing import Callable
 
 import lmdb
 import orjson
@@ -33,6 +38,11 @@ from .store import Lmdb
 
 # Meta fields for the store's own use, not shown; `hashes` were per-message digests earlier versions kept.
 PRIVATE = ("hashes", "system_digest", "tools_digest", "tools_hash")
+STAMP = struct.Struct(">d")
+
+
+def index_key(updated: float, sid: str | bytes) -> bytes:
+    return b"u:" + STAMP.pack(updated) + (sid.encode() if isinstance(sid, str) else sid)
 
 
 class Sessions:
@@ -41,10 +51,13 @@ class Sessions:
     def __init__(self, lmdb_env: Lmdb, mirror=None):
         self.lmdb = lmdb_env
         self.mirror = mirror     # RedisCheckpoints for a fleet, or None
-        self._db = lmdb_env.db["sessions"]
         self.armed: Restore | None = None    # for the next conversation that continues a checkpoint
         # The last turn checkpointed per conversation (its request hash): a hit repeating it is already kept.
         self._last_turn: dict[str, bytes] = {}
+
+    @property
+    def _db(self):
+        return self.lmdb.db["sessions"]   # looked up per use: a store that could not be opened reopens
 
     # -- checkpoints --
     @staticmethod
@@ -110,6 +123,7 @@ class Sessions:
         total = start + len(rows)
         if ends is not None:
             txn.put(b"p:" + ends.encode(), orjson.dumps([sid, total]), db=self._db)
+            txn.put(b"q:" + sid.encode() + b":" + ends.encode(), b"", db=self._db)   # p: rows go with it
         changed: list[int] = []   # differing beyond their prompt-cache markers
         differ = self._differing(txn, sid, rows, changed, start)
         if count > total and (not differ or differ[0] == total - 1):
@@ -130,10 +144,13 @@ class Sessions:
             txn.put(f"y:{sid}".encode(), orjson.dumps(system), db=self._db)
             stored["system_digest"] = system_digest
         stored.pop("hashes", None)
+        if stored.get("updated") is not None:
+            txn.delete(index_key(stored["updated"], sid), db=self._db)
         stored.update(model=meta["model"] or stored.get("model"), tools_digest=meta["tools_digest"],
                       tools_hash=meta["tools_hash"],
                       updated=time.time(), turns=stored.get("turns", 0) + 1, messages=total)
         txn.put(key, orjson.dumps(stored), db=self._db)
+        txn.put(index_key(stored["updated"], sid), str(stored.get("agent", "")).encode(), db=self._db)
 
     def _differing(self, txn: lmdb.Transaction, sid: str, rows: list[bytes], changed: list[int],
                    start: int = 0) -> list[int]:
@@ -205,17 +222,60 @@ class Sessions:
         return self.lmdb.read(walk, [])
 
     def delete_now(self, sid: str) -> None:
-        prefix = f"m:{sid}:".encode()
+        self.lmdb.write_now(lambda txn: self._remove(txn, sid))
 
-        def remove(txn: lmdb.Transaction) -> None:
-            txn.delete(f"s:{sid}".encode(), db=self._db)
-            txn.delete(f"y:{sid}".encode(), db=self._db)
+    def _remove(self, txn: lmdb.Transaction, sid: str | bytes) -> int:
+        """Delete a conversation's rows; returns the bytes they held."""
+        sid = sid.encode() if isinstance(sid, str) else sid
+        freed = 0
+        meta = txn.get(b"s:" + sid, db=self._db)
+        if meta is not None:
+            try:
+                updated = orjson.loads(meta).get("updated")
+            except (orjson.JSONDecodeError, AttributeError):
+                updated = None
+            if updated is not None:
+                txn.delete(index_key(updated, sid), db=self._db)
+        for key in (b"s:" + sid, b"y:" + sid):
+            value = txn.get(key, db=self._db)
+            if value is not None:
+                freed += len(key) + len(value)
+                txn.delete(key, db=self._db)
+        for prefix in (b"m:" + sid + b":", b"q:" + sid + b":"):
             cursor = txn.cursor(db=self._db)
             if cursor.set_range(prefix):
                 while cursor.key().startswith(prefix):
+                    freed += len(cursor.key()) + len(cursor.value())
+                    if prefix[0] == ord("q"):   # the answer ids of this conversation: their p: rows too
+                        txn.delete(b"p:" + cursor.key()[len(prefix):], db=self._db)
                     if not cursor.delete():
                         break
-        self.lmdb.write_now(remove)
+        return freed
+
+    def least_recent(self, txn: lmdb.Transaction, keep: Callable[[str, float], bool] | None = None
+                     ) -> bytes | None:
+        """The `u:` row of the least recently updated conversation; with `keep` (agent, last turn -> whether
+        to keep it), of the least recently updated one not kept."""
+        cursor = txn.cursor(db=self._db)
+        if not cursor.set_range(b"u:"):
+            return None
+        for key, agent in cursor:
+            if not key.startswith(b"u:"):
+                return None
+            if keep is None or not keep(agent.decode(errors="replace"), STAMP.unpack(key[2:10])[0]):
+                return key
+        return None
+
+    @staticmethod
+    def row_info(row: bytes) -> tuple[float, str]:
+        """(last turn, id) of a `u:` row."""
+        return STAMP.unpack(row[2:10])[0], row[10:].decode(errors="replace")
+
+    def evict_one(self, txn: lmdb.Transaction, row: bytes) -> int:
+        """Remove the conversation of a `u:` row for the state's budget (the row itself even if the rest is
+        gone: progress is sure); returns the bytes freed."""
+        txn.delete(row, db=self._db)
+        return self._remove(txn, row[10:]) + len(row)
 
     # -- restoring --
     def arm(self, ref: str) -> dict | None:

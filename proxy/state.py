@@ -35,7 +35,8 @@ from .sessions import Sessions
 from .stats import Stats
 from .timing import record_of
 from .routes import Upstreams
-from .store import Lmdb, StoreError, open_lmdb
+from .state_budget import StateBudget
+from .store import Lmdb, ResponseStore, StoreError, map_size_of, open_lmdb
 from .errors import Fault
 from .upstream import UpstreamClient
 
@@ -97,7 +98,7 @@ class ProxyState:
             self.lmdb = open_lmdb(self.config)
         except StoreError as exc:   # the proxy starts anyway: calls are forwarded, nothing is stored
             log.error("sidecar: %s; forwarding calls uncached until then", exc)
-            self.lmdb = Lmdb.unavailable(self.config.state_dir)
+            self.lmdb = Lmdb.unavailable(self.config.state_dir, map_size_of(self.config), self.config.state.durable)
             self._store_failed(exc)
         self.lmdb.report = self._store_failed
         self.budgets = Budgets(self.config.limits, self.monitor.emit)
@@ -115,6 +116,12 @@ class ProxyState:
         self.records = RecordLog(self.lmdb, self.config.stats.max_records)
         self._seed_budgets()
         self.sessions = Sessions(self.lmdb, mirror=self.backends.mirror)
+        if self.config.state.max_mb:
+            store = self.backends.store if isinstance(self.backends.store, ResponseStore) else None
+            loop = asyncio.get_running_loop()
+            self.lmdb.budget = StateBudget(self.lmdb, int(self.config.state.max_mb * 1024 * 1024), store, self.records,
+                                      self.sessions, agents=self._agents,
+                                      on_evicted=lambda dropped: loop.call_soon_threadsafe(self._evicted, dropped))
         self.telemetry = telemetry.start(self.config.telemetry, self.upstreams, self._export_failing)
         if self.telemetry is not None:
             self.monitor.listeners.append(self._agent_run_span)
@@ -125,6 +132,18 @@ class ProxyState:
         since = self.budgets.since()
         if since is not None:
             self._side("budget", lambda: self.budgets.seed(self.records.read(since)))
+
+    def _agents(self) -> dict[str, bool]:
+        """The agents attached: id -> whether it runs (read from the writer thread too: a copy taken at once)."""
+        return {ident: agent.state != "exited" for ident, agent in list(self.monitor.agents.items())}
+
+    def _evicted(self, dropped: list[dict]) -> None:
+        """The state's budget had to drop running conversations' checkpoints: one event says which."""
+        self.monitor.emit(make_event("checkpoint_evicted", "info", sessions=[d["session"] for d in dropped][:20],
+                                     agents=sorted({d["agent"] for d in dropped})[:20],
+                                     effect="the agents go on; each conversation is checkpointed again, whole, "
+                                            "at its next turn; a restore before then would not find it",
+                                     fix="raise [state] max_mb (the state's byte budget)"))
 
     def _store_failed(self, error: BaseException | None) -> None:
         """The state store stopped (or resumed) taking writes: the `store_unavailable` event, raised once."""

@@ -4,9 +4,10 @@
 `sidecar stats` (records read back from the state directory), so both say the
 same thing. `Stats` keeps counters and histograms updated per call in O(1).
 Its label sets stay bounded in a long-lived shared sidecar: at most
-`max_agents` agents have series of their own; when a new one comes, the one
-seen least recently is folded into `agent="other"` (its counts added there,
-so every total stays monotonic) and its series leave the exposition.
+`max_agents` agents and `max_models` models (any client may send any model
+name) have series of their own; when a new one comes, the one seen least
+recently is folded into `agent="other"` / `model="other"` (its counts added
+there, so every total stays monotonic) and its series leave the exposition.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ PHASES = ("total_ms", "ttft_ms", "queue_ms", "overhead_ms")
 # Token counts a record carries beside input and output (proxy/usage.py).
 TOKEN_KINDS = ("cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "reasoning_tokens")
 MAX_AGENT_LABELS = 100   # agents with series of their own in /_sidecar/metrics; the rest are agent="other"
+MAX_MODEL_LABELS = 50    # models with series of their own; the rest are model="other"
 OTHER = "other"
 
 
@@ -130,10 +132,12 @@ MAX_SESSIONS = 1000   # sessions whose totals the live page shows; the least rec
 class Stats:
     """Live counters and histograms, plus the most recent records for summaries."""
 
-    def __init__(self, window: int = 5000, max_agents: int = MAX_AGENT_LABELS):
+    def __init__(self, window: int = 5000, max_agents: int = MAX_AGENT_LABELS, max_models: int = MAX_MODEL_LABELS):
         self.recent: deque[dict] = deque(maxlen=window)
         self.max_agents = max_agents
-        self.agent_series: OrderedDict[str, set[tuple]] = OrderedDict()   # least recently seen first
+        self.max_models = max_models
+        # label -> value -> the series carrying it, as (family, key); least recently seen first
+        self.series: dict[str, OrderedDict[str, set[tuple]]] = {"agent": OrderedDict(), "model": OrderedDict()}
         self.calls: Counter[tuple] = Counter()
         self.tokens: Counter[tuple] = Counter()
         self.money: dict[str, Counter[tuple]] = {name: Counter() for name in MONEY}
@@ -147,8 +151,9 @@ class Stats:
 
     def observe(self, record: dict) -> None:
         self.recent.append(record)
-        agent = self._agent_label(record["agent"])
-        labels = (("agent", agent), ("route", record["route"]), ("model", record["model"] or "-"))
+        agent = self._label("agent", record["agent"], self.max_agents)
+        model = self._label("model", record["model"] or "-", self.max_models)
+        labels = (("agent", agent), ("route", record["route"]), ("model", model))
         call = labels + (("cache", record["cache"] or "none"), ("status", str(record["status"])))
         by_model = labels[:1] + labels[2:]
         tokens_in = by_model + (("direction", "input"),)
@@ -156,7 +161,7 @@ class Stats:
         self.calls[call] += 1
         self.tokens[tokens_in] += record["input_tokens"]
         self.tokens[tokens_out] += record["output_tokens"]
-        series = [("calls", call), ("tokens", tokens_in), ("tokens", tokens_out)]
+        keys = [("calls", call), ("tokens", tokens_in), ("tokens", tokens_out)]
         hit = record["cache"] in ("hit", "coalesced")
         if not hit:
             cost = record.get("cost_usd")
@@ -167,9 +172,7 @@ class Stats:
                     ("sidecar_cost_usd_total", by_model, cost or 0.0),
                     ("sidecar_unpriced_calls_total", by_model, 1 if cost is None else 0)):
                 self.money[name][key] += value
-                series.append((name, key))
-        if agent != OTHER:
-            self.agent_series[agent].update(series)
+                keys.append((name, key))
         if hit:
             self.saved_tokens += record["input_tokens"] + record["output_tokens"]
             self.saved_seconds += record.get("saved_s") or 0.0
@@ -185,6 +188,11 @@ class Stats:
             series = self.histograms[field].setdefault(labels[2:], [0] * (len(buckets) + 1) + [0.0])
             series[bisect.bisect_left(buckets, value / 1000)] += 1
             series[-1] += value / 1000
+            keys.append((field, labels[2:]))
+        if agent != OTHER:
+            self.series["agent"][agent].update(k for k in keys if k[0] not in self.histograms)
+        if model != OTHER:
+            self.series["model"][model].update(keys)
 
     def _session(self, record: dict, hit: bool) -> None:
         totals = self.sessions.get(record["session"])
@@ -208,25 +216,39 @@ class Stats:
         return {"calls": calls, "cost_usd": None if unpriced and not cost else round(cost, 8),
                 "cost_unknown": unpriced, "prompt_cache_ratio": round(read / sent, 4) if sent else None}
 
-    def _counter(self, name: str) -> Counter:
-        return self.calls if name == "calls" else self.tokens if name == "tokens" else self.money[name]
-
-    def _agent_label(self, agent: str) -> str:
-        """The agent's own label, or "other" once `max_agents` others were seen more recently. O(1) per call;
-        folding an agent costs its own series, once."""
-        if agent == OTHER or agent in self.agent_series:
-            if agent != OTHER:
-                self.agent_series.move_to_end(agent)
-            return agent
-        if self.max_agents <= 0:
+    def _label(self, name: str, value: str, limit: int) -> str:
+        """The value's own label, or "other" once `limit` others were seen more recently. O(1) per call;
+        folding a value costs its own series, once."""
+        seen = self.series[name]
+        if value == OTHER or value in seen:
+            if value != OTHER:
+                seen.move_to_end(value)
+            return value
+        if limit <= 0:
             return OTHER
-        if len(self.agent_series) >= self.max_agents:
-            _, series = self.agent_series.popitem(last=False)
-            for name, key in series:
-                counter = self._counter(name)
-                counter[((("agent", OTHER),) + key[1:])] += counter.pop(key)
-        self.agent_series[agent] = set()
-        return agent
+        if len(seen) >= limit:
+            _, series = seen.popitem(last=False)
+            for family, key in series:
+                self._fold(name, family, key)
+        seen[value] = set()
+        return value
+
+    def _fold(self, name: str, family: str, key: tuple) -> None:
+        """Add one series into its `name="other"` twin; the twin stays known under its other label."""
+        store = self.calls if family == "calls" else self.tokens if family == "tokens" else \
+            self.money[family] if family in self.money else self.histograms[family]
+        if key not in store:
+            return
+        twin = tuple((k, OTHER if k == name else v) for k, v in key)
+        if isinstance(store, Counter):
+            store[twin] += store.pop(key)
+        else:
+            moved = store.pop(key)
+            store[twin] = [a + b for a, b in zip(store[twin], moved)] if twin in store else moved
+        for label, value in key:
+            if label != name and label in self.series and value in self.series[label]:
+                self.series[label][value].discard((family, key))
+                self.series[label][value].add((family, twin))
 
     def prometheus(self, gauges: dict[str, tuple[str, float]]) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""

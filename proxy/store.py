@@ -18,9 +18,20 @@ No `writemap`: pages are written with pwrite(), so a full disk is a failed
 commit (an error), never a SIGBUS on a sparse mapping; it costs a few
 microseconds per commit. The proxy's writes (`Lmdb.submit`, `Lmdb.write`) fail open: a
 failing store is reported once through `report` (the `store_unavailable`
-event) and cleared by the next commit that succeeds. A store that cannot be
+event) and cleared by the next commit that succeeds with RESUME_FREE bytes
+free on its file system (on a nearly full disk small commits still pass
+between failing large ones: the event does not flap). A store that cannot be
 opened raises `StoreError` naming the file and the fix; the proxy then runs
-on `Lmdb.unavailable`, where reads find nothing and writes keep nothing.
+on `Lmdb.unavailable`, where reads find nothing and writes keep nothing,
+until the store can be opened again: a read or write tries once the file
+changed (`sidecar cache clear` set it aside, say) or REOPEN_GAP seconds
+after the last try (space or permissions came back). A store found broken by
+a read is closed and treated the same way.
+
+Formats are versioned (migrations.py): an older store is upgraded as it is
+opened, a newer one refused. A `budget` (state_budget.py) set on the environment
+runs at the end of every write transaction, so the state stays within
+`[state] max_mb`.
 """
 
 from __future__ import annotations
@@ -37,10 +48,17 @@ from typing import Awaitable, Callable, Iterator, TypeVar
 
 import lmdb
 
+from . import migrations
+from .cache_key import KEY_VERSION
+
 log = logging.getLogger("sidecar")
 T = TypeVar("T")
-FORMAT_VERSION = b"1"
 MIN_MAP = 256 << 20
+RESUME_FREE = 1 << 20   # bytes free the file system needs before a failing store counts as written again
+REOPEN_GAP = 30.0   # seconds between tries to open a store that could not be opened, unless its file changed
+# What a broken file raises: the store is not readable (as opposed to a full disk or a busy reader table).
+BROKEN = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.IncompatibleError,
+          lmdb.VersionMismatchError, lmdb.BadValsizeError)
 
 
 class StoreError(Exception):
@@ -49,7 +67,7 @@ class StoreError(Exception):
 
 FIX = ("run 'sidecar cache clear' (it sets the broken store aside and starts afresh: cache, sessions and call "
        "records) or move {dir} aside")
-STORE_ERRORS = (lmdb.Error, OSError)   # what a failing disk or a broken store raises from a transaction
+STORE_ERRORS = (lmdb.Error, OSError, StoreError)   # what a failing disk or a broken store raises from a transaction
 
 
 def open_state_dir(path: Path) -> Path:
@@ -75,21 +93,27 @@ def set_aside(state_dir: Path) -> Path | None:
 class Lmdb:
     """One environment with named databases; writes commit inline, or on a writer thread when durable."""
 
-    DATABASES = (b"meta", b"responses", b"access", b"lru", b"records", b"sessions", b"events")
+    DATABASES = (b"meta", b"responses", b"access", b"lru", b"records", b"sessions", b"events", b"created")
 
     def __init__(self, state_dir: Path, map_size: int, durable: bool = False):
         self.path = open_state_dir(state_dir) / "lmdb"
-        self.path.mkdir(exist_ok=True, mode=0o700)
         self.env = None
+        self.db: dict = dict.fromkeys((name.decode() for name in self.DATABASES), None)
         self.report: Callable[[BaseException | None], None] | None = None   # the proxy's store_unavailable
         self.failing: BaseException | None = None   # the last write's error, until a write succeeds
+        self.budget = None   # a budget.Budget: run at the end of every write transaction
         self.durable = durable
+        self.map_size = max(map_size, MIN_MAP)
         self._resize = threading.RLock()
+        self._swap = threading.Lock()   # held by a write transaction; taken to close a broken store under it
         self._writer: ThreadPoolExecutor | None = None
         self._queued: list[tuple[Callable, asyncio.Future]] = []   # this loop turn's writes, committed together
-        self._open(max(map_size, MIN_MAP), durable)
+        self._last_try = (0.0, None)    # when the store was last found unopenable, and its file then
+        self._closed = False
+        self._open(self.map_size, durable)
 
     def _open(self, map_size: int, durable: bool) -> None:
+        self.path.mkdir(exist_ok=True, mode=0o700)
         data = self.path / "data.mdb"
         if data.exists() and not data.is_file():
             raise broken(self.path, "is not a file")
@@ -101,8 +125,7 @@ class Lmdb:
                                  max_readers=512, readahead=False, lock=True, sync=durable, metasync=durable)
             self.db = {name.decode(): self.env.open_db(name) for name in self.DATABASES}
             self._check_version()
-        except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.IncompatibleError,
-                lmdb.VersionMismatchError, lmdb.BadValsizeError) as exc:
+        except BROKEN as exc:
             self._discard()
             raise broken(self.path, f"is not a readable sidecar store ({exc})") from None
         except StoreError:
@@ -119,30 +142,81 @@ class Lmdb:
         if self.env is not None:
             self.env.close()
             self.env = None
+        self.db = dict.fromkeys(self.db, None)
 
     @classmethod
-    def unavailable(cls, state_dir: Path) -> "Lmdb":
-        """A stand-in for a store that could not be opened: reads find nothing, writes keep nothing."""
+    def unavailable(cls, state_dir: Path, map_size: int = MIN_MAP, durable: bool = False) -> "Lmdb":
+        """A stand-in for a store that could not be opened: reads find nothing, writes keep nothing, until
+        the store can be opened again (`reopen`)."""
         self = cls.__new__(cls)
-        self.path, self.env, self.report, self.failing, self.durable = state_dir / "lmdb", None, None, None, False
+        self.path, self.env, self.report, self.failing, self.budget = state_dir / "lmdb", None, None, None, None
         self.db = dict.fromkeys((name.decode() for name in cls.DATABASES), None)
-        self._resize, self._writer, self._queued = threading.RLock(), None, []
+        self.durable, self.map_size = durable, max(map_size, MIN_MAP)
+        self._resize, self._swap, self._writer, self._queued = threading.RLock(), threading.Lock(), None, []
+        self._last_try, self._closed = (time.monotonic(), self._file_id()), False
         return self
 
     @property
     def available(self) -> bool:
         return self.env is not None
 
+    def _file_id(self) -> tuple | None:
+        """What identifies the store's file now: it changes when the file is replaced, moved, grown or chmod-ed."""
+        try:
+            st = os.stat(self.path / "data.mdb")
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def reopen(self) -> bool:
+        """For a store that could not be opened: try again if its file changed or REOPEN_GAP seconds passed
+        (a stat call otherwise). Returns whether the store is open; its recovery is reported once."""
+        if self.env is not None or self._closed:
+            return self.env is not None
+        when, file_id = self._last_try
+        now, current = time.monotonic(), self._file_id()
+        if current == file_id and now - when < REOPEN_GAP:
+            return False
+        self._last_try = (now, current)
+        try:
+            self._open(self.map_size, self.durable)
+        except StoreError:
+            return False
+        log.warning("sidecar: the state store at %s is open again; caching resumes", self.path)
+        self.failing = None
+        if self.report is not None:
+            self.report(None)
+        return True
+
     def _check_version(self) -> None:
-        with self.env.begin(db=self.db["meta"], write=True) as txn:
-            found = txn.get(b"format")
+        """Upgrade an older format in place (one transaction), refuse a newer one; stamp a new store."""
+        meta = self.db["meta"]
+        with self.env.begin(write=True) as txn:
+            found = txn.get(b"format", db=meta)
+            keys_found = txn.get(b"key_version", db=meta)
             if found is None:
-                txn.put(b"format", FORMAT_VERSION)
-            elif found != FORMAT_VERSION:
+                if txn.stat(self.db["responses"])["entries"] or txn.stat(self.db["sessions"])["entries"]:
+                    raise broken(self.path, "holds data but no format version (not written by a sidecar)")
+                txn.put(b"format", str(migrations.CURRENT).encode(), db=meta)
+                txn.put(b"key_version", str(KEY_VERSION).encode(), db=meta)
+                return
+            version = int(found) if found.isdigit() else None
+            keys = int(keys_found) if keys_found is not None and keys_found.isdigit() else 1
+            if version is None or version > migrations.CURRENT or keys > KEY_VERSION:
                 shown = found.decode(errors="replace")[:20]
-                raise StoreError(f"the state store {self.path / 'data.mdb'} has format {shown!r}, this sidecar "
-                                 f"reads {FORMAT_VERSION.decode()!r}; upgrade the sidecar, or "
-                                 + FIX.format(dir=self.path))
+                raise StoreError(f"the state store {self.path / 'data.mdb'} has format {shown!r} (cache keys of "
+                                 f"form {keys}), this sidecar reads format {migrations.CURRENT} (keys of form "
+                                 f"{KEY_VERSION}); upgrade the sidecar, or " + FIX.format(dir=self.path))
+            if version < migrations.CURRENT:
+                migrations.migrate(txn, self.db, version)
+                log.warning("sidecar: upgraded the state store at %s from format %d to %d", self.path, version,
+                            migrations.CURRENT)
+            if keys < KEY_VERSION:
+                dropped = migrations.drop_cache(txn, self.db)
+                txn.put(b"key_version", str(KEY_VERSION).encode(), db=meta)
+                log.warning("sidecar: dropped %d cache entries keyed in form %d (this sidecar makes form %d, so "
+                            "they could never be hit); sessions and call records are kept", dropped, keys,
+                            KEY_VERSION)
 
     def _begin(self) -> lmdb.Transaction:
         """A read transaction; a map another process grew is adopted (MapResizedError comes at begin)."""
@@ -156,7 +230,7 @@ class Lmdb:
 
     def read(self, func: Callable[[lmdb.Transaction], T], default: T = None) -> T:
         """Run a short read transaction inline: the one way to read. `default` when the store is unavailable."""
-        if self.env is None:
+        if self.env is None and not self.reopen():
             return default
         try:
             with self._resize, self._begin() as txn:   # no map growth in this process while it reads
@@ -167,7 +241,7 @@ class Lmdb:
 
     def scan(self, func: Callable[[lmdb.Transaction], Iterator[T]]) -> Iterator[T]:
         """`read` for a walk: yields what func(txn) yields, in one read transaction; nothing when unavailable."""
-        if self.env is None:
+        if self.env is None and not self.reopen():
             return
         try:
             with self._begin() as txn:
@@ -184,17 +258,31 @@ class Lmdb:
             log.error("sidecar: %s", error)
             self.report(error)
         self.failing = error
+        if isinstance(exc, BROKEN):
+            self._close_broken()
+
+    def _close_broken(self) -> None:
+        """A store found broken is closed (after any write in flight), to be opened again once its file changes:
+        `sidecar cache clear` sets it aside while the proxy runs."""
+        with self._swap:
+            self._discard()
+        self._last_try = (time.monotonic(), self._file_id())
 
     def write_now(self, func: Callable[[lmdb.Transaction], T]) -> T:
         """Run a write transaction in the calling thread: the event loop's (commits without fsync), the
         writer thread (durable commits) or a CLI's. A full map is doubled and the write retried, twice at
         most; a map another process grew is adopted."""
-        if self.env is None:
-            raise StoreError(f"the state store at {self.path} is unavailable")
         for attempt in range(3):
             try:
-                with self.env.begin(write=True) as txn:
-                    return func(txn)
+                with self._swap:
+                    if self.env is None:
+                        raise StoreError(f"the state store at {self.path} is unavailable")
+                    with self.env.begin(write=True) as txn:
+                        result = func(txn)
+                        evicted = self.budget.enforce(txn) if self.budget is not None else None
+                if evicted:   # committed: now it can be said
+                    self.budget.report(evicted)
+                return result
             except lmdb.MapResizedError:
                 with self._resize:
                     self.env.set_mapsize(0)
@@ -215,7 +303,7 @@ class Lmdb:
         and the futures give None; the next commit that succeeds reports the recovery."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        if self.env is None:
+        if self.env is None and not self.reopen():
             done.set_result(None)
             return done
         if not self._queued:
@@ -266,9 +354,11 @@ class Lmdb:
                     self.report(outcome)
                 self.failing = outcome
                 outcomes = [(True, None)] * len(batch)
+                if isinstance(outcome, BROKEN):
+                    self._close_broken()
         else:
             outcomes = outcome
-            if self.failing is not None:
+            if self.failing is not None and self._has_room():   # not a small write squeezed into the last pages
                 self.failing = None
                 log.warning("the state store at %s is written again", self.path)
                 if self.report is not None:
@@ -281,7 +371,16 @@ class Lmdb:
             else:
                 done.set_exception(value)
 
+    def _has_room(self) -> bool:
+        """Whether the file system of the store has RESUME_FREE bytes free (a recovery, not a flap)."""
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return True
+        return st.f_bavail * st.f_frsize >= RESUME_FREE
+
     def close(self) -> None:
+        self._closed = True
         if self._queued:   # writes queued in the loop's last turn
             batch, self._queued = self._queued, []
             outcome = self._commit(batch)
@@ -299,31 +398,55 @@ class Lmdb:
         self.env = None
 
 
+def map_size_of(config) -> int:
+    """A map comfortably above the state's budget (or the cache's limit): address space, not disk."""
+    return 2 * int((config.state.max_mb or config.cache.max_size_mb) * 1024 * 1024) + (256 << 20)
+
+
 def open_lmdb(config) -> Lmdb:
-    """The state store of a config, with a map comfortably above the cache's size limit."""
-    max_bytes = int(config.cache.max_size_mb * 1024 * 1024)
-    return Lmdb(config.state_dir, map_size=2 * max_bytes + (256 << 20), durable=config.state.durable)
+    """The state store of a config."""
+    return Lmdb(config.state_dir, map_size=map_size_of(config), durable=config.state.durable)
 
 
-def _stamp(t: float) -> bytes:
-    return struct.pack(">d", t)
+_stamp = migrations.STAMP.pack
+SIZE = struct.Struct(">Q")
+
+
+def _unstamp(raw: bytes) -> float:
+    return migrations.STAMP.unpack(raw[:8])[0]
 
 
 class ResponseStore:
-    """Cached answers by key, with size accounting and least-recently-used eviction."""
+    """Cached answers by key, with size accounting, expiry and least-recently-used eviction.
 
-    def __init__(self, lmdb_env: Lmdb, max_size: int):
+    Rows (format 2): responses key -> entry; access key -> last use + size + created; lru last use + key;
+    created created + key. An entry older than `ttl` is never served nor touched: it is the first to go,
+    dropped by the next write."""
+
+    _responses = property(lambda self: self.lmdb.db["responses"])   # looked up per use: a store reopens
+    _access = property(lambda self: self.lmdb.db["access"])
+    _lru = property(lambda self: self.lmdb.db["lru"])
+    _created = property(lambda self: self.lmdb.db["created"])
+    _meta = property(lambda self: self.lmdb.db["meta"])
+
+    def __init__(self, lmdb_env: Lmdb, max_size: int, ttl: float = 0.0):
         self.lmdb = lmdb_env
         self.max_size = max_size
-        self._responses, self._access, self._lru, self._meta = (lmdb_env.db.get(n) for n in
-                                                                 ("responses", "access", "lru", "meta"))
+        self.ttl = ttl
         self._touched: dict[bytes, float] = {}
+        self._expired: set[bytes] = set()   # read past their TTL: dropped by the next write
 
     async def get(self, key: bytes) -> bytes | None:
         """A memory-mapped read, done inline: microseconds, never a thread hop."""
-        blob = self.lmdb.read(lambda txn: txn.get(key, db=self._responses))
-        if blob is not None:
-            self._touched[key] = time.time()
+        blob, access = self.lmdb.read(lambda txn: (txn.get(key, db=self._responses),
+                                                   txn.get(key, db=self._access)), (None, None))
+        if blob is None:
+            return None
+        now = time.time()
+        if self.ttl and access is not None and len(access) >= 24 and now - _unstamp(access[16:]) > self.ttl:
+            self._expired.add(key)
+            return None
+        self._touched[key] = now
         return blob
 
     def put(self, key: bytes, blob: bytes) -> Awaitable[None]:
@@ -333,21 +456,31 @@ class ResponseStore:
         touched, self._touched = self._touched, {}
         return self.lmdb.submit(lambda txn: self._put(txn, key, blob, touched))
 
-    def _put(self, txn: lmdb.Transaction, key: bytes, blob: bytes, touched: dict[bytes, float]) -> None:
+    def _put(self, txn: lmdb.Transaction, key: bytes, blob: bytes, touched: dict[bytes, float],
+             created: float | None = None) -> None:
         for old_key, when in touched.items():
             self._touch(txn, old_key, when)
-        total = self._total(txn) - self._remove(txn, key) + len(blob)
+        total = self._total(txn) - self._drop_expired(txn) - self._remove(txn, key) + len(blob)
         total -= self._evict(txn, total - self.max_size)
-        txn.put(key, blob, db=self._responses)
         now = time.time()
-        txn.put(key, _stamp(now) + struct.pack(">Q", len(blob)), db=self._access)
+        created = created or now
+        txn.put(key, blob, db=self._responses)
+        txn.put(key, _stamp(now) + SIZE.pack(len(blob)) + _stamp(created), db=self._access)
         txn.put(_stamp(now) + key, b"", db=self._lru)
-        txn.put(b"bytes", struct.pack(">Q", total), db=self._meta)
+        txn.put(_stamp(created) + key, b"", db=self._created)
+        txn.put(b"bytes", SIZE.pack(max(0, total)), db=self._meta)
 
     async def flush_touches(self) -> None:
-        if self._touched:
+        if self._touched or self._expired:
             touched, self._touched = self._touched, {}
-            await self.lmdb.write(lambda txn: [self._touch(txn, k, t) for k, t in touched.items()])
+            await self.lmdb.write(lambda txn: self._flush(txn, touched))
+
+    def _flush(self, txn: lmdb.Transaction, touched: dict[bytes, float]) -> None:
+        for key, when in touched.items():
+            self._touch(txn, key, when)
+        freed = self._drop_expired(txn)
+        if freed:
+            txn.put(b"bytes", SIZE.pack(max(0, self._total(txn) - freed)), db=self._meta)
 
     def _touch(self, txn: lmdb.Transaction, key: bytes, when: float) -> None:
         access = txn.get(key, db=self._access)
@@ -357,9 +490,14 @@ class ResponseStore:
         txn.put(key, _stamp(when) + access[8:], db=self._access)
         txn.put(_stamp(when) + key, b"", db=self._lru)
 
+    def _drop_expired(self, txn: lmdb.Transaction) -> int:
+        """Remove the entries reads found expired; returns the bytes freed (the caller accounts them)."""
+        expired, self._expired = self._expired, set()
+        return sum(self._remove(txn, key) for key in expired)
+
     def _total(self, txn: lmdb.Transaction) -> int:
         raw = txn.get(b"bytes", db=self._meta)
-        return struct.unpack(">Q", raw)[0] if raw else 0
+        return SIZE.unpack(raw)[0] if raw else 0
 
     def _remove(self, txn: lmdb.Transaction, key: bytes) -> int:
         """Delete one entry and its index rows; returns the bytes freed."""
@@ -369,36 +507,59 @@ class ResponseStore:
         txn.delete(key, db=self._responses)
         txn.delete(key, db=self._access)
         txn.delete(access[:8] + key, db=self._lru)
-        return struct.unpack(">Q", access[8:16])[0]
+        if len(access) >= 24:   # an entry written by a format-1 sidecar since the upgrade has no created row
+            txn.delete(access[16:24] + key, db=self._created)
+        return SIZE.unpack(access[8:16])[0]
+
+    def oldest_expired(self, txn: lmdb.Transaction) -> bytes | None:
+        """The `created` row (created + key) of the entry created longest ago, if it is past its TTL."""
+        if not self.ttl:
+            return None
+        cursor = txn.cursor(db=self._created)
+        if not cursor.first() or time.time() - _unstamp(cursor.key()) <= self.ttl:
+            return None
+        return cursor.key()
+
+    def least_recent(self, txn: lmdb.Transaction) -> bytes | None:
+        """The `lru` row (last use + key) of the least recently used entry."""
+        cursor = txn.cursor(db=self._lru)
+        return cursor.key() if cursor.first() else None
+
+    def evict_row(self, txn: lmdb.Transaction, row: bytes, expired: bool) -> int:
+        """Remove the entry of an index row (the row itself even if the entry is gone: progress is sure);
+        returns the bytes freed. The caller keeps the size accounting."""
+        txn.delete(row, db=self._created if expired else self._lru)
+        return self._remove(txn, row[8:])
+
+    def evict_one(self, txn: lmdb.Transaction, row: bytes, expired: bool) -> int:
+        """`evict_row` for the state's budget, keeping the size accounting."""
+        freed = self.evict_row(txn, row, expired)
+        txn.put(b"bytes", SIZE.pack(max(0, self._total(txn) - freed)), db=self._meta)
+        return freed + 2 * len(row) + 40
 
     def _evict(self, txn: lmdb.Transaction, excess: int) -> int:
-        """Drop least recently used entries until `excess` bytes are freed."""
+        """Drop expired entries, then least recently used ones, until `excess` bytes are freed."""
         freed = 0
-        if excess <= 0:
-            return 0
-        victims = []
-        with txn.cursor(db=self._lru) as cursor:
-            for lru_key, _ in cursor:
-                victims.append(lru_key[8:])
-                access = txn.get(lru_key[8:], db=self._access)
-                freed += struct.unpack(">Q", access[8:16])[0] if access else 0
-                if freed >= excess:
-                    break
-        for key in victims:
-            self._remove(txn, key)
+        while freed < excess:
+            row = self.oldest_expired(txn)
+            expired = row is not None
+            row = row or self.least_recent(txn)
+            if row is None:
+                break
+            freed += self.evict_row(txn, row, expired)
         return freed
 
     async def delete(self, key: bytes) -> None:
         def remove(txn: lmdb.Transaction) -> None:
             freed = self._remove(txn, key)
             if freed:
-                txn.put(b"bytes", struct.pack(">Q", max(0, self._total(txn) - freed)), db=self._meta)
+                txn.put(b"bytes", SIZE.pack(max(0, self._total(txn) - freed)), db=self._meta)
         await self.lmdb.write(remove)
 
     def delete_now(self, keys: list[bytes]) -> int:
         def remove(txn: lmdb.Transaction) -> int:
             freed = sum(self._remove(txn, k) for k in keys)
-            txn.put(b"bytes", struct.pack(">Q", max(0, self._total(txn) - freed)), db=self._meta)
+            txn.put(b"bytes", SIZE.pack(max(0, self._total(txn) - freed)), db=self._meta)
             return freed
         return self.lmdb.write_now(remove)
 
@@ -406,7 +567,7 @@ class ResponseStore:
         """Store entries any key may read, in one transaction (for `sidecar cache import`)."""
         def put_all(txn: lmdb.Transaction) -> None:
             for key, blob in items:
-                self._put(txn, key, blob, {})
+                self._put(txn, key, blob, {}, created=migrations.entry_created(blob))
             txn.put(b"shared", b"1", db=self._meta)
         self.lmdb.write_now(put_all)
 
@@ -414,7 +575,7 @@ class ResponseStore:
         def evict(txn: lmdb.Transaction) -> int:
             total = self._total(txn)
             freed = self._evict(txn, total - self.max_size)
-            txn.put(b"bytes", struct.pack(">Q", total - freed), db=self._meta)
+            txn.put(b"bytes", SIZE.pack(max(0, total - freed)), db=self._meta)
             return freed
         return self.lmdb.write_now(evict)
 

@@ -1,4 +1,5 @@
-"""A long-lived shared sidecar stays bounded: agent table, metric label sets, limiter counters, connections.
+"""A long-lived shared sidecar stays bounded: agent table, agent sampling, metric label sets (agents and models),
+limiter counters, connections.
 
 The table and the label sets are driven through a real in-process proxy; the header timeout and the
 connection cap through `proxy.server.serve` itself (the runner and site `sidecar serve` uses) on a real
@@ -60,6 +61,21 @@ async def test_exited_agents_leave_the_table_beyond_the_most_recent_few(start_ap
     assert list(px.state.monitor.agents) == ["keeps-running", "agent-39", "agent-41", "agent-42", "agent-43"]
 
 
+async def test_an_agent_event_samples_that_agent_only(start_app, mock, monkeypatch):
+    # it sampled every running agent's process tree, on the loop: 5,000 registrations took 0.35 s each
+    px = await start_app(mock.url)
+    monitor = px.state.monitor
+    for n in range(50):
+        monitor.on_agent({"id": f"agent-{n}", "event": "started", "pid": os.getpid()})
+    sampled = []
+    real = Monitor._sample_agent
+    monkeypatch.setattr(Monitor, "_sample_agent", lambda self, agent: (sampled.append(agent.id), real(self, agent)))
+    monitor.on_agent({"id": "one-more", "event": "started", "pid": os.getpid()})
+    monitor.on_agent({"id": "agent-3", "event": "exited", "status": 0})
+    assert sampled == ["one-more"]
+    assert monitor.agents["one-more"].rss > 0
+
+
 async def test_metric_labels_hold_a_bounded_number_of_agents_the_rest_fold_into_other(start_app, mock):
     px = await start_app(mock.url)
     px.state.stats.max_agents = 3
@@ -75,7 +91,25 @@ async def test_metric_labels_hold_a_bounded_number_of_agents_the_rest_fold_into_
     assert dict(calls)["other"] == "9" and dict(calls)["agent-11"] == "2"
     tokens = {a for a in re.findall(r'^sidecar_tokens_total\{agent="([^"]*)"', text, re.M)}
     assert tokens == {"agent-9", "agent-10", "agent-11", "other"}
-    assert len(px.state.stats.agent_series) == 3
+    assert len(px.state.stats.series["agent"]) == 3
+
+
+async def test_metric_labels_hold_a_bounded_number_of_models_the_rest_fold_into_other(start_app, mock):
+    px = await start_app(mock.url)
+    px.state.stats.max_models = 2
+    async with aiohttp.ClientSession() as http:
+        for n in range(8):   # any client may send any model name: each would be a series of its own
+            assert await call(http, px.agent(f"agent-{n % 2}"), model=f"model-{n}") == 200
+        assert await call(http, px.agent("agent-0"), model="model-7") == 200   # a known one stays itself
+        async with http.get(px.url + "/_sidecar/metrics") as resp:
+            text = await resp.text()
+    calls = re.findall(r'^sidecar_calls_total\{.*model="([^"]*)".*\} (\d+)$', text, re.M)
+    assert {model for model, _ in calls} == {"model-6", "model-7", "other"}
+    assert sum(int(n) for _, n in calls) == 9                       # nothing lost: folded, not dropped
+    assert sum(int(n) for m, n in calls if m == "model-7") == 2
+    durations = re.findall(r'^sidecar_call_duration_seconds_count\{model="([^"]*)"\} (\d+)$', text, re.M)
+    assert dict(durations) == {"model-6": "1", "model-7": "2", "other": "6"}
+    assert len(px.state.stats.series["model"]) == 2
 
 
 # ---- limiter counters ---------------------------------------------------------------------------
@@ -137,9 +171,8 @@ async def test_unfinished_request_heads_are_closed_after_the_header_timeout(mock
             w.close()
 
 
-async def test_connections_beyond_the_cap_get_an_api_shaped_503(mock, tmp_path, monkeypatch):
-    monkeypatch.setattr(server, "MAX_CONNECTIONS", 8)
-    async with serving(mock, tmp_path) as port:
+async def test_connections_beyond_the_cap_get_an_api_shaped_503(mock, tmp_path):
+    async with serving(mock, tmp_path, max_connections=8) as port:
         held = [await health(port) for _ in range(8)]
         assert all(answer.startswith(b"HTTP/1.1 200") for _, _, answer in held)
         for path, shape in (("/v1/messages", "anthropic"), ("/a/agent-x/v1/chat/completions", "openai")):

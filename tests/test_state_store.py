@@ -3,11 +3,15 @@
 Real processes on real file systems: the mock upstream (`python -m bench.mock_upstream`) and `sidecar serve`
 run as children; the full disk is a 5 MB tmpfs (skipped where mount is not permitted); the CLI runs as
 `python -m launcher`. Every call through the proxy must be answered.
-- test_full_disk: large answers on a nearly full tmpfs: every call answered, the process alive, one
+- test_full_disk: large answers, 8 at once, on a nearly full tmpfs: every call answered, the process alive, one
   `store_unavailable` event; space freed, the next answer is stored and the event cleared.
 - test_broken_store[<kind>]: a corrupt header, corrupt pages, a newer format, a foreign file: one line
   `sidecar: ...` naming data.mdb and the fix, status 2, for `stats`, `cache stats`, `sessions list`; the
-  proxy starts anyway and forwards uncached, its stats and live page answer; `sidecar cache clear` fixes it.
+  proxy starts anyway and forwards uncached, its stats and live page answer; `sidecar cache clear`, run while
+  the proxy serves, fixes it: the proxy opens the new store at its next call, caches again, clears the event.
+- test_the_byte_budget_holds_under_a_long_run: [state] max_mb = 4, three times that written by a real
+  `sidecar serve`: the file stays within it, old entries and an exited agent's conversations go first, a
+  running agent's conversation is kept whole, every call answered.
 - test_map_grown_by_another_process: a child grows the map; this process's readers (records, sessions,
   cache items) adopt it instead of raising MapResizedError.
 """
@@ -20,11 +24,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from conftest import stop_process
+from proxy.state_budget import StateBudget
+from proxy.store import Lmdb
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -56,13 +63,13 @@ def start(args: list[str], log: Path, ready: str, env: dict) -> tuple[subprocess
 class Rig:
     """A mock upstream and a `sidecar serve` with its state directory at `state`."""
 
-    def __init__(self, tmp: Path, state: Path, output_tokens: int = 12):
+    def __init__(self, tmp: Path, state: Path, output_tokens: int = 12, state_settings: str = ""):
         self.env = child_env(tmp / "home")
         self.config = tmp / "config.toml"
         self.mock, url = start(["-m", "bench.mock_upstream", "--port", "0", "--output-tokens", str(output_tokens)],
                                tmp / "mock.log", "listening on ", self.env)
         self.config.write_text(f'[upstream]\nanthropic = "{url}"\nopenai = "{url}/v1"\n[state]\ndir = "{state}"\n'
-                               f'[cache]\nmax_size_mb = 64.0\n')
+                               f'{state_settings}\n[cache]\nmax_size_mb = 64.0\n')
         self.log = tmp / "sidecar.log"
         self.proc = None
         self.proc, self.url = start(["-m", "launcher", "serve", "--port", "0", "--config", str(self.config)],
@@ -73,10 +80,12 @@ class Rig:
             if proc is not None:
                 stop_process(proc)
 
-    def call(self, text: str) -> tuple[int, dict]:
+    def call(self, text: str | list, agent: str = "") -> tuple[int, dict]:
+        messages = [{"role": "user", "content": text}] if isinstance(text, str) else text
         body = json.dumps({"model": "claude-test", "max_tokens": 30000, "temperature": 0,
-                           "messages": [{"role": "user", "content": text}]}).encode()
-        request = urllib.request.Request(self.url + "/v1/messages", body, method="POST", headers={
+                           "messages": messages}).encode()
+        prefix = f"/a/{agent}" if agent else ""
+        request = urllib.request.Request(self.url + prefix + "/v1/messages", body, method="POST", headers={
             "content-type": "application/json", "x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01"})
         with urllib.request.urlopen(request, timeout=30) as reply:   # a bound against a hang, not a timing
             return reply.status, {k.lower(): v for k, v in reply.headers.items()} | {"body": reply.read()}
@@ -113,7 +122,8 @@ def test_full_disk(tmp_path, tmpfs):
         filler = tmpfs / "filler"
         with filler.open("wb") as out:   # all but about 1.5 MB of the file system
             out.write(b"\0" * (int(os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize) - (3 << 19)))
-        answered = [rig.call(f"full disk {i}")[0] for i in range(40)]
+        with ThreadPoolExecutor(8) as pool:   # under load: 8 calls at once
+            answered = list(pool.map(lambda i: rig.call(f"full disk {i}")[0], range(40)))
         assert answered == [200] * 40
         assert rig.proc.poll() is None, rig.log.read_text()
         overview = rig.overview()
@@ -137,6 +147,55 @@ def test_full_disk(tmp_path, tmpfs):
     finally:
         rig.close()
     assert "Bus error" not in rig.log.read_text() and "Traceback" not in rig.log.read_text()
+
+
+def test_the_byte_budget_holds_under_a_long_run(tmp_path):
+    """Three times the budget written (answers of about 20 KB, a checkpoint and a record per call): the file
+    never passes [state] max_mb; an exited agent's conversations and old entries go, oldest first; the
+    running agent's conversation is kept whole; every call is answered."""
+    budget = 4 << 20
+    rig = Rig(tmp_path, tmp_path / "state", output_tokens=2500, state_settings="max_mb = 4.0")
+    try:
+        token = next((tmp_path / "state" / "tokens").glob("*.token")).read_text()
+        for doc in ({"id": "keeper", "event": "started", "pid": os.getpid()},
+                    {"id": "done", "event": "started", "pid": os.getpid()}, {"id": "done", "event": "exited"}):
+            request = urllib.request.Request(rig.url + "/_sidecar/agents", json.dumps(doc).encode(), method="POST",
+                                             headers={"content-type": "application/json", "x-sidecar-token": token})
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                assert reply.status == 200
+        data, history, sizes = tmp_path / "state" / "lmdb" / "data.mdb", [], []
+        for n in range(600):
+            assert rig.call(f"a one-off question {n}", agent="done")[0] == 200
+            if n % 40 == 0:   # the keeper's conversation: a turn now and then
+                history.append({"role": "user", "content": f"keeper turn {n // 40}"})
+                status, reply = rig.call(history, agent="keeper")
+                assert status == 200
+                history.append({"role": "assistant", "content": json.loads(reply["body"])["content"]})
+                sizes.append(data.stat().st_size)
+        sizes.append(data.stat().st_size)
+        assert max(sizes) <= budget, sizes
+
+        assert rig.call("a one-off question 599", agent="done")[1].get("x-sidecar-cache") == "hit"   # the newest
+        assert rig.call("a one-off question 0", agent="done")[1].get("x-sidecar-cache") == "miss"   # evicted
+        listed = rig.cli("sessions", "list", "--limit", "1000")
+        assert listed.returncode == 0, listed
+        # session, updated (date and time), turns, messages, agent, model
+        rows = [line.split() for line in listed.stdout.decode().splitlines()[1:] if line.strip()]
+        keeper = [row for row in rows if row[5] == "keeper"]
+        assert len(keeper) == 1 and keeper[0][4] == str(len(history)), keeper   # kept, whole
+        assert 20 < sum(1 for row in rows if row[5] == "done") < 600              # the oldest went
+        overview = rig.overview()
+        assert overview["cache"]["entries"] < 600
+        assert not [e for e in overview["events"] if e["kind"] == "checkpoint_evicted"]   # no running one went
+        assert rig.proc.poll() is None
+    finally:
+        rig.close()
+    assert "Traceback" not in rig.log.read_text()
+    env = Lmdb(tmp_path / "state", 1 << 20)   # the pages in use, counted as the budget counts them
+    try:
+        assert env.read(StateBudget(env, budget).used) <= budget
+    finally:
+        env.close()
 
 
 def _store_with_data(state: Path) -> Path:
@@ -192,14 +251,23 @@ def test_broken_store(tmp_path, kind):
         overview = rig.overview()
         assert "store_unavailable" in overview["active_events"], overview
         assert rig.proc.poll() is None
+
+        done = rig.cli("cache", "clear")   # the fix the message names, while the proxy runs
+        assert done.returncode == 0, done
+        assert b"running sidecar uses it from its next call" in done.stdout, done.stdout
+        assert any(p.name.startswith("lmdb.broken-") for p in state.iterdir())
+        assert rig.cli("cache", "stats").returncode == 0
+        # the running proxy opens the new store by itself: caching resumes, the event clears
+        assert rig.call("after the clear")[1].get("x-sidecar-cache") == "miss"
+        assert rig.call("after the clear")[1].get("x-sidecar-cache") == "hit"
+        overview = rig.overview()
+        assert "store_unavailable" not in overview["active_events"], overview
+        ours = sorted((e for e in overview["events"] if e["kind"] == "store_unavailable"), key=lambda e: e["ts"])
+        assert [e["state"] for e in ours] == ["raised", "cleared"], ours
+        assert rig.proc.poll() is None
         assert "Traceback" not in rig.log.read_text()
     finally:
         rig.close()
-
-    done = rig.cli("cache", "clear")   # the fix the message names
-    assert done.returncode == 0, done
-    assert rig.cli("cache", "stats").returncode == 0
-    assert any(p.name.startswith("lmdb.broken-") for p in state.iterdir())
 
 
 GROW = """
