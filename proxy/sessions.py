@@ -100,7 +100,7 @@ class Sessions:
         # A Responses answer's id: the next turn may name it as its previous_response_id.
         ends = answer.get("id") if meta.get("format") and isinstance(answer.get("id"), str) else None
         change: dict = {}
-        await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system, change, start, ends))
+        await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system, start, ends, change))
         if change:   # what changed since the previous turn, in the order a prompt cache reads a request
             call.prefix_change = [name for name in ("tools", "system") if change[name]] + [
                 "system" if isinstance(messages[i - start], dict) and messages[i - start].get("role") in SYSTEM_ROLES
@@ -111,8 +111,8 @@ class Sessions:
         if self.mirror is not None:
             await self.mirror.append(sid, messages if not start else self.messages(sid), {**meta, "system": system})
 
-    def _merge(self, txn: lmdb.Transaction, sid: str, rows: list[bytes], meta: dict, system, change: dict,
-               start: int = 0, ends: str | None = None) -> None:
+    def _merge(self, txn: lmdb.Transaction, sid: str, rows: list[bytes], meta: dict, system, start: int = 0,
+               ends: str | None = None, change: dict | None = None) -> None:
         """Rows are the messages from index `start` on; `ends`: the id of the answer they end with. Into
         `change`: what differs from the previous turn (tools, system, messages beyond their cache markers)."""
         key = f"s:{sid}".encode()
@@ -135,9 +135,9 @@ class Sessions:
         for index in range(total, count):
             txn.delete(self._message_key(sid, index), db=self._db)
         system_digest = digest(system)
-        if old:
+        if old and change is not None:
             before = txn.get(f"y:{sid}".encode(), db=self._db) if stored.get("system_digest") != system_digest else None
-            change.update(tools=stored.get("tools_hash", meta["tools_hash"]) != meta["tools_hash"],
+            change.update(tools=stored.get("tools_hash", meta.get("tools_hash")) != meta.get("tools_hash"),
                           system=before is not None and unmarked(orjson.loads(before)) != unmarked(system),
                           messages=changed[:3])
         if stored.get("system_digest") != system_digest:
@@ -147,7 +147,7 @@ class Sessions:
         if stored.get("updated") is not None:
             txn.delete(index_key(stored["updated"], sid), db=self._db)
         stored.update(model=meta["model"] or stored.get("model"), tools_digest=meta["tools_digest"],
-                      tools_hash=meta["tools_hash"],
+                      tools_hash=meta.get("tools_hash"),
                       updated=time.time(), turns=stored.get("turns", 0) + 1, messages=total)
         txn.put(key, orjson.dumps(stored), db=self._db)
         txn.put(index_key(stored["updated"], sid), str(stored.get("agent", "")).encode(), db=self._db)
