@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -53,7 +54,8 @@ ANY_KEY = b"*"
 
 
 def load_secret(state_dir: Path) -> bytes:
-    """The per-installation HMAC secret, created 0600 on first use."""
+    """The per-installation HMAC secret, created 0600 on first use. Written whole to a private file, then
+    linked into place: a sidecar starting at the same moment reads all 32 bytes or none, never a part."""
     path = state_dir / "partition.secret"
     try:
         return path.read_bytes()
@@ -61,12 +63,15 @@ def load_secret(state_dir: Path) -> bytes:
         pass
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret = secrets.token_bytes(32)
+    fd, draft = tempfile.mkstemp(dir=state_dir, prefix=".partition.")   # 0600
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secret)
+        os.link(draft, path)
     except FileExistsError:  # another sidecar made it first
         return path.read_bytes()
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(secret)
+    finally:
+        os.unlink(draft)
     return secret
 
 

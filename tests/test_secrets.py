@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ ANTHROPIC = {"path": "/v1/messages", "headers": {"anthropic-version": "2023-06-0
 OPENAI = {"path": "/v1/chat/completions", "headers": {},
           "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi."}]}}
 NOT_LOGGED = "the request is not logged"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def ask(url: str, api: dict, headers: dict | None = None, query: str = "") -> tuple[str, str]:
@@ -274,3 +276,15 @@ async def test_serve_logs_bad_requests_without_their_headers(sidecar, mock, isol
     assert secret not in err and "SECRETonSTDERR" not in err, err
     assert err.count(NOT_LOGGED) == len(BAD_REQUESTS) and "Traceback" not in err, err
     assert leaks(isolated_env, [secret, "SECRETonSTDERR"]) == []
+
+
+def test_sidecars_starting_together_share_one_whole_secret(tmp_path):
+    """Eight processes create the partition secret at the same moment: each reads the same 32 bytes."""
+    code = "import sys; from pathlib import Path; from proxy.cache_key import load_secret; " \
+           "sys.stdout.write(load_secret(Path(sys.argv[1])).hex())"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    children = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "state")], env=env,
+                                 stdout=subprocess.PIPE) for _ in range(8)]
+    secrets = {child.communicate(timeout=60)[0] for child in children}
+    assert len(secrets) == 1 and len(bytes.fromhex(secrets.pop().decode())) == 32
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["partition.secret"]   # no drafts left
