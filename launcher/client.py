@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,18 @@ class SidecarRefused(SidecarUnreachable):
     """The sidecar answered, and said no; the message is its own."""
 
 
+def check_url(url: object, what: str = "a sidecar's address") -> str:
+    """`url` if it looks like http://HOST:PORT[/...], else SidecarUnreachable saying what it should look like."""
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        ok = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1)
+    except ValueError:   # a port out of range, a bad IPv6 literal
+        ok = False
+    if not ok:
+        raise SidecarUnreachable(f"{what} must look like http://127.0.0.1:PORT, not {url!r}")
+    return url
+
+
 def token_path(state_dir: Path, pid: int) -> Path:
     """Where the sidecar of process `pid` leaves the token its launchers show (proxy.admin.token_path)."""
     return state_dir / "tokens" / f"{pid}.token"
@@ -30,9 +43,10 @@ def call(base: str, path: str, doc: Any = None, timeout: float = 3.0, token: str
     headers = {"content-type": "application/json"} if data else {}
     if token is not None:
         headers[TOKEN_HEADER] = token
-    request = urllib.request.Request(base.rstrip("/") + path, data=data, headers=headers)
+    check_url(base)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via an HTTP proxy
     try:
+        request = urllib.request.Request(base.rstrip("/") + path, data=data, headers=headers)
         with opener.open(request, timeout=timeout) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:

@@ -52,21 +52,25 @@ def state_path(config: Config) -> Path:
 
 
 def read_state(config: Config) -> dict | None:
+    """The state file's contents; None if there is none or it is not one a server wrote (garbled, cut short)."""
     try:
-        return json.loads(state_path(config).read_text())
+        info = json.loads(state_path(config).read_bytes())
     except (FileNotFoundError, ValueError):
         return None
+    if not isinstance(info, dict) or not isinstance(info.get("url"), str) or type(info.get("pid")) is not int:
+        return None
+    return info
 
 
 def live(info: dict | None) -> dict | None:
     """The server's health if the one the file names answers; None for a stale file."""
-    if not info:
+    if not isinstance(info, dict):
         return None
     try:
-        health = client.call(info["url"], "/_sidecar/health", timeout=2.0)
+        health = client.call(info.get("url"), "/_sidecar/health", timeout=2.0)
     except client.SidecarUnreachable:
         return None
-    return health if health.get("pid") == info.get("pid") else None
+    return health if isinstance(health, dict) and health.get("pid") == info.get("pid") else None
 
 
 def ensure_server(config: Config) -> str:
@@ -169,8 +173,8 @@ def status(config: Config) -> int:
     doc = client.call(info["url"], "/_sidecar/stats")
     total = doc["summary"]["all"]
     running = [a for a in doc["agents"] if a["state"] != "exited"]
-    print(f"shared sidecar  {info['url']}  pid {info['pid']}  version {info['version']}  "
-          f"up {time.time() - info['started']:.0f} s")
+    print(f"shared sidecar  {info['url']}  pid {info['pid']}  version {info.get('version')}  "
+          f"up {time.time() - float(info.get('started') or time.time()):.0f} s")
     print(f"agents          {len(running)} running, {len(doc['agents'])} seen")
     for agent in doc["agents"]:
         print(f"  {agent['id']:28} {agent['state']:9} pid {agent['pid']:<8} {agent['cmd'][:60]}")

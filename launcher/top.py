@@ -231,10 +231,8 @@ def _restore(screen: bool, saved) -> None:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    if args.url and not args.url.startswith(("http://", "https://")):
-        print(f"sidecar: --url takes the sidecar's address, like http://127.0.0.1:PORT, not {args.url!r}",
-              file=sys.stderr)
-        return 2
+    if args.url:
+        client.check_url(args.url, "--url")
     url = find_url(args, config)
     if url is None:
         print("sidecar: no running sidecar found (no shared sidecar, no live 'sidecar run'); "
