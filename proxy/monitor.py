@@ -54,8 +54,10 @@ class Agent:
 class Monitor:
     keep_exited = 32   # exited agents kept in the table (the most recent ones); older ones leave it
 
-    def __init__(self, settings: MonitorSection, events: EventLog, limiter, relieve=None):
+    def __init__(self, settings: MonitorSection, events: EventLog, limiter, relieve=None,
+                 upstreams: dict[str, str] | None = None):
         self.settings = settings
+        self.upstreams = upstreams or {}     # api -> base URL, named in upstream_unreachable
         self.events = events
         self.limiter = limiter
         self.relieve = relieve or (lambda: {})
@@ -80,6 +82,11 @@ class Monitor:
         rate = sum(self.errors) / len(self.errors)
         self._set("error_rate_high", len(self.errors) >= min(20, s.error_window) and rate > s.error_rate,
                   error_rate=round(rate, 4), threshold=s.error_rate, window=len(self.errors))
+        if record["error"] == "upstream_unreachable":
+            self._set("upstream_unreachable", True, api=record["api"], upstream=self.upstreams.get(record["api"]),
+                      agent=record["agent"], fix=f"check [upstream] {record['api']} in 'sidecar config'")
+        elif record["status"] < 500 and record["cache"] not in ("hit", "coalesced"):   # it answered again
+            self._set("upstream_unreachable", False, api=record["api"], upstream=self.upstreams.get(record["api"]))
         if rate_limited:
             self._set("upstream_rate_limited", True, agent=record["agent"], model=record["model"],
                       effective_limit=self.limiter.snapshot()["effective_limit"])

@@ -205,7 +205,7 @@ async def exchange(state: ProxyState, call: Call, flight: Flight) -> None:
             try:
                 try:
                     attempts.sending()
-                    upstream = await state.client.send(call.method, url, forwarded, call.body)
+                    upstream = await state.client.send(call.method, url, forwarded, call.body, call.route.api)
                 except UpstreamError as exc:
                     delay = attempts.after_error(exc) if call.model_call else None
                     if delay is None:

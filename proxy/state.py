@@ -71,7 +71,7 @@ class ProxyState:
     async def open(self) -> None:
         settings = self.config.cache
         self.monitor = Monitor(self.config.monitor, EventLog(self.config.state_dir), self.limiter,
-                               relieve=lambda: relieve_memory(self))
+                               relieve=lambda: relieve_memory(self), upstreams=self.upstreams.bases)
         try:
             self.lmdb = open_lmdb(self.config)
         except StoreError as exc:   # the proxy starts anyway: calls are forwarded, nothing is stored
