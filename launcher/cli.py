@@ -20,14 +20,13 @@ from typing import Callable
 
 import proxy
 from proxy import __version__
-from proxy.config import Config, ConfigError, load, to_toml
+from proxy.config import CACHE_MODES, CacheSection, Config, ConfigError, load, to_toml
 from proxy.listen import ListenError
 
 from .client import SidecarUnreachable
 from .shared import SharedError
 from .supervise import LaunchError
 
-CACHE_MODES = ("read-write", "read-only", "refresh", "off", "replay")
 FIXABLE = (ConfigError, ListenError, LaunchError, SharedError, SidecarUnreachable)   # their messages say what to do
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -64,10 +63,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("no command given: use sidecar run -- CMD [ARGS...]")
     config = effective_config(args)
     connect = args.connect
+    if connect and args.port is not None:
+        raise ConfigError("--port sets the port of the sidecar 'sidecar run' starts; with --connect the agent "
+                          "uses the one at that URL: drop --port (or --connect)")
+    if connect and args.shared:
+        raise ConfigError("--shared and --connect both choose the sidecar the agent uses: give one of them")
     if config.launcher.shared and not connect:
         from .shared import ensure_server
         connect = ensure_server(config)
-    return run_agent(cmd, config, connect=connect)
+    # The agent's own cache mode reaches the server it joins, in its base URL; the server's stays its default.
+    mode = args.cache or (config.cache.mode if config.cache.mode != CacheSection.mode else "")
+    return run_agent(cmd, config, connect=connect, cache_mode=mode if connect else "")
 
 
 @command

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from proxy import __version__
-from proxy.config import Config
+from proxy.config import CacheSection, Config
 from proxy.run_file import write_private
 
 from . import client
@@ -43,6 +43,7 @@ def fingerprint(config: Config) -> str:
     doc = config.to_dict()
     doc.pop("launcher")
     doc.pop("shared")
+    doc["cache"] = {k: v for k, v in doc["cache"].items() if k != "mode"}   # each agent's own (in its base URL)
     doc["proxy"] = {k: v for k, v in doc["proxy"].items() if k not in ("port", "agent_id")}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -96,7 +97,9 @@ def ensure_server(config: Config) -> str:
 def _start(config: Config) -> str:
     read_fd, write_fd = os.pipe()
     log_path = config.state_dir / "logs" / "shared.log"
-    env = {**os.environ, "SIDECAR_PROXY_CONFIG": json.dumps(config.to_dict())}
+    doc = config.to_dict()
+    doc["cache"]["mode"] = CacheSection.mode   # the server's default; an agent's own mode comes in its base URL
+    env = {**os.environ, "SIDECAR_PROXY_CONFIG": json.dumps(doc)}
     with open_log(log_path) as log:
         subprocess.Popen([sys.executable, "-m", "launcher", "serve", "--shared-server", str(write_fd)],
                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,), env=env,

@@ -23,8 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from proxy import __version__
 from proxy.config import Config
 from proxy.listen import bind
+from proxy.routes import agent_base
 
 from . import client
 from .proxy_process import ProxyProcess, unblock_signals
@@ -75,8 +77,10 @@ def tell(proxy: ProxyProcess | None, connect: str | None, message: dict, state_d
             pass   # the agent's own calls will show the problem; its run must not fail for this
 
 
-def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int:
-    """Run CMD behind the sidecar, restarting it as configured; return `sidecar run`'s exit status."""
+def run_agent(cmd: list[str], config: Config, connect: str | None = None, cache_mode: str = "") -> int:
+    """Run CMD behind the sidecar, restarting it as configured; return `sidecar run`'s exit status.
+
+    With `connect`, the agent's calls go to that sidecar, in `cache_mode` if given (in its base URL)."""
     agent = agent_id_for(cmd, config)
     started = time.time()
     if config.state.backend == "redis":
@@ -89,8 +93,12 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
     if connect:
         if restore:
             raise LaunchError("--restore needs the agent's own sidecar; drop --connect to restore a session")
-        base = f"{connect.rstrip('/')}/a/{agent}"
+        health = client.check_server(connect)
+        if cache_mode and health["version"] != __version__:   # an older server would not honour it
+            raise LaunchError(f"the sidecar at {connect} runs version {health['version']}, this launcher "
+                              f"{__version__}: it may not honour --cache {cache_mode}; restart it with this version")
         proxy_url = connect.rstrip("/")
+        base = agent_base(proxy_url, agent, cache_mode)
     else:
         if restore:
             restore = resolve_session(config, restore)

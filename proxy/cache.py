@@ -41,7 +41,7 @@ class Cache:
 
     def plan(self, call: Call, headers) -> None:
         """Decide whether this call reads and writes the cache, and compute its key."""
-        mode = self.settings.mode
+        mode = call.route.cache_mode or self.settings.mode   # an attached agent's own, else the sidecar's
         override = headers.get("x-sidecar-cache", "").lower()
         if override in ("bypass", "refresh"):
             mode = "off" if override == "bypass" else "refresh"

@@ -56,9 +56,12 @@ class StateSection:
     lease_seconds: float = 30.0
 
 
+CACHE_MODES = ("read-write", "read-only", "refresh", "off", "replay")
+
+
 @dataclass(frozen=True)
 class CacheSection:
-    mode: str = field(default="read-write", metadata=_choice("read-write", "read-only", "refresh", "off", "replay"))
+    mode: str = field(default="read-write", metadata=_choice(*CACHE_MODES))
     routes: tuple[str, ...] = ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/embeddings")
     ignore_fields: tuple[str, ...] = ("metadata.user_id", "stream", "stream_options")
     key_headers: tuple[str, ...] = ("anthropic-version", "anthropic-beta", "openai-organization", "openai-project")

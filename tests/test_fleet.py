@@ -428,7 +428,7 @@ async def test_shared_server_with_another_config_is_refused(shared, mock):
     assert done.returncode == 0, done.err + done.out
     info = shared.info()
 
-    refused = await shared.run("1", "second", env={**env, "SIDECAR_CACHE_MODE": "off"})
+    refused = await shared.run("1", "second", env={**env, "SIDECAR_LIMITS_MAX_QUEUE": "7"})
     assert refused.returncode == 2, refused.err + refused.out
     message = refused.err.strip()
     assert len(message.splitlines()) == 1, message
@@ -436,6 +436,22 @@ async def test_shared_server_with_another_config_is_refused(shared, mock):
     assert "URL" not in refused.out, "the agent must not run against a server with another config"
     assert shared.info() == info and alive(info["pid"])
     assert mock.count("/v1/messages") == 1
+
+
+async def test_shared_agents_keep_their_own_cache_mode(shared, mock):
+    """The cache mode is each agent's own (in its base URL): one server, a replay agent never goes upstream."""
+    env = upstream_env(mock)
+    first = await shared.run("1", "same", env=env)
+    assert first.returncode == 0, first.err + first.out
+    info = shared.info()
+    replayed = await shared.run("1", "same", env={**env, "SIDECAR_CACHE_MODE": "replay"})
+    assert replayed.returncode == 0, replayed.err + replayed.out
+    missed = await shared.run("1", "other", env={**env, "SIDECAR_CACHE_MODE": "replay"})
+    assert missed.returncode == 1 and "HTTPError 404" in missed.out, missed.out
+    uncached = await shared.run("1", "same", env={**env, "SIDECAR_CACHE_MODE": "off"})
+    assert uncached.returncode == 0, uncached.err + uncached.out
+    assert shared.info()["pid"] == info["pid"] and shared.servers() == [info["pid"]]
+    assert mock.count("/v1/messages") == 2   # the first call and the uncached one; replay none
 
 
 async def test_sidecar_stop_stops_the_shared_server(shared, sidecar, mock):
