@@ -28,6 +28,7 @@ from proxy.run_file import write_private
 
 from . import client
 from .proxy_process import open_log, unblock_signals
+from .summary import human_bytes
 
 STATE_FILE = "shared.json"
 
@@ -180,7 +181,8 @@ def status(config: Config) -> int:
           f"up {time.time() - float(info.get('started') or time.time()):.0f} s")
     print(f"agents          {len(running)} running, {len(doc['agents'])} seen")
     for agent in doc["agents"]:
-        print(f"  {agent['id']:28} {agent['state']:9} pid {agent['pid']:<8} {agent['cmd'][:60]}")
+        print(f"  {agent['id']:28} {agent['state']:9} pid {agent['pid']:<8} "
+              f"peak {human_bytes(agent.get('peak_rss') or 0):>7}  {agent['cmd'][:60]}")
     rate = total["hit_rate"]
     print(f"calls           {total['calls']}  (cache hits {total['hits']}{f', {rate:.0%}' if rate is not None else ''})"
           f"  in flight {doc['limits']['in_flight']}  queued {doc['limits']['queued']}")

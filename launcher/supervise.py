@@ -14,8 +14,9 @@ signals sent with kill() to the launcher are.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import secrets
 import shlex
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from proxy import __version__
 from proxy.config import Config
+from proxy.events import EventLog
 from proxy.listen import bind
 from proxy.routes import agent_base
 
@@ -51,10 +53,13 @@ def exit_status(returncode: int) -> int:
 
 
 def agent_id_for(cmd: list[str], config: Config) -> str:
+    """[proxy] agent_id, else the command's name and a hash of the command and the directory it runs in:
+    the same agent gets the same id run after run, so `sidecar stats --by agent` groups its runs."""
     if config.proxy.agent_id:
         return config.proxy.agent_id
-    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in Path(cmd[0]).name)[:40] or "agent"
-    return f"{name}-{secrets.token_hex(3)}"
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in Path(cmd[0]).name).lstrip("._-")[:40] or "agent"
+    digest = hashlib.sha256(json.dumps([os.getcwd(), cmd]).encode()).hexdigest()[:6]
+    return f"{name}-{digest}"
 
 
 def agent_env(base: str, proxy_url: str, agent: str) -> dict[str, str]:
@@ -118,12 +123,15 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None, cache_
                 proxy.send({"restore": restore}, standing="restore")
         env = agent_env(base, proxy_url, agent)
         child = spawn(cmd, env)
-        tell(proxy, connect, {"id": agent, "event": "started", "pid": child.pid, "cmd": shlex.join(cmd)},
-             config.state_dir)
+        tell(proxy, connect, {"id": agent, "event": "started", "pid": child.pid, "cmd": shlex.join(cmd),
+                              "launcher": os.getpid()}, config.state_dir)
         restarts = 0
+        peak_rss = 0
         while True:
-            status, peak_rss, stopped = _supervise(child, proxy)
-            tell(proxy, connect, {"id": agent, "event": "exited", "status": status}, config.state_dir)
+            status, child_peak, stopped = _supervise(child, proxy)
+            peak_rss = max(peak_rss, child_peak)   # over restarts too
+            tell(proxy, connect, {"id": agent, "event": "exited", "status": status, "peak_rss": child_peak},
+                 config.state_dir)
             wanted = settings.restart == "always" or settings.restart == "on-failure" and status != 0
             if stopped or not wanted or restarts >= settings.max_restarts or _interrupted(settings.restart_backoff):
                 break
@@ -131,10 +139,10 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None, cache_
             if proxy:   # the restarted agent's next conversation continues the last checkpointed one
                 proxy.send({"restore": f"agent:{agent}"}, standing="restore")
             child = spawn([*cmd, *settings.restart_args], env)
-            tell(proxy, connect, {"id": agent, "event": "restarted", "pid": child.pid, "cmd": shlex.join(cmd)},
-                 config.state_dir)
+            tell(proxy, connect, {"id": agent, "event": "restarted", "pid": child.pid, "cmd": shlex.join(cmd),
+                                  "launcher": os.getpid()}, config.state_dir)
         if not settings.quiet and (connect or proxy and proxy.ready):
-            print_summary(proxy_url, agent, started, peak_rss)
+            print_summary(proxy_url, agent, started, peak_rss, config.state_dir)
     finally:
         if proxy:
             proxy.stop()
@@ -175,13 +183,17 @@ def _interrupted(backoff: float) -> bool:
     return False
 
 
-def print_summary(proxy_url: str, agent: str, started: float, peak_rss: int) -> None:
+def print_summary(proxy_url: str, agent: str, started: float, peak_rss: int, state_dir: Path) -> None:
     """One short summary of the agent's calls on stderr, once it has exited."""
     try:
         doc = client.call(proxy_url, f"/_sidecar/stats?agent={agent}&since={started}", timeout=5.0)
     except client.SidecarUnreachable:
         return
-    print(format_summary(doc["summary"]["all"], doc.get("events", []), peak_rss), file=sys.stderr)
+    events = doc.get("events", [])
+    log = EventLog(state_dir)
+    if log.path.exists():   # the log on disk outlives a proxy that crashed and was restarted (its memory did not)
+        events = list(log.read(since=started))
+    print(format_summary(doc["summary"]["all"], events, peak_rss, agent), file=sys.stderr)
 
 
 def _supervise(child: subprocess.Popen, proxy: ProxyProcess | None) -> tuple[int, int, bool]:

@@ -39,7 +39,7 @@ MAX_AGENTS = 1000                          # in the agent table; the oldest exit
 MAX_CMD = 8192                             # characters of an agent's command line
 MAX_MESSAGE = 64 * 1024                    # bytes of one agent event
 EVENTS = ("started", "exited", "restarted")
-FIELDS = frozenset({"id", "event", "pid", "cmd", "status", "watch"})
+FIELDS = frozenset({"id", "event", "pid", "cmd", "status", "watch", "launcher", "peak_rss"})
 
 
 def token_path(state_dir: Path, pid: int) -> Path:
@@ -157,6 +157,10 @@ def agent_event(body: bytes) -> dict:
         raise _bad("status must be an integer (the exit status) or null")
     if not isinstance(message.get("watch", False), bool):
         raise _bad("watch must be true or false")
+    if "launcher" in message and not (_is_int(message["launcher"]) and 0 < message["launcher"] < 2 ** 31):
+        raise _bad("launcher must be a positive integer (the process id of the agent's 'sidecar run')")
+    if "peak_rss" in message and not (_is_int(message["peak_rss"]) and 0 <= message["peak_rss"] < 2 ** 50):
+        raise _bad("peak_rss must be a number of bytes (the agent's peak resident size)")
     return message
 
 

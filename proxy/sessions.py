@@ -62,7 +62,9 @@ class Sessions:
         rows = [orjson.dumps(m) for m in messages]
         system = call.json.get("system")
         meta = {"id": sid, "agent": call.route.agent, "api": call.route.api, "model": call.model,
-                "client_session": client_session(call.json, headers), "tools_digest": tools_digest(call.json)}
+                "client_session": client_session(call.json, headers), "tools_digest": tools_digest(call.json),
+                # the conversation's turns are its answers, however many calls (a restore, a retry) made them
+                "turns": sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant")}
         await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system))
         if len(self._last_turn) >= 10_000:   # bounded: forgetting only costs a redundant merge
             self._last_turn.clear()
@@ -90,7 +92,7 @@ class Sessions:
             stored["system_digest"] = system_digest
         stored.pop("hashes", None)
         stored.update(model=meta["model"] or stored.get("model"), tools_digest=meta["tools_digest"],
-                      updated=time.time(), turns=stored.get("turns", 0) + 1, messages=len(rows))
+                      updated=time.time(), turns=meta["turns"], messages=len(rows))
         txn.put(key, orjson.dumps(stored), db=self._db)
 
     def _differing(self, txn: lmdb.Transaction, sid: str, rows: list[bytes]) -> list[int]:
