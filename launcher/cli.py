@@ -179,6 +179,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 @command
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check what a run needs (config, upstreams, state directory, store, port, agents), one line each with its fix."""
+    from . import doctor
+    return doctor.run(args)
+
+
+@command
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run a small example agent through the sidecar against the built-in mock API."""
     from .demo import run_demo
@@ -236,6 +243,8 @@ def parser() -> argparse.ArgumentParser:
     config.add_argument("--host", help="as for serve")
     config.add_argument("--cache", choices=CACHE_MODES, metavar="MODE", help="as for run")
     add("demo")
+    doctor = add("doctor", epilog="exit status: 0 nothing would fail, 1 something would, 2 an error")
+    doctor.add_argument("--offline", action="store_true", help="do not resolve or connect to the upstreams")
     add("stop", epilog="exit status: 0 stopped, 1 none was running, 2 an error")
     add("status", epilog="exit status: 0 it runs, 1 none runs, 2 an error")
     add("bench", add_help=False).add_argument("bench_args", nargs=argparse.REMAINDER,

@@ -118,6 +118,11 @@ BAD_ARGUMENTS = [
     (["stats", "--bogus"], "sidecar stats"),
     (["events", "--since", "1y"], None),
     (["events", "--bogus"], "sidecar events"),
+    (["doctor", "--bogus"], "sidecar doctor"),
+    (["doctor", "extra"], "sidecar doctor"),
+    (["run", "--connect", "localhost:1", "--", "true"], None),
+    (["run", "--connect", "http://127.0.0.1:{closed}", "--", "true"], None),
+    (["run", "--connect", "http://127.0.0.1:{closed}", "--port", "5", "--", "true"], None),
 ]
 
 
