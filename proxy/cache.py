@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
+
+import orjson
 
 from .cache_key import ANY_KEY, KeyMaker, Uncacheable
 from .call import Call
@@ -20,16 +23,21 @@ from .convert import form_of
 from .entry import CorruptEntry, Entry, kept_headers
 from .errors import Refusal
 from .flight import Head
+from .run_file import write_private
 from .store import ResponseStore
 
 log = logging.getLogger("sidecar")
+LAST_MISS = "last-miss.json"   # in the state directory: a JSON line, then the last miss's canonical request
 READS = {"read-write", "read-only", "replay"}
 WRITES = {"read-write", "refresh"}
 
 
 class Cache:
-    def __init__(self, settings: CacheSection, store: ResponseStore | None, keys: KeyMaker):
+    def __init__(self, settings: CacheSection, store: ResponseStore | None, keys: KeyMaker,
+                 last_miss: Path | None = None):
         self.settings = settings
+        self.last_miss = last_miss   # where the last miss's canonical request goes, for `sidecar cache why`
+        self._noting: asyncio.Task | None = None
         self.store = store
         self.keys = keys
         self.routes = frozenset(settings.routes)
@@ -63,6 +71,7 @@ class Cache:
             call.cache_outcome = "bypass"
             return
         call.cache_mode = mode
+        call.canonical = canonical
         call.request_hash = self.keys.request_hash(canonical)
         call.cache_key = self.keys.key(call.request_hash, self.keys.partition(headers, call.route.query))
         call.cache_outcome = "miss"
@@ -76,8 +85,17 @@ class Cache:
         call.t_lookup = time.monotonic()
         if entry is not None:
             return entry
+        self.note_miss(call)
         self.refuse_in_replay(call)
         return None
+
+    def note_miss(self, call: Call) -> None:
+        """Keep the last miss's canonical request (a file, written off the loop; skipped while one is written)."""
+        if self.last_miss is None or self._noting is not None and not self._noting.done():
+            return
+        head = orjson.dumps({"key": call.cache_key.hex(), "hash": call.request_hash.hex(), "ts": time.time(),
+                             "agent": call.route.agent, "mode": call.cache_mode})
+        self._noting = self._spawn(asyncio.to_thread(write_private, self.last_miss, head + b"\n" + call.canonical))
 
     def refuse_in_replay(self, call: Call) -> None:
         """Replay mode never reaches the upstream: a miss (or an entry that cannot serve) is an error."""
@@ -114,7 +132,7 @@ class Cache:
         if head.sse and call.route.api == "openai":
             meta["include_usage"] = form_of(call)[-1]
         entry = Entry(status=head.status, headers=kept_headers(head.headers), body=body, stream=head.sse,
-                      pacing=capture.pacing if head.sse else None, meta=meta)
+                      pacing=capture.pacing if head.sse else None, meta=meta, request=call.canonical)
         return self._spawn(self.store.put(call.cache_key, entry.encode()))
 
     def _spawn(self, coro) -> asyncio.Task:

@@ -41,6 +41,7 @@ class Call:
     cache_mode: str = ""
     cache_key: bytes | None = None
     request_hash: bytes = b""
+    canonical: bytes = b""        # the canonical request the key was made of (no credential in it)
     streamed: bool = False
     input_tokens: int = 0
     output_tokens: int = 0

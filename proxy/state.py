@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from .cache import Cache
+from .cache import LAST_MISS, Cache
 from .backends import Backends, open_backends
 from .cache_key import KeyMaker
 from .config import Config
@@ -83,7 +83,7 @@ class ProxyState:
                                             lambda kind, state, **detail: self.monitor.emit(make_event(kind, state, **detail)))
         self.limiter.global_slots = self.backends.global_slots
         keys = KeyMaker(self.backends.secret, settings.ignore_fields, settings.key_headers, settings.credential_headers)
-        self.cache = Cache(settings, self.backends.store, keys)
+        self.cache = Cache(settings, self.backends.store, keys, self.config.state_dir / LAST_MISS)
         self.cache.on_fault = self.fault
         self.records = RecordLog(self.lmdb, self.config.stats.max_records)
         self.sessions = Sessions(self.lmdb, mirror=self.backends.mirror)
