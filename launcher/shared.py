@@ -145,6 +145,7 @@ def stop(config: Config) -> int:
               + (" (removed a stale state file)" if info else ""))
         return NONE_RUNS
     os.kill(info["pid"], signal.SIGTERM)
+    killed = ""
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:   # a CLI waiting for another process: a short poll is fine here
         if not _running(info["pid"]):
@@ -152,8 +153,9 @@ def stop(config: Config) -> int:
         time.sleep(0.05)
     else:
         os.kill(info["pid"], signal.SIGKILL)
+        killed = " with SIGKILL: it did not stop within 15 s of SIGTERM"
     state_path(config).unlink(missing_ok=True)
-    print(f"sidecar: stopped the shared sidecar (pid {info['pid']})")
+    print(f"sidecar: stopped the shared sidecar (pid {info['pid']}){killed}")
     return 0
 
 
