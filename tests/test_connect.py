@@ -107,6 +107,7 @@ async def test_flags_that_cannot_apply_are_refused(flags, says, sidecar, agent, 
     assert not mark.exists()
 
 
+@pytest.mark.timeout(300)   # seven agents, one after the other
 async def test_the_agents_cache_mode_reaches_the_server(sidecar, agent, served, mock, tmp_path):
     path, env, mark = agent
     # replay: a miss is an error, never an upstream call that spends tokens

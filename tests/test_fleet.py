@@ -436,6 +436,7 @@ async def test_shared_server_with_another_config_is_refused(shared, mock):
     assert mock.count("/v1/messages") == 1
 
 
+@pytest.mark.timeout(240)   # four agents, one after the other
 async def test_shared_agents_keep_their_own_cache_mode(shared, mock):
     """The cache mode is each agent's own (in its base URL): one server, a replay agent never goes upstream."""
     env = upstream_env(mock)
