@@ -95,7 +95,7 @@ class Cache:
             return
         head = orjson.dumps({"key": call.cache_key.hex(), "hash": call.request_hash.hex(), "ts": time.time(),
                              "agent": call.route.agent, "mode": call.cache_mode})
-        self._noting = self._spawn(asyncio.to_thread(write_private, self.last_miss, head + b"\n" + call.canonical))
+        self._noting = self._spawn(asyncio.to_thread(_note, self.last_miss, head + b"\n" + call.canonical))
 
     def refuse_in_replay(self, call: Call) -> None:
         """Replay mode never reaches the upstream: a miss (or an entry that cannot serve) is an error."""
@@ -153,3 +153,11 @@ class Cache:
             await asyncio.gather(*self.writes, return_exceptions=True)
         if self.store is not None:
             await self.store.flush_touches()
+
+
+def _note(path: Path, data: bytes) -> None:
+    """Write the last miss; a full or read-only disk only costs `sidecar cache why` its latest miss."""
+    try:
+        write_private(path, data)
+    except OSError as exc:
+        log.debug("could not note the last miss in %s: %s", path, exc)
