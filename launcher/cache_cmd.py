@@ -21,6 +21,7 @@ from proxy.encoding import decoded
 from proxy.sse import EventParser, MalformedStream, assemble_anthropic, assemble_openai
 from proxy.store import ResponseStore, StoreError, open_lmdb, set_aside
 
+from . import cache_why as why
 from .terminal import clean
 
 
@@ -99,16 +100,32 @@ def list_entries(args, config, store) -> int:
     if not rows:
         print(f"no cache entries (state dir {config.state_dir})")
         return 0
-    print(f"{'key':32}  {'created':19}  {'form':4}  {'size':>9}  {'tokens in/out':>13}  route / model")
+    print(f"{'key':12}  {'created':19}  {'form':4}  {'size':>9}  {'tokens in/out':>13}  request")
     for key, entry in rows[:args.limit]:
         meta = entry.meta
         tokens = f"{meta.get('input_tokens', 0)}/{meta.get('output_tokens', 0)}"
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.created))
-        print(f"{key.hex():32}  {created}  {'sse' if entry.stream else 'json':4}  {human(len(entry.body)):>9}  "
-              f"{tokens:>13}  {clean(meta.get('path', ''))} {clean(meta.get('model', ''))}")
+        print(f"{key.hex()[:12]}  {created}  {'sse' if entry.stream else 'json':4}  {human(len(entry.body)):>9}  "
+              f"{tokens:>13}  {clean(request_summary(entry))}")
     if len(rows) > args.limit:
         print(f"... {len(rows) - args.limit} more (--limit N)")
     return 0
+
+
+def request_summary(entry: Entry, words: int = 8) -> str:
+    """Route, model and the first words of the last message: which request an entry answers."""
+    line = f"{entry.meta.get('path', '')} {entry.meta.get('model', '')}".strip()
+    canonical = why.stored_request(entry)
+    if canonical is None:
+        return line
+    body = canonical.get("body")
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if isinstance(body, dict) and not isinstance(messages, list):
+        messages = body.get("input") if isinstance(body.get("input"), list) else [{"content": body.get("input")}]
+    if not messages:
+        return line
+    text = " ".join(why.text_of(messages[-1]).split()[:words])
+    return f"{line}  \"{text[:80]}\"" if text else line
 
 
 def show(args, config, store) -> int:
@@ -117,7 +134,8 @@ def show(args, config, store) -> int:
         raise ConfigError(f"cache entry {key.hex()} is unreadable (corrupt or of another format); "
                           f"'sidecar cache prune' removes it")
     meta = {"key": key.hex(), "created": entry.created, "status": entry.status, "stream": entry.stream,
-            "headers": dict(entry.headers), **entry.meta, "answer": answer_text(entry)}
+            "headers": dict(entry.headers), **entry.meta, "request": why.stored_request(entry),
+            "answer": answer_text(entry)}
     sys.stdout.write(orjson.dumps(meta, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
 
@@ -212,8 +230,13 @@ def show_key(args, config: Config) -> int:
     return 0
 
 
+def explain(args, config, store) -> int:
+    """`sidecar cache why [A [B]]`: the fields in which two canonical requests differ."""
+    return why.run(args, config, store, entries, find)
+
+
 ACTIONS = {"stats": stats, "list": list_entries, "show": show, "clear": clear, "prune": prune,
-           "export": export, "import": import_entries}
+           "export": export, "import": import_entries, "why": explain}
 
 
 def add_parser(sub, common) -> None:
@@ -235,4 +258,9 @@ def add_parser(sub, common) -> None:
         "file", help="the file to write (its directory must exist); holds no API keys")
     action("import", "load entries from FILE; any API key may read them").add_argument(
         "file", help="a file written by 'sidecar cache export'")
-    action("key", "print the key and canonical form of a request read from stdin")
+    action("key", "print the key and canonical form of a request read from stdin (headers as the SDK sends "
+                  "them: anthropic-version is part of the key)")
+    action("why", "why a call missed: the fields where its request differs from the nearest stored one"
+           ).add_argument("entries", nargs="*", metavar="KEY",
+                          help="none: the last miss against the nearest entry; one: that entry against its nearest "
+                               "other; two: those two ('last' names the last miss)")

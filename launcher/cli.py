@@ -20,14 +20,13 @@ from typing import Callable
 
 import proxy
 from proxy import __version__
-from proxy.config import Config, ConfigError, load, to_toml
+from proxy.config import CACHE_MODES, CacheSection, Config, ConfigError, load, to_toml
 from proxy.listen import ListenError
 
 from .client import SidecarUnreachable
 from .shared import SharedError
 from .supervise import LaunchError
 
-CACHE_MODES = ("read-write", "read-only", "refresh", "off", "replay")
 FIXABLE = (ConfigError, ListenError, LaunchError, SharedError, SidecarUnreachable)   # their messages say what to do
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -64,10 +63,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("no command given: use sidecar run -- CMD [ARGS...]")
     config = effective_config(args)
     connect = args.connect
+    if connect and args.port is not None:
+        raise ConfigError("--port sets the port of the sidecar 'sidecar run' starts; with --connect the agent "
+                          "uses the one at that URL: drop --port (or --connect)")
+    if connect and args.shared:
+        raise ConfigError("--shared and --connect both choose the sidecar the agent uses: give one of them")
     if config.launcher.shared and not connect:
         from .shared import ensure_server
         connect = ensure_server(config)
-    return run_agent(cmd, config, connect=connect)
+    # The agent's own cache mode reaches the server it joins, in its base URL; the server's stays its default.
+    mode = args.cache or (config.cache.mode if config.cache.mode != CacheSection.mode else "")
+    return run_agent(cmd, config, connect=connect, cache_mode=mode if connect else "")
 
 
 @command
@@ -173,6 +179,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 @command
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check what a run needs (config, upstreams, state directory, store, port, agents), one line each with its fix."""
+    from . import doctor
+    return doctor.run(args)
+
+
+@command
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run a small example agent through the sidecar against the built-in mock API."""
     from .demo import run_demo
@@ -230,6 +243,8 @@ def parser() -> argparse.ArgumentParser:
     config.add_argument("--host", help="as for serve")
     config.add_argument("--cache", choices=CACHE_MODES, metavar="MODE", help="as for run")
     add("demo")
+    doctor = add("doctor", epilog="exit status: 0 nothing would fail, 1 something would, 2 an error")
+    doctor.add_argument("--offline", action="store_true", help="do not resolve or connect to the upstreams")
     add("stop", epilog="exit status: 0 stopped, 1 none was running, 2 an error")
     add("status", epilog="exit status: 0 it runs, 1 none runs, 2 an error")
     add("bench", add_help=False).add_argument("bench_args", nargs=argparse.REMAINDER,

@@ -23,11 +23,12 @@ import time
 from pathlib import Path
 
 from proxy import __version__
-from proxy.config import Config
+from proxy.config import CacheSection, Config
 from proxy.run_file import write_private
 
 from . import client
 from .proxy_process import open_log, unblock_signals
+from .summary import human_bytes
 
 STATE_FILE = "shared.json"
 
@@ -43,6 +44,7 @@ def fingerprint(config: Config) -> str:
     doc = config.to_dict()
     doc.pop("launcher")
     doc.pop("shared")
+    doc["cache"] = {k: v for k, v in doc["cache"].items() if k != "mode"}   # each agent's own (in its base URL)
     doc["proxy"] = {k: v for k, v in doc["proxy"].items() if k not in ("port", "agent_id")}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -52,21 +54,25 @@ def state_path(config: Config) -> Path:
 
 
 def read_state(config: Config) -> dict | None:
+    """The state file's contents; None if there is none or it is not one a server wrote (garbled, cut short)."""
     try:
-        return json.loads(state_path(config).read_text())
+        info = json.loads(state_path(config).read_bytes())
     except (FileNotFoundError, ValueError):
         return None
+    if not isinstance(info, dict) or not isinstance(info.get("url"), str) or type(info.get("pid")) is not int:
+        return None
+    return info
 
 
 def live(info: dict | None) -> dict | None:
     """The server's health if the one the file names answers; None for a stale file."""
-    if not info:
+    if not isinstance(info, dict):
         return None
     try:
-        health = client.call(info["url"], "/_sidecar/health", timeout=2.0)
+        health = client.call(info.get("url"), "/_sidecar/health", timeout=2.0)
     except client.SidecarUnreachable:
         return None
-    return health if health.get("pid") == info.get("pid") else None
+    return health if isinstance(health, dict) and health.get("pid") == info.get("pid") else None
 
 
 def ensure_server(config: Config) -> str:
@@ -92,7 +98,9 @@ def ensure_server(config: Config) -> str:
 def _start(config: Config) -> str:
     read_fd, write_fd = os.pipe()
     log_path = config.state_dir / "logs" / "shared.log"
-    env = {**os.environ, "SIDECAR_PROXY_CONFIG": json.dumps(config.to_dict())}
+    doc = config.to_dict()
+    doc["cache"]["mode"] = CacheSection.mode   # the server's default; an agent's own mode comes in its base URL
+    env = {**os.environ, "SIDECAR_PROXY_CONFIG": json.dumps(doc)}
     with open_log(log_path) as log:
         subprocess.Popen([sys.executable, "-m", "launcher", "serve", "--shared-server", str(write_fd)],
                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,), env=env,
@@ -137,6 +145,7 @@ def stop(config: Config) -> int:
               + (" (removed a stale state file)" if info else ""))
         return NONE_RUNS
     os.kill(info["pid"], signal.SIGTERM)
+    killed = ""
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:   # a CLI waiting for another process: a short poll is fine here
         if not _running(info["pid"]):
@@ -144,8 +153,9 @@ def stop(config: Config) -> int:
         time.sleep(0.05)
     else:
         os.kill(info["pid"], signal.SIGKILL)
+        killed = " with SIGKILL: it did not stop within 15 s of SIGTERM"
     state_path(config).unlink(missing_ok=True)
-    print(f"sidecar: stopped the shared sidecar (pid {info['pid']})")
+    print(f"sidecar: stopped the shared sidecar (pid {info['pid']}){killed}")
     return 0
 
 
@@ -169,11 +179,12 @@ def status(config: Config) -> int:
     doc = client.call(info["url"], "/_sidecar/stats")
     total = doc["summary"]["all"]
     running = [a for a in doc["agents"] if a["state"] != "exited"]
-    print(f"shared sidecar  {info['url']}  pid {info['pid']}  version {info['version']}  "
-          f"up {time.time() - info['started']:.0f} s")
+    print(f"shared sidecar  {info['url']}  pid {info['pid']}  version {info.get('version')}  "
+          f"up {time.time() - float(info.get('started') or time.time()):.0f} s")
     print(f"agents          {len(running)} running, {len(doc['agents'])} seen")
     for agent in doc["agents"]:
-        print(f"  {agent['id']:28} {agent['state']:9} pid {agent['pid']:<8} {agent['cmd'][:60]}")
+        print(f"  {agent['id']:28} {agent['state']:9} pid {agent['pid']:<8} "
+              f"peak {human_bytes(agent.get('peak_rss') or 0):>7}  {agent['cmd'][:60]}")
     rate = total["hit_rate"]
     print(f"calls           {total['calls']}  (cache hits {total['hits']}{f', {rate:.0%}' if rate is not None else ''})"
           f"  in flight {doc['limits']['in_flight']}  queued {doc['limits']['queued']}")

@@ -14,8 +14,9 @@ signals sent with kill() to the launcher are.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import secrets
 import shlex
 import signal
 import subprocess
@@ -23,9 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-from proxy import telemetry, tracecontext
+from proxy import __version__, telemetry, tracecontext
 from proxy.config import UPSTREAM_VARIABLES, VARIABLE_SUFFIX, Config, UpstreamSection
+from proxy.events import EventLog
 from proxy.listen import bind
+from proxy.routes import agent_base
 
 from . import client, codex, gemini_cli
 from .proxy_process import ProxyProcess, unblock_signals
@@ -50,10 +53,13 @@ def exit_status(returncode: int) -> int:
 
 
 def agent_id_for(cmd: list[str], config: Config) -> str:
+    """[proxy] agent_id, else the command's name and a hash of the command and the directory it runs in:
+    the same agent gets the same id run after run, so `sidecar stats --by agent` groups its runs."""
     if config.proxy.agent_id:
         return config.proxy.agent_id
-    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in Path(cmd[0]).name)[:40] or "agent"
-    return f"{name}-{secrets.token_hex(3)}"
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in Path(cmd[0]).name).lstrip("._-")[:40] or "agent"
+    digest = hashlib.sha256(json.dumps([os.getcwd(), cmd]).encode()).hexdigest()[:6]
+    return f"{name}-{digest}"
 
 
 def agent_env(base: str, proxy_url: str, agent: str, upstream: UpstreamSection,
@@ -91,8 +97,10 @@ def tell(proxy: ProxyProcess | None, connect: str | None, message: dict, state_d
             pass   # the agent's own calls will show the problem; its run must not fail for this
 
 
-def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int:
-    """Run CMD behind the sidecar, restarting it as configured; return `sidecar run`'s exit status."""
+def run_agent(cmd: list[str], config: Config, connect: str | None = None, cache_mode: str = "") -> int:
+    """Run CMD behind the sidecar, restarting it as configured; return `sidecar run`'s exit status.
+
+    With `connect`, the agent's calls go to that sidecar, in `cache_mode` if given (in its base URL)."""
     agent = agent_id_for(cmd, config)
     started = time.time()
     if config.state.backend == "redis":
@@ -111,8 +119,12 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
     if connect:
         if restore:
             raise LaunchError("--restore needs the agent's own sidecar; drop --connect to restore a session")
-        base = f"{connect.rstrip('/')}/a/{agent}"
+        health = client.check_server(connect)
+        if cache_mode and health["version"] != __version__:   # an older server would not honour it
+            raise LaunchError(f"the sidecar at {connect} runs version {health['version']}, this launcher "
+                              f"{__version__}: it may not honour --cache {cache_mode}; restart it with this version")
         proxy_url = connect.rstrip("/")
+        base = agent_base(proxy_url, agent, cache_mode)
     else:
         if restore:
             restore = resolve_session(config, restore)
@@ -140,12 +152,15 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
         env = {**agent_env(base, proxy_url, agent, config.upstream, traced.get("traceparent", "")),
                **gemini_cli.agent_env(os.environ, config.state_dir)}
         child = spawn(cmd, env)
-        tell(proxy, connect, {"id": agent, "event": "started", "pid": child.pid, "cmd": shlex.join(cmd), **traced},
-             config.state_dir)
+        tell(proxy, connect, {"id": agent, "event": "started", "pid": child.pid, "cmd": shlex.join(cmd),
+                              "launcher": os.getpid(), **traced}, config.state_dir)
         restarts = 0
+        peak_rss = 0
         while True:
-            status, peak_rss, stopped = _supervise(child, proxy)
-            tell(proxy, connect, {"id": agent, "event": "exited", "status": status}, config.state_dir)
+            status, child_peak, stopped = _supervise(child, proxy)
+            peak_rss = max(peak_rss, child_peak)   # over restarts too
+            tell(proxy, connect, {"id": agent, "event": "exited", "status": status, "peak_rss": child_peak},
+                 config.state_dir)
             wanted = settings.restart == "always" or settings.restart == "on-failure" and status != 0
             if stopped or not wanted or restarts >= settings.max_restarts or _interrupted(settings.restart_backoff):
                 break
@@ -154,9 +169,9 @@ def run_agent(cmd: list[str], config: Config, connect: str | None = None) -> int
                 proxy.send({"restore": f"agent:{agent}"}, standing="restore")
             child = spawn([*cmd, *settings.restart_args], env)
             tell(proxy, connect, {"id": agent, "event": "restarted", "pid": child.pid, "cmd": shlex.join(cmd),
-                                  **traced}, config.state_dir)
+                                  "launcher": os.getpid(), **traced}, config.state_dir)
         if not settings.quiet and (connect or proxy and proxy.ready):
-            print_summary(proxy_url, agent, started, peak_rss, repointed(env, base))
+            print_summary(proxy_url, agent, started, peak_rss, config.state_dir, repointed(env, base))
     finally:
         if proxy:
             proxy.stop()
@@ -197,13 +212,18 @@ def _interrupted(backoff: float) -> bool:
     return False
 
 
-def print_summary(proxy_url: str, agent: str, started: float, peak_rss: int, variables: tuple[str, ...]) -> None:
+def print_summary(proxy_url: str, agent: str, started: float, peak_rss: int, state_dir: Path,
+                  variables: tuple[str, ...]) -> None:
     """One short summary of the agent's calls on stderr, once it has exited."""
     try:
         doc = client.call(proxy_url, f"/_sidecar/stats?agent={agent}&since={started}", timeout=5.0)
     except client.SidecarUnreachable:
         return
-    print(format_summary(doc["summary"]["all"], doc.get("events", []), peak_rss, variables), file=sys.stderr)
+    events = doc.get("events", [])
+    log = EventLog(state_dir)
+    if log.path.exists():   # the log on disk outlives a proxy that crashed and was restarted (its memory did not)
+        events = list(log.read(since=started))
+    print(format_summary(doc["summary"]["all"], events, peak_rss, agent, variables), file=sys.stderr)
 
 
 def _supervise(child: subprocess.Popen, proxy: ProxyProcess | None) -> tuple[int, int, bool]:

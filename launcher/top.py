@@ -102,9 +102,9 @@ def render(doc: dict, url: str, width: int = 100) -> list[str]:
              f"saved {total['saved_tokens']:,} tokens, {total['saved_upstream_s']:.1f} s upstream  "
              f"memory {doc['system_memory_percent']:.0f}%", *money(total), ""]
     agents = [[a["id"], a["state"] + (f" ({a['exit_status']})" if a["exit_status"] is not None else ""), str(a["pid"]),
-               "-" if a["state"] == "exited" else _uptime(a["uptime_s"]), human_bytes(a["rss"]) if a["rss"] else "-",
+               "-" if a["state"] == "exited" else _uptime(a["uptime_s"]), human_bytes(a["peak_rss"]) if a["peak_rss"] else "-",
                "-" if a["state"] == "exited" else f"{a['cpu_percent']:.1f}%", a["cmd"]] for a in doc["agents"]]
-    lines += _table(["AGENT", "STATE", "PID", "UPTIME", "RSS", "CPU", "COMMAND"], agents, left=(0, 1, 6)) if agents \
+    lines += _table(["AGENT", "STATE", "PID", "UPTIME", "PEAK RSS", "CPU", "COMMAND"], agents, left=(0, 1, 6)) if agents \
         else ["AGENT  (none attached)"]
     groups = doc["summary"].get("groups", {})
     rows = [[name, str(s["calls"]), _pct(s["hit_rate"]),
@@ -261,10 +261,8 @@ def _restore(screen: bool, saved) -> None:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    if args.url and not args.url.startswith(("http://", "https://")):
-        print(f"sidecar: --url takes the sidecar's address, like http://127.0.0.1:PORT, not {args.url!r}",
-              file=sys.stderr)
-        return 2
+    if args.url:
+        client.check_url(args.url, "--url")
     url = find_url(args, config)
     if url is None:
         print("sidecar: no running sidecar found (no shared sidecar, no live 'sidecar run'); "

@@ -40,7 +40,8 @@ MAX_AGENTS = 1000                          # in the agent table; the oldest exit
 MAX_CMD = 8192                             # characters of an agent's command line
 MAX_MESSAGE = 64 * 1024                    # bytes of one agent event
 EVENTS = ("started", "exited", "restarted")
-FIELDS = frozenset({"id", "event", "pid", "cmd", "status", "watch", "traceparent", "trace_root"})
+FIELDS = frozenset({"id", "event", "pid", "cmd", "status", "watch", "traceparent", "trace_root", "launcher",
+                    "peak_rss"})
 
 
 def token_path(state_dir: Path, pid: int) -> Path:
@@ -188,6 +189,10 @@ def agent_event(body: bytes) -> dict:
         raise _bad("traceparent must be a W3C traceparent: 00-<32 hex>-<16 hex>-<2 hex>")
     if not isinstance(message.get("trace_root", False), bool):
         raise _bad("trace_root must be true or false")
+    if "launcher" in message and not (_is_int(message["launcher"]) and 0 < message["launcher"] < 2 ** 31):
+        raise _bad("launcher must be a positive integer (the process id of the agent's 'sidecar run')")
+    if "peak_rss" in message and not (_is_int(message["peak_rss"]) and 0 <= message["peak_rss"] < 2 ** 50):
+        raise _bad("peak_rss must be a number of bytes (the agent's peak resident size)")
     return message
 
 

@@ -12,7 +12,10 @@ import asyncio
 import logging
 import re
 import time
+from pathlib import Path
 from typing import Awaitable
+
+import orjson
 
 from .cache_key import ANY_KEY, KeyMaker, Uncacheable
 from .call import Call
@@ -22,18 +25,23 @@ from .convert import form_of
 from .entry import CorruptEntry, Entry, kept_headers
 from .errors import Refusal
 from .flight import Head
+from .run_file import write_private
 from .store import ResponseStore
 from .usage import flavor_of
 
 log = logging.getLogger("sidecar")
+LAST_MISS = "last-miss.json"   # in the state directory: a JSON line, then the last miss's canonical request
 READS = {"read-write", "read-only", "replay"}
 HASH_IN_THREAD = 256 << 10   # bytes of canonical request above which hashing (~0.1 ms) leaves the loop
 WRITES = {"read-write", "refresh"}
 
 
 class Cache:
-    def __init__(self, settings: CacheSection, store: ResponseStore | None, keys: KeyMaker):
+    def __init__(self, settings: CacheSection, store: ResponseStore | None, keys: KeyMaker,
+                 last_miss: Path | None = None):
         self.settings = settings
+        self.last_miss = last_miss   # where the last miss's canonical request goes, for `sidecar cache why`
+        self._noting: asyncio.Task | None = None
         self.store = store
         self.keys = keys
         self.routes = frozenset(settings.routes)
@@ -54,7 +62,7 @@ class Cache:
     def plan(self, call: Call, headers) -> Awaitable[None] | None:
         """Decide whether this call reads and writes the cache, and compute its key (awaitable when the
         request is large enough to be hashed in a thread)."""
-        mode = self.settings.mode
+        mode = call.route.cache_mode or self.settings.mode   # an attached agent's own, else the sidecar's
         override = headers.get("x-sidecar-cache", "").lower()
         if override in ("bypass", "refresh"):
             mode = "off" if override == "bypass" else "refresh"
@@ -76,6 +84,7 @@ class Cache:
             call.cache_outcome = "bypass"
             return
         call.cache_mode = mode
+        call.canonical = canonical
         if len(canonical) >= HASH_IN_THREAD:
             return self._keyed_in_thread(call, canonical, headers)
         self._keyed(call, self.keys.request_hash(canonical), headers)
@@ -100,8 +109,17 @@ class Cache:
         call.t_lookup = time.monotonic()
         if entry is not None:
             return entry
+        self.note_miss(call)
         self.refuse_in_replay(call)
         return None
+
+    def note_miss(self, call: Call) -> None:
+        """Keep the last miss's canonical request (a file, written off the loop; skipped while one is written)."""
+        if self.last_miss is None or self._noting is not None and not self._noting.done():
+            return
+        head = orjson.dumps({"key": call.cache_key.hex(), "hash": call.request_hash.hex(), "ts": time.time(),
+                             "agent": call.route.agent, "mode": call.cache_mode})
+        self._noting = self._spawn(asyncio.to_thread(_note, self.last_miss, head + b"\n" + call.canonical))
 
     def refuse_in_replay(self, call: Call) -> None:
         """Replay mode never reaches the upstream: a miss (or an entry that cannot serve) is an error."""
@@ -140,7 +158,7 @@ class Cache:
         if head.sse and len(form := form_of(call)) > 1:   # OpenAI chat: whether usage was streamed
             meta["include_usage"] = form[-1]
         entry = Entry(status=head.status, headers=kept_headers(head.headers), body=body, stream=head.sse,
-                      pacing=capture.pacing if head.sse else None, meta=meta)
+                      pacing=capture.pacing if head.sse else None, meta=meta, request=call.canonical)
         return self._spawn(self.store.put(call.cache_key, entry.encode()))
 
     def _spawn(self, write) -> asyncio.Future:
@@ -162,3 +180,11 @@ class Cache:
             await asyncio.gather(*self.writes, return_exceptions=True)
         if self.store is not None:
             await self.store.flush_touches()
+
+
+def _note(path: Path, data: bytes) -> None:
+    """Write the last miss; a full or read-only disk only costs `sidecar cache why` its latest miss."""
+    try:
+        write_private(path, data)
+    except OSError as exc:
+        log.debug("could not note the last miss in %s: %s", path, exc)

@@ -120,6 +120,9 @@ class KeyMaker:
         configured = (h.lower() for h in credential_headers)
         self.credentials = tuple(dict.fromkeys(h for h in (*MORE_CREDENTIAL_HEADERS, *configured)
                                                if h not in CREDENTIAL_HEADERS))
+        # A credential is in the partition, never in the canonical request (which entries keep on disk).
+        self.headers = tuple(h.lower() for h in key_headers
+                             if h.lower() not in CREDENTIAL_HEADERS and h.lower() not in self.credentials)
         self._memo: dict[str, bytes] = {}
 
     def canonical(self, method: str, path: str, query: str, headers, body: Any) -> bytes:

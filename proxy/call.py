@@ -43,6 +43,7 @@ class Call:
     cache_mode: str = ""
     cache_key: bytes | None = None
     request_hash: bytes = b""
+    canonical: bytes = b""        # the canonical request the key was made of (no credential in it)
     streamed: bool = False
     usage: Usage | None = None    # the tokens the API reported (proxy/usage.py); a hit: the original call's
     bytes_out: int = 0

@@ -26,10 +26,13 @@ def _choice(*values: str) -> dict:
     return {"choices": values}
 
 
+PORT = {"maximum": 65535, "noun": "a port number (0 to 65535; 0 takes any free port)"}
+
+
 @dataclass(frozen=True)
 class ProxySection:
     host: str = "127.0.0.1"
-    port: int = 0
+    port: int = field(default=0, metadata=PORT)
     allow_remote: bool = False
     agent_id: str = ""
     max_body_mb: float = 32.0
@@ -62,11 +65,12 @@ class StateSection:
 GEMINI_ROUTES = tuple(f"/{version}/models/*:{method}" for version in ("v1beta", "v1")
                       for method in ("generateContent", "streamGenerateContent", "countTokens", "embedContent",
                                      "batchEmbedContents"))
+CACHE_MODES = ("read-write", "read-only", "refresh", "off", "replay")
 
 
 @dataclass(frozen=True)
 class CacheSection:
-    mode: str = field(default="read-write", metadata=_choice("read-write", "read-only", "refresh", "off", "replay"))
+    mode: str = field(default="read-write", metadata=_choice(*CACHE_MODES))
     routes: tuple[str, ...] = ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/embeddings",
                                "/v1/responses", *GEMINI_ROUTES)
     ignore_fields: tuple[str, ...] = ("metadata.user_id", "stream", "stream_options", "prompt_cache_key",
@@ -222,6 +226,8 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
     if want in (int, float) and value < 0:
         raise ConfigError(f"{name} must not be negative, not {value!r}")
+    if value > f.metadata.get("maximum", value):
+        raise ConfigError(f"{name} must be {f.metadata['noun']}, not {value!r}")
     return value
 
 
@@ -294,6 +300,9 @@ def read_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} not found: give an existing file to --config") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:   # TOML is UTF-8; a file saved as Latin-1 or UTF-16 is not
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                          f"save it as UTF-8") from None
 
 
 def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:

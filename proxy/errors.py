@@ -3,6 +3,7 @@
     SidecarError          kind + a message that starts `sidecar:` and says what to do
     ├── Refusal           the request is declined before it goes upstream (bad input, limits, replay miss)
     ├── UpstreamError     the upstream could not be reached, did not answer in time, or broke off
+    │                     (refused or unresolvable: "upstream_unreachable", never retried)
     └── Fault             an unexpected failure inside the sidecar (a bug, a broken store)
 
 `from_library` converts aiohttp, asyncio, lmdb and orjson errors (chained with
@@ -15,13 +16,22 @@ error to the agent.
 from __future__ import annotations
 
 import asyncio
+import errno
 import math
+import os
 
 import aiohttp
 import orjson
 from aiohttp import web
 
 from . import gemini_api
+# Connect failures no retry can mend in seconds: the call fails at once, and the SDK is told not to retry either.
+UNREACHABLE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL})
+NOT_RETRIED = frozenset({"upstream_unreachable"})
+# What sets each API's upstream, for the message that says what to fix.
+UPSTREAM_SETTINGS = {"anthropic": "[upstream] anthropic (or ANTHROPIC_BASE_URL / SIDECAR_UPSTREAM_ANTHROPIC)",
+                     "openai": "[upstream] openai (or OPENAI_BASE_URL / SIDECAR_UPSTREAM_OPENAI)",
+                     "gemini": "[upstream] gemini (or GOOGLE_GEMINI_BASE_URL / SIDECAR_UPSTREAM_GEMINI)"}
 
 # kind -> (HTTP status, Anthropic error type, OpenAI error type, OpenAI code)
 KINDS: dict[str, tuple[int, str, str, str | None]] = {
@@ -35,6 +45,7 @@ KINDS: dict[str, tuple[int, str, str, str | None]] = {
     "overloaded": (529, "overloaded_error", "server_error", "overloaded"),
     "api_error": (500, "api_error", "server_error", None),
     "bad_gateway": (502, "api_error", "server_error", "bad_gateway"),
+    "upstream_unreachable": (502, "api_error", "server_error", "upstream_unreachable"),
     "timeout": (504, "api_error", "server_error", "timeout"),
 }
 NOT_RETRIED = {"budget"}   # x-should-retry: false, which the official SDKs obey before their status rules
@@ -69,11 +80,16 @@ class Fault(SidecarError):
         self.stage = stage
 
 
-def from_library(exc: BaseException, url=None) -> SidecarError:
-    """The sidecar's error for a library error met while talking to the upstream at `url`."""
+def from_library(exc: BaseException, url=None, api: str | None = None) -> SidecarError:
+    """The sidecar's error for a library error met while talking to the upstream at `url` (of `api`)."""
     where = f"upstream {url.origin()}" if url is not None else "the upstream"
     if isinstance(exc, SidecarError):
         return exc
+    unreachable = unreachable_reason(exc)
+    if unreachable is not None:
+        return UpstreamError("upstream_unreachable", f"sidecar: {where} is unreachable: {unreachable}; fix "
+                                                     f"{UPSTREAM_SETTINGS.get(api, '[upstream] in the config')} "
+                                                     f"or start the server it names")
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return UpstreamError("timeout", f"sidecar: {where} did not answer in time; raise [proxy] "
                                         f"connect_timeout/read_timeout if it is slow")
@@ -83,6 +99,16 @@ def from_library(exc: BaseException, url=None) -> SidecarError:
         return UpstreamError("bad_gateway", f"sidecar: {where} unreachable ({exc}); check [upstream] in the "
                                             f"config or ANTHROPIC_BASE_URL/OPENAI_BASE_URL/GOOGLE_GEMINI_BASE_URL")
     return Fault("upstream", exc)
+
+
+def unreachable_reason(exc: BaseException) -> str | None:
+    """Why a connect failed for good (refused, no route, no such host), in plain words; None for the rest."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"its host name does not resolve ({exc.os_error.strerror or exc.os_error})"
+    if isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(exc, aiohttp.ClientSSLError):
+        if exc.os_error.errno in UNREACHABLE_ERRNOS:   # not aiohttp's wording, which says ssl:default for http
+            return os.strerror(exc.os_error.errno).lower()
+    return None
 
 
 def error_body(api: str, kind: str, message: str) -> bytes:
@@ -99,7 +125,7 @@ def api_error(api: str, kind: str, message: str, *, retry_after: float | None = 
     """A complete error response; `message` should already start with 'sidecar:'."""
     headers = {"x-sidecar-error": kind}
     if kind in NOT_RETRIED:
-        headers["x-should-retry"] = "false"
+        headers["x-should-retry"] = "false"   # the official SDKs honour it: no retries on top
     if retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(retry_after)))
         headers["retry-after-ms"] = str(int(retry_after * 1000))

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from .call import Call
 from .errors import Refusal
-from .routes import AGENT_PREFIX
+from .routes import route_of
 from .state import STATE
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
@@ -66,9 +66,7 @@ def check_browser(request: web.Request) -> None:
 
 def _json_route(request: web.Request) -> bool:
     """A model route: its body is JSON (multipart is for uploads such as /v1/files)."""
-    path = request.raw_path.partition("?")[0]
-    match = AGENT_PREFIX.match(path)
-    return request.app[STATE].cache.is_model_route((match.group(2) or "/") if match else path)
+    return request.app[STATE].cache.is_model_route(route_of(request.raw_path, request.headers, "").path)
 
 
 async def read_body(request: web.Request, call: Call, limit: int) -> None:

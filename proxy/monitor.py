@@ -40,7 +40,8 @@ class Agent:
     restarts: int = 0
     exit_status: int | None = None
     rss: int = 0                 # bytes, the whole process tree, at the last sample
-    peak_rss: int = 0
+    peak_rss: int = 0            # bytes, as /usr/bin/time counts: the largest process's high-water mark
+    launcher: int = 0            # pid of the `sidecar run` that reports this agent's exit (attached agents)
     cpu_percent: float = 0.0
     process: psutil.Process | None = None
     traceparent: str = ""        # the agent run's W3C trace context (TRACEPARENT), the parent of its calls' spans
@@ -56,8 +57,10 @@ class Agent:
 class Monitor:
     keep_exited = 32   # exited agents kept in the table (the most recent ones); older ones leave it
 
-    def __init__(self, settings: MonitorSection, events: EventLog, limiter, relieve=None):
+    def __init__(self, settings: MonitorSection, events: EventLog, limiter, relieve=None,
+                 upstreams: dict[str, str] | None = None):
         self.settings = settings
+        self.upstreams = upstreams or {}     # api -> base URL, named in upstream_unreachable
         self.events = events
         self.limiter = limiter
         self.relieve = relieve or (lambda: {})
@@ -82,6 +85,11 @@ class Monitor:
         rate = sum(self.errors) / len(self.errors)
         self._set("error_rate_high", len(self.errors) >= min(20, s.error_window) and rate > s.error_rate,
                   error_rate=round(rate, 4), threshold=s.error_rate, window=len(self.errors))
+        if record["error"] == "upstream_unreachable":
+            self._set("upstream_unreachable", True, api=record["api"], upstream=self.upstreams.get(record["api"]),
+                      agent=record["agent"], fix=f"check [upstream] {record['api']} in 'sidecar config'")
+        elif record["status"] < 500 and record["cache"] not in ("hit", "coalesced"):   # it answered again
+            self._set("upstream_unreachable", False, api=record["api"], upstream=self.upstreams.get(record["api"]))
         if rate_limited:
             self._set("upstream_rate_limited", True, agent=record["agent"], model=record["model"],
                       effective_limit=self.limiter.snapshot()["effective_limit"])
@@ -106,6 +114,7 @@ class Monitor:
             agent.traceparent = message.get("traceparent", agent.traceparent)
             if kind == "started":   # its run's span is exported at its first exit, not again after a restart
                 agent.trace_root = message.get("trace_root", False)
+            agent.launcher = message.get("launcher", 0)
             agent.process = None
             agent.state = "running" if kind == "started" else "restarted"
             self._exited_order.pop(agent.id, None)
@@ -115,6 +124,7 @@ class Monitor:
                 agent.restarts += 1
                 self.emit(make_event("agent_restarted", agent=agent.id, pid=agent.pid, restarts=agent.restarts))
         elif kind == "exited" and agent.state != "exited":
+            agent.peak_rss = max(agent.peak_rss, message.get("peak_rss") or 0)   # wait4's figure: exact
             self._exited(agent, message.get("status"))
         elif kind == "exited" and agent.exit_status is None:   # the kernel told first; the launcher knows the status
             agent.exit_status = message.get("status")
@@ -135,24 +145,43 @@ class Monitor:
                 del self.agents[oldest]
 
     def _watch(self, agent: Agent) -> None:
-        """Learn of the agent's exit from the kernel (a pidfd), even if its launcher is killed."""
-        if not agent.pid or not hasattr(os, "pidfd_open"):
-            return
-        try:
-            fd = os.pidfd_open(agent.pid)
-        except OSError:
-            return
-        loop = asyncio.get_running_loop()
+        """Learn of the agent's exit from the kernel (a pidfd), even if its launcher is killed.
+
+        The launcher reports the exit status and the exact peak as soon as it has reaped the agent; so when
+        the agent is gone but its launcher lives, the exit is recorded when the launcher's report comes, or
+        when the launcher too is gone (killed before it could report)."""
         pid = agent.pid
 
-        def gone() -> None:
-            loop.remove_reader(fd)
-            os.close(fd)
+        def agent_gone() -> None:
+            if agent.pid != pid or agent.state == "exited":
+                return
+            if not (agent.launcher and self._on_exit(agent.launcher, launcher_gone)):
+                launcher_gone()
+
+        def launcher_gone() -> None:
             if agent.pid == pid and agent.state != "exited":
                 self._exited(agent, None)
                 if self.on_agents_changed:
                     self.on_agents_changed()
-        loop.add_reader(fd, gone)
+        self._on_exit(pid, agent_gone)
+
+    @staticmethod
+    def _on_exit(pid: int, callback) -> bool:
+        """Call `callback` once process `pid` has exited (a pidfd turns readable); False if it cannot be watched."""
+        if not pid or not hasattr(os, "pidfd_open"):
+            return False
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            callback()
+        loop.add_reader(fd, readable)
+        return True
 
     def running_agents(self) -> int:
         return sum(1 for a in self.agents.values() if a.state != "exited")
@@ -182,14 +211,16 @@ class Monitor:
                 agent.process.cpu_percent(None)
             tree = [agent.process, *agent.process.children(recursive=True)]
             rss = cpu = 0.0
+            peak = agent.peak_rss
             for proc in tree:
                 try:
-                    rss += proc.memory_info().rss
+                    now = proc.memory_info().rss
+                    rss += now
+                    peak = max(peak, high_water_mark(proc.pid) or now)
                     cpu += proc.cpu_percent(None) if proc is agent.process else 0.0
                 except psutil.Error:
                     continue
-            agent.rss, agent.cpu_percent = int(rss), round(cpu, 1)
-            agent.peak_rss = max(agent.peak_rss, agent.rss)
+            agent.rss, agent.cpu_percent, agent.peak_rss = int(rss), round(cpu, 1), peak
         except psutil.Error:
             agent.process = None
 
@@ -233,6 +264,20 @@ class Monitor:
     async def drain(self) -> None:
         if self._hooks:
             await asyncio.gather(*self._hooks, return_exceptions=True)
+
+
+def high_water_mark(pid: int) -> int:
+    """A process's peak resident size so far (VmHWM), in bytes; 0 if it cannot be read.
+
+    The kernel keeps it, so a peak between two samples is not missed; it is the figure wait4 reports."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def relieve_memory(state) -> dict[str, int]:

@@ -217,7 +217,7 @@ async def exchange(state: ProxyState, call: Call, flight: Flight) -> None:
                 token = await take_slot(state, call, attempts.retrying)
                 try:
                     attempts.sending()
-                    upstream = await state.client.send(call.method, url, forwarded, call.body)
+                    upstream = await state.client.send(call.method, url, forwarded, call.body, call.route.api)
                 except UpstreamError as exc:
                     delay = attempts.after_error(exc) if call.model_call else None
                     if delay is None:

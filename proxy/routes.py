@@ -1,7 +1,9 @@
 """Which agent sent a request, which API it speaks, and where it goes upstream.
 
 Agents sharing one sidecar are told apart by a path prefix in their base URL,
-`/a/<agent-id>`, which the official SDKs and Claude Code keep. The upstream URL
+`/a/<agent-id>`, which the official SDKs and Claude Code keep; an agent's own
+cache mode (`sidecar run --connect URL --cache replay`) follows it as
+`/a/<agent-id>/cache=<mode>`. The upstream URL
 is always built from the configured base, never from the request's Host or an
 absolute request target, so the sidecar cannot be used as an open proxy.
 """
@@ -14,8 +16,9 @@ from dataclasses import dataclass
 from yarl import URL
 
 from . import gemini_api
+from .config import CACHE_MODES
 
-AGENT_PREFIX = re.compile(r"^/a/([A-Za-z0-9][A-Za-z0-9._-]{0,63})(/.*|)$")
+AGENT_PREFIX = re.compile(r"^/a/([A-Za-z0-9][A-Za-z0-9._-]{0,63})(?:/cache=(" + "|".join(CACHE_MODES) + r"))?(/.*|)$")
 AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 # Paths only the OpenAI API has; everything else goes to Anthropic unless the
@@ -32,6 +35,7 @@ class Route:
     api: str          # "anthropic" | "openai" | "gemini"
     path: str         # the API path as the agent sent it (still percent-encoded), without any agent prefix
     query: str        # raw query string, without '?'
+    cache_mode: str = ""   # the agent's own cache mode, from its base URL; "" for the sidecar's
 
     @property
     def path_qs(self) -> str:
@@ -51,11 +55,16 @@ def api_of(path: str, headers, query: str = "") -> str:
 def route_of(target: str, headers, default_agent: str) -> Route:
     """The route of a request target exactly as sent (`request.raw_path`: path and query, undecoded)."""
     path, _, query = target.partition("?")
-    agent = default_agent
+    agent, mode = default_agent, ""
     match = AGENT_PREFIX.match(path)
     if match:
-        agent, path = match.group(1), match.group(2) or "/"
-    return Route(agent, api_of(path, headers, query), path, query)
+        agent, mode, path = match.group(1), match.group(2) or "", match.group(3) or "/"
+    return Route(agent, api_of(path, headers, query), path, query, mode)
+
+
+def agent_base(server: str, agent: str, cache_mode: str = "") -> str:
+    """The base URL an agent of the sidecar at `server` is given (the inverse of route_of's prefix)."""
+    return f"{server.rstrip('/')}/a/{agent}" + (f"/cache={cache_mode}" if cache_mode else "")
 
 
 class Upstreams:

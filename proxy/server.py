@@ -30,7 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from .app import make_app
 from .config import Config
 from .errors import error_body
-from .routes import AGENT_PREFIX, api_of
+from .routes import route_of
 from .run_file import register_run
 from .state import STATE
 
@@ -187,8 +187,7 @@ class Refused(asyncio.Protocol):
         path = parts[1].decode("latin-1") if len(parts) > 1 else "/"
         headers = {h.partition(b":")[0].strip().lower().decode("latin-1"): ""
                    for h in rest.split(b"\r\n") if b":" in h}
-        match = AGENT_PREFIX.match(path.partition("?")[0])
-        body = error_body(api_of(match.group(2) or "/" if match else path, headers), "overloaded",
+        body = error_body(route_of(path, headers, "").api, "overloaded",
                           f"sidecar: too many connections ({self.limit} open, the limit); retry shortly, "
                           f"use fewer connections, or raise [proxy] max_connections")
         self.transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"

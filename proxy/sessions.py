@@ -31,8 +31,8 @@ import orjson
 
 from .call import Call
 from . import gemini_api, responses_api
-from .conversation import (CHAT_ROUTES, RESPONSES, SYSTEM_ROLES, answer_turns, client_session, digest, session_id,
-                           tools_digest, turns_of, unmarked)
+from .conversation import (ASSISTANT_ROLES, CHAT_ROUTES, RESPONSES, SYSTEM_ROLES, answer_turns, client_session, digest,
+                           session_id, tools_digest, turns_of, unmarked)
 from .restore import Restore
 from .store import Lmdb
 
@@ -94,7 +94,9 @@ class Sessions:
         rows = [orjson.dumps(m) for m in messages]
         meta = {"id": sid, "agent": call.route.agent, "api": call.route.api, "model": call.model,
                 "client_session": client_session(call.json, headers), "tools_digest": tools_digest(call.json),
-                "tools_hash": digest(call.json.get("tools"))}
+                "tools_hash": digest(call.json.get("tools")),
+                # the conversation's turns are its answers, however many calls (a restore, a retry) made them
+                "turns": sum(1 for m in messages if isinstance(m, dict) and m.get("role") in ASSISTANT_ROLES)}
         if path == responses_api.PATH:
             meta["format"] = RESPONSES
         # A Responses answer's id: the next turn may name it as its previous_response_id.
@@ -147,8 +149,9 @@ class Sessions:
         if stored.get("updated") is not None:
             txn.delete(index_key(stored["updated"], sid), db=self._db)
         stored.update(model=meta["model"] or stored.get("model"), tools_digest=meta["tools_digest"],
-                      tools_hash=meta.get("tools_hash"),
-                      updated=time.time(), turns=stored.get("turns", 0) + 1, messages=total)
+                      tools_hash=meta.get("tools_hash"), updated=time.time(), messages=total,
+                      turns=meta["turns"] + (stored.get("turns", 0) if start else 0) if "turns" in meta
+                      else stored.get("turns", 0) + 1)
         txn.put(key, orjson.dumps(stored), db=self._db)
         txn.put(index_key(stored["updated"], sid), str(stored.get("agent", "")).encode(), db=self._db)
 

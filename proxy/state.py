@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from . import telemetry
-from .cache import Cache
+from .cache import LAST_MISS, Cache
 from .circuit import Circuits
 from .headroom import Pacer
 from .backends import Backends, open_backends
@@ -93,7 +93,7 @@ class ProxyState:
         self.priced = asyncio.ensure_future(self.prices.load())
         self.priced.add_done_callback(lambda _: self._record_waiting())
         self.monitor = Monitor(self.config.monitor, EventLog(self.config.state_dir), self.limiter,
-                               relieve=lambda: relieve_memory(self))
+                               relieve=lambda: relieve_memory(self), upstreams=self.upstreams.bases)
         try:
             self.lmdb = open_lmdb(self.config)
         except StoreError as exc:   # the proxy starts anyway: calls are forwarded, nothing is stored
@@ -111,7 +111,7 @@ class ProxyState:
             self.backends.budget.on_report = self.pacer.wake
         self.circuits.on_change = lambda crossed, **detail: self.monitor._set("upstream_overloaded", crossed, **detail)
         keys = KeyMaker(self.backends.secret, settings.ignore_fields, settings.key_headers, settings.credential_headers)
-        self.cache = Cache(settings, self.backends.store, keys)
+        self.cache = Cache(settings, self.backends.store, keys, self.config.state_dir / LAST_MISS)
         self.cache.on_fault = self.fault
         self.records = RecordLog(self.lmdb, self.config.stats.max_records)
         self._seed_budgets()

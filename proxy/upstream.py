@@ -62,14 +62,15 @@ class UpstreamClient:
         if self.session is not None:
             await self.session.close()
 
-    async def send(self, method: str, url, headers: CIMultiDict, body: bytes) -> aiohttp.ClientResponse:
-        """Send one request; the caller must release the response."""
+    async def send(self, method: str, url, headers: CIMultiDict, body: bytes,
+                   api: str | None = None) -> aiohttp.ClientResponse:
+        """Send one request to `api`'s upstream; the caller must release the response."""
         try:
             return await self.session.request(method, url, headers=headers, data=body or None,
                                               skip_auto_headers=SKIP_AUTO, allow_redirects=False,
                                               compress=None)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            raise from_library(exc, url) from exc
+            raise from_library(exc, url, api) from exc
 
 
 def end_body_with_connection(response: aiohttp.ClientResponse) -> None:

@@ -709,13 +709,14 @@ async def test_expired_entries_are_misses(start_cache, mock):
 async def test_replay_pacing_follows_the_recorded_timing(start_cache, mock):
     mock.profile.tokens_per_second = 25  # 12 deltas: about half a second
     proxy = await start_cache(replay_pacing=True)
-    t0 = time.monotonic()
     _, original = await a_stream(proxy.url)
-    recorded = time.monotonic() - t0
     await proxy.settle()
+    [entry] = proxy.stored().values()
+    recorded = entry.pacing[-1][0]   # the last chunk's offset as the proxy received it (a load only adds to it)
+    assert recorded >= 0.25
     t0 = time.monotonic()
     assert await a_stream(proxy.url) == ("hit", original)
-    assert time.monotonic() - t0 >= 0.6 * recorded >= 0.25
+    assert time.monotonic() - t0 >= 0.95 * recorded   # paced: never faster than recorded
 
 
 # ---- corruption -------------------------------------------------------------------------------------
@@ -911,8 +912,8 @@ async def test_cli_stats_list_show(sidecar, start_cache, mock):
 
     listing = await sidecar.run("cache", "list")
     assert listing.returncode == 0, listing.err
-    listed = set(re.findall(r"^([0-9a-f]{32})\s", listing.out, re.M))
-    assert listed == {e["key"].hex() for e in entries.values()}
+    listed = set(re.findall(r"^([0-9a-f]{12})\s", listing.out, re.M))   # a key prefix, enough for show
+    assert listed == {e["key"].hex()[:12] for e in entries.values()}
     assert "/v1/chat/completions" in listing.out and "/v1/messages" in listing.out
 
     for name in ("a_json", "a_stream", "o_json"):

@@ -118,6 +118,14 @@ BAD_ARGUMENTS = [
     (["stats", "--bogus"], "sidecar stats"),
     (["events", "--since", "1y"], None),
     (["events", "--bogus"], "sidecar events"),
+    (["cache", "why", "nosuch"], None),
+    (["cache", "why", "a", "b", "c"], None),
+    (["cache", "why", "--bogus"], "sidecar cache why"),
+    (["doctor", "--bogus"], "sidecar doctor"),
+    (["doctor", "extra"], "sidecar doctor"),
+    (["run", "--connect", "localhost:1", "--", "true"], None),
+    (["run", "--connect", "http://127.0.0.1:{closed}", "--", "true"], None),
+    (["run", "--connect", "http://127.0.0.1:{closed}", "--port", "5", "--", "true"], None),
 ]
 
 
@@ -358,3 +366,54 @@ def test_file_errors_say_an_int(toml, says, tmp_path):
     path.write_text(toml)
     line = one_line(sidecar("config", "--config", str(path), cwd=tmp_path))
     assert says in line and str(path) in line and " a int" not in line
+
+
+# ---- files that are not what they should be: each a clear line, never "unexpected" ----------------------
+
+
+@pytest.mark.parametrize("content,args,says", [
+    (b"\xff\xfe[\x00p\x00r\x00o\x00x\x00y\x00]\x00", ["config"], "not UTF-8 text (byte 0xff at offset 0); save it as UTF-8"),
+    (b"[proxy]\nport = 70000\n", ["config"], "'port' must be a port number (0 to 65535"),
+    (b"[proxy]\nport = 70000\n", ["serve"], "'port' must be a port number (0 to 65535"),
+    (b"[proxy]\nport = 70000\n", ["run", "--", "true"], "'port' must be a port number (0 to 65535"),
+])
+def test_a_bad_config_file_is_one_clear_line(content, args, says, tmp_path):
+    path = tmp_path / "sidecar.toml"
+    path.write_bytes(content)
+    done = sidecar(args[0], "--config", str(path), *args[1:], cwd=tmp_path)
+    assert done.returncode == 2
+    line = one_line(done)
+    assert says in line and str(path) in line, line
+
+
+def test_a_port_variable_out_of_range_names_the_variable(tmp_path):
+    line = one_line(sidecar("config", cwd=tmp_path, env={"SIDECAR_PROXY_PORT": "99999"}))
+    assert "SIDECAR_PROXY_PORT ([proxy] port) must be a port number" in line
+
+
+@pytest.mark.parametrize("content", ['{"url": 5, "pid": "x"}', '{"url": "nourl", "pid": 3}', "[1, 2]", "null",
+                                     '{"url": "http://[::1", "pid": 3}', '{"url": "http://127.0.0.1:99999", "pid": 3}',
+                                     b"\xff\xfe".decode("latin-1")])
+def test_a_shared_state_file_of_the_wrong_shape_means_none_runs(content, tmp_path, isolated_env):
+    isolated_env.mkdir(parents=True)
+    (isolated_env / "shared.json").write_text(content)
+    for command in ("status", "stop"):
+        done = sidecar(command, cwd=tmp_path)
+        no_traceback(done)
+        assert done.returncode == 1 and "no shared sidecar is running" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("content", ['{"url": "http://127.0.0.1:99999", "pid": 3}', "[]", '{"url": "localhost:3"}',
+                                     '{"url": null, "pid": 1}', "{garbled"])
+def test_a_malformed_run_file_is_passed_over(content, tmp_path, isolated_env):
+    (isolated_env / "run").mkdir(parents=True)
+    (isolated_env / "run" / "1.json").write_text(content)
+    done = sidecar("top", "--once", cwd=tmp_path)
+    assert done.returncode == 2 and "no running sidecar found" in one_line(done)
+
+
+@pytest.mark.parametrize("url", ["http://x:99999", "nourl", "127.0.0.1:8080", "http://[::1"])
+def test_a_malformed_top_url_says_what_it_should_look_like(url, tmp_path):
+    for args in (["top", "--url", url], ["top", "--url", url, "--once"]):
+        done = sidecar(*args, cwd=tmp_path)
+        assert done.returncode == 2 and "--url must look like http://127.0.0.1:PORT" in one_line(done)

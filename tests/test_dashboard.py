@@ -201,15 +201,14 @@ async def test_live_pushes_after_calls_and_events_at_most_every_half_second(px, 
         assert first["summary"]["all"]["calls"] == 0          # the current state at once
         await ask(http, px.url, "one")
         before = await live.until(lambda d: d["summary"]["all"]["calls"] == 1)
-        # A burst: far fewer pushes than calls, never two within PUSH_INTERVAL.
-        started = time.monotonic()
+        # A burst: never two pushes within PUSH_INTERVAL, by the sidecar's own clock (each snapshot's "now",
+        # taken when it was pushed; when they arrive here depends on the machine's load), so fewer than calls.
         for i in range(30):
             await ask(http, px.url, "one")
-        burst = time.monotonic() - started
-        frames = await live.until(lambda d: d["summary"]["all"]["calls"] == 31)
-        assert len(frames) <= burst / PUSH_INTERVAL + 2 and len(frames) < 10, (len(frames), burst)
-        times = [before[-1][0]] + [t for t, _ in frames]
-        assert all(b - a >= PUSH_INTERVAL * 0.8 for a, b in zip(times, times[1:])), times
+        frames = await live.until(lambda d: d["summary"]["all"]["calls"] == 31, timeout=60)
+        pushed = [before[-1][1]["now"]] + [doc["now"] for _, doc in frames]
+        assert all(b - a >= PUSH_INTERVAL * 0.95 for a, b in zip(pushed, pushed[1:])), pushed
+        assert len(frames) < 30
         # An event from the monitor (no request involved) is pushed too.
         px.app[STATE].monitor.emit(make_event("test_event", "raised", note="pushed"))
         await live.until(lambda d: d["events"] and d["events"][0]["kind"] == "test_event")
@@ -371,7 +370,7 @@ async def test_top_in_a_terminal_redraws_in_place_and_q_restores_it(px, sidecar,
         arrived.set()
 
     async def seen(text: bytes, after: int = 0) -> None:
-        async with asyncio.timeout(15):
+        async with asyncio.timeout(60):   # bounded, generous: a loaded machine starts Python slowly
             while text not in output[after:]:
                 arrived.clear()
                 await arrived.wait()
@@ -383,14 +382,15 @@ async def test_top_in_a_terminal_redraws_in_place_and_q_restores_it(px, sidecar,
                                                env={**os.environ, "TERM": "xterm"}, start_new_session=True)
     try:
         await seen(b"calls 0 ")
+        await seen(b"q quits\x1b[K\x1b[J")   # the whole first frame: a pty may hand it over in pieces
         assert output.startswith(b"\x1b[?1049h")              # the alternate screen, like top
         assert not termios.tcgetattr(slave)[3] & termios.ICANON   # cbreak: a key arrives at once
-        mark = len(output)
+        mark = output.rindex(b"\x1b[J") + len(b"\x1b[J")      # after the last frame drawn so far
         await ask(http, px.url, "pushed to the terminal")
         await seen(b"calls 1 ", mark)
         assert output[mark:].startswith(b"\x1b[H")             # redrawn in place, from the top left
         os.write(master, b"q")
-        assert await asyncio.wait_for(top.wait(), 10) == 0
+        assert await asyncio.wait_for(top.wait(), 60) == 0
         await seen(b"\x1b[?1049l")                             # the screen given back
         assert termios.tcgetattr(slave) == before              # and the terminal's mode
     finally:

@@ -205,20 +205,18 @@ async def test_redis_cache_is_shared_by_sidecars_but_not_across_keys(sidecar, mo
 
 async def test_redis_global_limit_holds_across_sidecars(sidecar, mock, redis_server, tmp_path):
     mock.profile.ttft = 0.2
-    env = {"SIDECAR_LIMITS_MAX_CONCURRENCY": "2"}
+    # Leases far longer than the bound below: a waiter that had to wait for one (no pub/sub) fails the test.
+    env = {"SIDECAR_LIMITS_MAX_CONCURRENCY": "2", "SIDECAR_STATE_LEASE_SECONDS": "600"}
     _, url_a = await serve(sidecar, fleet_env(mock, redis_server, tmp_path / "a", **env))
     _, url_b = await serve(sidecar, fleet_env(mock, redis_server, tmp_path / "b", **env))
     async with aiohttp.ClientSession() as session:
-        started = time.monotonic()
         results = await asyncio.wait_for(asyncio.gather(*(
-            ask(session, (url_a, url_b)[i % 2], f"Global limit, unique call {i}.") for i in range(12))), 20)
-        elapsed = time.monotonic() - started
+            ask(session, (url_a, url_b)[i % 2], f"Global limit, unique call {i}.") for i in range(12))), 120)
     assert [r[:2] for r in results] == [(200, "miss")] * 12, results
     assert mock.count("/v1/messages") == 12
     assert mock.peak_in_flight <= 2, f"{mock.peak_in_flight} calls in flight upstream with a fleet limit of 2"
     assert mock.peak_in_flight == 2           # the limit was used, not just a queue of one
-    # A freed slot is announced (pub/sub): waiters go at once, not after a lease time (30 s by default).
-    assert elapsed < 6 * 0.2 + 3.0, f"12 calls of 0.2 s at 2 at a time took {elapsed:.1f} s"
+    # A freed slot is announced (pub/sub): the waiters went when it was freed, not after a lease (600 s).
     await eventually(lambda: redis_server.slots() == 0, 5, "every lease given back")
 
 
@@ -269,10 +267,10 @@ async def test_redis_slots_of_a_killed_sidecar_expire_with_their_lease(sidecar, 
         assert all(isinstance(o, aiohttp.ClientError) for o in outcomes), outcomes
         mock.profile.ttft = 0.05
         started = time.monotonic()
-        status, cache, _ = await asyncio.wait_for(ask(session, url_b, "The survivor's call."), lease + 10)
+        # bounded (the lease ends it), generous: on a loaded machine the expiry is noticed late, never early
+        status, cache, _ = await asyncio.wait_for(ask(session, url_b, "The survivor's call."), lease + 60)
         elapsed = time.monotonic() - started
     assert (status, cache) == (200, "miss")
-    assert elapsed < lease + 2.0, f"the survivor waited {elapsed:.1f} s for slots leased for {lease:g} s"
     assert elapsed > lease / 3, "the survivor did not wait: the dead sidecar's slots were not held"
     await eventually(lambda: redis_server.slots() == 0, 5, "the slots sorted set to empty")
 
@@ -457,7 +455,7 @@ async def test_shared_server_with_another_config_is_refused(shared, mock):
     assert done.returncode == 0, done.err + done.out
     info = shared.info()
 
-    refused = await shared.run("1", "second", env={**env, "SIDECAR_CACHE_MODE": "off"})
+    refused = await shared.run("1", "second", env={**env, "SIDECAR_LIMITS_MAX_QUEUE": "7"})
     assert refused.returncode == 2, refused.err + refused.out
     message = refused.err.strip()
     assert len(message.splitlines()) == 1, message
@@ -467,6 +465,23 @@ async def test_shared_server_with_another_config_is_refused(shared, mock):
     assert mock.count("/v1/messages") == 1
 
 
+@pytest.mark.timeout(240)   # four agents, one after the other
+async def test_shared_agents_keep_their_own_cache_mode(shared, mock):
+    """The cache mode is each agent's own (in its base URL): one server, a replay agent never goes upstream."""
+    env = upstream_env(mock)
+    first = await shared.run("1", "same", env=env)
+    assert first.returncode == 0, first.err + first.out
+    info = shared.info()
+    replayed = await shared.run("1", "same", env={**env, "SIDECAR_CACHE_MODE": "replay"})
+    assert replayed.returncode == 0, replayed.err + replayed.out
+    missed = await shared.run("1", "other", env={**env, "SIDECAR_CACHE_MODE": "replay"})
+    assert missed.returncode == 1 and "HTTPError 404" in missed.out, missed.out
+    uncached = await shared.run("1", "same", env={**env, "SIDECAR_CACHE_MODE": "off"})
+    assert uncached.returncode == 0, uncached.err + uncached.out
+    assert shared.info()["pid"] == info["pid"] and shared.servers() == [info["pid"]]
+    assert mock.count("/v1/messages") == 2   # the first call and the uncached one; replay none
+
+
 async def test_sidecar_stop_stops_the_shared_server(shared, sidecar, mock):
     done = await shared.run("1", "only", env=upstream_env(mock))
     assert done.returncode == 0, done.err + done.out
@@ -474,13 +489,10 @@ async def test_sidecar_stop_stops_the_shared_server(shared, sidecar, mock):
     status = await sidecar.run("status")
     assert status.returncode == 0 and str(info["pid"]) in status.out, status.err + status.out
 
-    started = time.monotonic()
-    stopped = await sidecar.run("stop")
-    elapsed = time.monotonic() - started
+    stopped = await sidecar.run("stop", timeout=60)
     assert stopped.returncode == 0, stopped.err
-    assert str(info["pid"]) in stopped.out
+    assert stopped.out.strip() == f"sidecar: stopped the shared sidecar (pid {info['pid']})", stopped.out   # not killed
     assert not alive(info["pid"])
-    assert elapsed < 10, f"sidecar stop took {elapsed:.1f} s: the server ignored SIGTERM and was killed"
     assert not (shared.state_dir / "shared.json").exists()
     stats = await sidecar.run("stats", "--json")
     assert stats.returncode == 0 and json.loads(stats.out)["all"]["calls"] == 1, stats.err + stats.out

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from bench.mock_upstream import MockUpstream, Profile
 from conftest import AppProxy, until, unique_prompt
+from proxy.retry import requested_delay
 
 MODEL = "claude-mock-1"
 KEY = "sk-ant-test"
@@ -286,8 +287,9 @@ async def test_retry_honours_retry_after_ms(start, mock: MockUpstream):
     async with client(px.url) as sdk:
         assert await ask(sdk)
     assert mock.count() == 3
-    assert all(0.25 <= gap < 0.9 for gap in gaps(mock)), gaps(mock)
+    assert all(gap >= 0.25 for gap in gaps(mock)), gaps(mock)   # waited as asked (a load only makes it later)
     assert (await px.limits())["retries"] == 2
+    assert requested_delay({"retry-after": "1", "retry-after-ms": "300"}) == 0.3   # the finer one wins
 
 
 @pytest.fixture
@@ -373,12 +375,10 @@ async def test_persisting_failure_reaches_client_unchanged(start, mock: MockUpst
 async def test_retry_budget_max_total(start, mock: MockUpstream):
     """A requested wait beyond retry.max_total is not waited: the answer is passed on."""
     px = await start(mock.url, retry={"max_total": 0.5})
-    mock.inject("rate_limit", times=1, retry_after=5)
-    started = time.monotonic()
+    mock.inject("rate_limit", times=1, retry_after=600)
     async with client(px.url) as sdk:
         with pytest.raises(anthropic.RateLimitError):
-            await ask(sdk)
-    assert time.monotonic() - started < 2
+            await asyncio.wait_for(ask(sdk), 60)   # a wait of 600 s would have been taken: bounded far below it
     assert mock.count() == 1
 
 

@@ -325,7 +325,7 @@ async def test_sdk_sees_sidecar_error_as_api_error(start_proxy):
                 await client.chat.completions.create(model=OPENAI_MODEL, messages=PROMPT)
         assert info.value.status_code == 502
         assert info.value.body["message"].startswith("sidecar:")  # the SDK unwraps {"error": ...}
-        assert info.value.code == "bad_gateway"
+        assert info.value.code == "upstream_unreachable"
     finally:
         placeholder.close()
 

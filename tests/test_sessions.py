@@ -157,13 +157,17 @@ async def test_chaos_kills_restore_full_context(sidecar, mock, script, tmp_path)
     agent = script(CHAOS_AGENT, "chaos_agent.py")
     env = {**upstream_env(mock), "SIDECAR_LAUNCHER_RESTART": "on-failure", "SIDECAR_LAUNCHER_MAX_RESTARTS": "1",
            "SIDECAR_LAUNCHER_RESTART_BACKOFF": "0", "SIDECAR_LAUNCHER_RESTART_ARGS": "--continue"}
+    # Seeded: the kill points of a run that failed come again with CHAOS_SEED=<the seed it printed>.
+    seed = int(os.environ.get("CHAOS_SEED") or random.randrange(1 << 30))
+    print(f"\nchaos seed {seed} (CHAOS_SEED={seed} repeats its kill points)")
+    rng = random.Random(seed)
     deadline = time.monotonic() + 150
     sessions = restored = 0
     failures = []
     for run in range(60):
         if time.monotonic() > deadline:
             break
-        run_id = f"chaos-{run}-{random.randrange(1 << 30)}"
+        run_id = f"chaos-{run}-{rng.randrange(1 << 30)}"
         log = tmp_path / f"{run_id}.log"
         log.touch()
         done = await sidecar.run("run", "--quiet", "--", "python", str(agent), str(log), run_id, env=env, timeout=60)
@@ -180,8 +184,8 @@ async def test_chaos_kills_restore_full_context(sidecar, mock, script, tmp_path)
             failures.append(run_id)
     fraction = restored / sessions if sessions else 0.0
     print(f"\nchaos: {restored}/{sessions} sessions restored with their full context ({fraction:.1%})")
-    assert sessions >= 10, "too few sessions had an answer before the kill to judge"
-    assert fraction >= 0.995, failures
+    assert sessions >= 10, f"too few sessions had an answer before the kill to judge (seed {seed})"
+    assert fraction >= 0.995, (f"seed {seed}", failures)
 
 
 def test_trim_keeps_a_history_the_api_accepts():

@@ -107,7 +107,7 @@ function renderAgents(agents) {
       a.state + (a.restarts ? ` \u00d7${a.restarts}` : "");
     const uptime = a.state === "exited" ? el("td", { class: "num", text: "-" }) : el("td", { class: "num", "data-started": a.started });
     return el("tr", {}, el("td", { class: "mono", text: a.id }), el("td", {}, el("span", { class: "state " + a.state, text: label })),
-      el("td", { text: a.pid || "-" }), uptime, el("td", { class: "num", text: a.rss ? bytes(a.rss) : "-" }),
+      el("td", { text: a.pid || "-" }), uptime, el("td", { class: "num", text: a.peak_rss ? bytes(a.peak_rss) : "-" }),
       el("td", { class: "num", text: a.state === "exited" ? "-" : a.cpu_percent.toFixed(1) + "%" }),
       el("td", { class: "cmd", title: a.cmd, text: a.cmd }));
   }), "no agent attached yet", 7);
