@@ -30,14 +30,13 @@ from .terminal import clean
 # Known agents: how `sidecar run` points each at the sidecar (or why it cannot).
 AGENTS = {
     "claude": "ANTHROPIC_BASE_URL=<sidecar>/a/<id> (Claude Code reads it)",
-    "codex": "OPENAI_BASE_URL=<sidecar>/a/<id>/v1; recent Codex versions read their base URL only from their "
-             "config: run it as sidecar run -- sh -c 'codex -c openai_base_url=\"$OPENAI_BASE_URL\"', or its "
-             "calls bypass the sidecar",
-    "gemini": "not pointed: the sidecar does not proxy the Gemini API (GOOGLE_GEMINI_BASE_URL), so its calls "
-              "bypass the sidecar",
+    "codex": "codex -c openai_base_url=<sidecar>/a/<id>/v1 (Codex reads its base URL only from its config; "
+             "launcher/codex.py adds the override, the user's ~/.codex untouched)",
+    "gemini": "GOOGLE_GEMINI_BASE_URL=<sidecar>/a/<id> (the Gemini CLI reads it)",
 }
 UPSTREAM_VARIABLES = {"anthropic": ("SIDECAR_UPSTREAM_ANTHROPIC", "ANTHROPIC_BASE_URL"),
-                      "openai": ("SIDECAR_UPSTREAM_OPENAI", "OPENAI_BASE_URL")}
+                      "openai": ("SIDECAR_UPSTREAM_OPENAI", "OPENAI_BASE_URL"),
+                      "gemini": ("SIDECAR_UPSTREAM_GEMINI", "GOOGLE_GEMINI_BASE_URL")}
 
 
 @dataclass
@@ -75,7 +74,7 @@ def diagnose(path: str | None, environ, connect: bool = True):
     if environ.get("SIDECAR_URL"):
         yield Check("info", "inside a run", f"this shell runs behind the sidecar at {environ['SIDECAR_URL']}: "
                                             f"the base URLs below may be the sidecar's own")
-    for api in ("anthropic", "openai"):
+    for api in UPSTREAM_VARIABLES:
         yield from upstream_checks(config, api, source, environ, connect)
     yield from state_checks(config)
     yield from listen_checks(config)
@@ -165,10 +164,11 @@ def state_checks(config: Config):
 
 def store_check(state_dir: Path) -> Check:
     import lmdb
-    from proxy.store import FIX, FORMAT_VERSION
+    from proxy.migrations import CURRENT
+    from proxy.store import FIX
     data = state_dir / "lmdb" / "data.mdb"
     if not data.exists():
-        return Check("ok", "store", f"none yet ({data} is made on the first run; format {FORMAT_VERSION.decode()})")
+        return Check("ok", "store", f"none yet ({data} is made on the first run; format {CURRENT})")
     try:
         env = lmdb.open(str(data.parent), readonly=True, lock=False, max_dbs=16)
         try:
@@ -179,11 +179,13 @@ def store_check(state_dir: Path) -> Check:
             env.close()
     except lmdb.Error as exc:
         return Check("FAIL", "store", f"{data} cannot be read ({exc})", FIX.format(dir=data.parent))
-    if found != FORMAT_VERSION:
+    version = int(found) if found and found.isdigit() else None
+    if version is None or version > CURRENT:
         shown = found.decode(errors="replace")[:20] if found else "none"
-        return Check("FAIL", "store", f"{data} has format {shown!r}, this sidecar reads {FORMAT_VERSION.decode()!r}",
+        return Check("FAIL", "store", f"{data} has format {shown!r}, this sidecar reads {CURRENT} (and upgrades older)",
                      FIX.format(dir=data.parent))
-    return Check("ok", "store", f"{data}, format {found.decode()}, {human_bytes(data.stat().st_size)}")
+    upgrade = f" (the next run upgrades it to format {CURRENT})" if version < CURRENT else ""
+    return Check("ok", "store", f"{data}, format {version}{upgrade}, {human_bytes(data.stat().st_size)}")
 
 
 def redis_check(config: Config) -> Check:

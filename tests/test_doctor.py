@@ -43,7 +43,7 @@ def fake_agents(tmp_path) -> str:
 
 
 async def test_a_sound_setup_passes_and_creates_nothing(mock, fake_agents, tmp_path, isolated_env):
-    env = {"ANTHROPIC_BASE_URL": mock.url, "SIDECAR_UPSTREAM_OPENAI": mock.url + "/v1", "PATH": fake_agents}
+    env = {"ANTHROPIC_BASE_URL": mock.url, "GOOGLE_GEMINI_BASE_URL": mock.url, "SIDECAR_UPSTREAM_OPENAI": mock.url + "/v1", "PATH": fake_agents}
     done = doctor(cwd=tmp_path, env=env)
     rows = checks(done)
     assert done.returncode == 0, done.stdout
@@ -51,7 +51,7 @@ async def test_a_sound_setup_passes_and_creates_nothing(mock, fake_agents, tmp_p
     assert rows["upstream openai"][0] == "ok" and "(from SIDECAR_UPSTREAM_OPENAI)" in rows["upstream openai"][1]
     assert "accepts connections" in rows["upstream anthropic"][1]
     assert rows["state dir"][0] == "ok" and "free" in rows["state dir"][1]
-    assert rows["store"][0] == "ok" and "none yet" in rows["store"][1] and "format 1" in rows["store"][1]
+    assert rows["store"][0] == "ok" and "none yet" in rows["store"][1] and "format 2" in rows["store"][1]
     assert rows["listen"][0] == "ok"
     assert rows["agent claude"][0] == "ok" and "(9.9.9 (Claude Code))" in rows["agent claude"][1]
     assert "ANTHROPIC_BASE_URL" in rows["agent claude"][1]
@@ -64,7 +64,7 @@ async def test_an_existing_store_shows_its_format(mock, tmp_path, isolated_env):
     from proxy.store import Lmdb
     Lmdb(isolated_env, map_size=64 << 20).close()
     rows = checks(doctor("--offline", cwd=tmp_path))
-    assert rows["store"][0] == "ok" and "format 1" in rows["store"][1] and rows["state dir"][0] == "ok"
+    assert rows["store"][0] == "ok" and "format 2" in rows["store"][1] and rows["state dir"][0] == "ok"
 
 
 def test_what_would_fail_is_one_line_each_with_its_fix(tmp_path, isolated_env):
