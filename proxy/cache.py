@@ -32,6 +32,9 @@ from .usage import flavor_of
 log = logging.getLogger("sidecar")
 LAST_MISS = "last-miss.json"   # in the state directory: a JSON line, then the last miss's canonical request
 READS = {"read-write", "read-only", "replay"}
+# An entry keeps the request it was keyed on (for `sidecar cache why`) up to this size: a long agent context
+# would double every entry and crowd the cache out; the last miss's request is always kept (LAST_MISS).
+KEPT_REQUEST = 16 << 10   # (larger ones made the state outgrow its byte budget: tests/test_state_store.py long run)
 HASH_IN_THREAD = 256 << 10   # bytes of canonical request above which hashing (~0.1 ms) leaves the loop
 WRITES = {"read-write", "refresh"}
 
@@ -158,7 +161,8 @@ class Cache:
         if head.sse and len(form := form_of(call)) > 1:   # OpenAI chat: whether usage was streamed
             meta["include_usage"] = form[-1]
         entry = Entry(status=head.status, headers=kept_headers(head.headers), body=body, stream=head.sse,
-                      pacing=capture.pacing if head.sse else None, meta=meta, request=call.canonical)
+                      pacing=capture.pacing if head.sse else None, meta=meta,
+                      request=call.canonical if len(call.canonical) <= KEPT_REQUEST else b"")
         return self._spawn(self.store.put(call.cache_key, entry.encode()))
 
     def _spawn(self, write) -> asyncio.Future:

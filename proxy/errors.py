@@ -27,7 +27,6 @@ from aiohttp import web
 from . import gemini_api
 # Connect failures no retry can mend in seconds: the call fails at once, and the SDK is told not to retry either.
 UNREACHABLE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL})
-NOT_RETRIED = frozenset({"upstream_unreachable"})
 # What sets each API's upstream, for the message that says what to fix.
 UPSTREAM_SETTINGS = {"anthropic": "[upstream] anthropic (or ANTHROPIC_BASE_URL / SIDECAR_UPSTREAM_ANTHROPIC)",
                      "openai": "[upstream] openai (or OPENAI_BASE_URL / SIDECAR_UPSTREAM_OPENAI)",
@@ -48,7 +47,8 @@ KINDS: dict[str, tuple[int, str, str, str | None]] = {
     "upstream_unreachable": (502, "api_error", "server_error", "upstream_unreachable"),
     "timeout": (504, "api_error", "server_error", "timeout"),
 }
-NOT_RETRIED = {"budget"}   # x-should-retry: false, which the official SDKs obey before their status rules
+# x-should-retry: false, which the official SDKs obey before their status rules: no retries on top
+NOT_RETRIED = frozenset({"budget", "upstream_unreachable"})
 
 
 class SidecarError(Exception):

@@ -173,7 +173,7 @@ def test_the_byte_budget_holds_under_a_long_run(tmp_path):
                 history.append({"role": "assistant", "content": json.loads(reply["body"])["content"]})
                 sizes.append(data.stat().st_size)
         sizes.append(data.stat().st_size)
-        assert max(sizes) <= budget, sizes
+        assert max(sizes) <= budget, str(sizes)
 
         assert rig.call("a one-off question 599", agent="done")[1].get("x-sidecar-cache") == "hit"   # the newest
         assert rig.call("a one-off question 0", agent="done")[1].get("x-sidecar-cache") == "miss"   # evicted
