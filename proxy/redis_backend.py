@@ -208,6 +208,18 @@ class RedisResponseStore:
         return dict(self._stats)
 
 
+async def subscribe(link, channel: str, on_message) -> None:
+    """Call on_message for each message published on channel, until cancelled or Redis fails (reported)."""
+    try:
+        pubsub = link.redis.pubsub()
+        await pubsub.subscribe(channel)
+        async for message in pubsub.listen():
+            if message.get("type") == "message":
+                on_message()
+    except (RedisError, OSError) as exc:
+        link.failed(exc)
+
+
 class RedisSlots:
     """A global semaphore of leases: at most `limit` upstream calls in flight across all sidecars."""
 
@@ -277,17 +289,8 @@ class RedisSlots:
 
     def _listen(self) -> None:
         if self._listener is None or self._listener.done():
-            self._listener = asyncio.get_running_loop().create_task(self._subscribe())
-
-    async def _subscribe(self) -> None:
-        try:
-            pubsub = self.link.redis.pubsub()
-            await pubsub.subscribe(self._channel)
-            async for message in pubsub.listen():
-                if message.get("type") == "message":
-                    self._freed.set()
-        except (RedisError, OSError) as exc:
-            self.link.failed(exc)
+            self._listener = asyncio.get_running_loop().create_task(
+                subscribe(self.link, self._channel, self._freed.set))
             self._freed.set()
 
     async def close(self) -> None:
@@ -367,17 +370,8 @@ class RedisBudget:
 
     def _listen(self) -> None:
         if self._listener is None or self._listener.done():
-            self._listener = asyncio.get_running_loop().create_task(self._subscribe())
-
-    async def _subscribe(self) -> None:
-        try:
-            pubsub = self.link.redis.pubsub()
-            await pubsub.subscribe(self._channel)
-            async for message in pubsub.listen():
-                if message.get("type") == "message":
-                    self.on_report()
-        except (RedisError, OSError) as exc:
-            self.link.failed(exc)
+            self._listener = asyncio.get_running_loop().create_task(
+                subscribe(self.link, self._channel, lambda: self.on_report()))
             self.on_report()
 
     async def close(self) -> None:
