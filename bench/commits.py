@@ -25,11 +25,11 @@ from pathlib import Path
 
 import lmdb
 
-from proxy.state_budget import StateBudget
-from proxy.entry import Entry
-from proxy.records import RecordLog
-from proxy.sessions import Sessions
-from proxy.store import Lmdb, ResponseStore
+from agent_sidecar.proxy.state_budget import StateBudget
+from agent_sidecar.proxy.entry import Entry
+from agent_sidecar.proxy.records import RecordLog
+from agent_sidecar.proxy.sessions import Sessions
+from agent_sidecar.proxy.store import Lmdb, ResponseStore
 
 SIZES = (1 << 10, 20 << 10, 150 << 10)
 BUDGET = 16 << 20

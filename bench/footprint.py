@@ -5,7 +5,7 @@ and, alongside, its private anonymous memory (RSS minus file-backed and shared
 pages: LMDB's mapped data pages are file-backed and reclaimable) during a batch at concurrency 32 (half unique JSON misses, a quarter unique
 stream misses, a quarter hits). CPU: user+system seconds of that process per
 1,000 calls over the batch (and per kind of call), and while idle afterwards.
-Start-up: the median wall time of `python -m launcher run -- true` (and of the
+Start-up: the median wall time of `python -m agent_sidecar.launcher run -- true` (and of the
 `sidecar` console script if on PATH) minus that of `true`.
 """
 
@@ -144,7 +144,7 @@ def footprint(ctx: Ctx) -> Result:
                     OPENAI_BASE_URL=mock.url + "/v1")
     base = _wall(["true"], env, plan.startup_runs)
     res.put("true_ms", Fig.of(base, "ms"))
-    commands = [("python -m launcher run -- true", [sys.executable, "-m", "launcher", "run", "--", "true"])]
+    commands = [("python -m agent_sidecar.launcher run -- true", [sys.executable, "-m", "agent_sidecar.launcher", "run", "--", "true"])]
     script = shutil.which("sidecar", path=env.get("PATH"))
     if script:
         commands.append((f"sidecar run -- true ({script})", [script, "run", "--", "true"]))

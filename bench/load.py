@@ -192,5 +192,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from bench import load   # run as the imported module, whose state bench.agents shares
+    from agent_sidecar.bench import load   # run as the imported module, whose state bench.agents shares
     load.main()

@@ -3,7 +3,7 @@
 Point a proxy's upstreams at it (`ANTHROPIC_BASE_URL=URL`, `OPENAI_BASE_URL=URL/v1`)
 and send a request whose JSON model is `"nasty-<case>"` (or with a `nasty=<case>`
 query); the cases are listed at `GET /_nasty/cases`, every request received at
-`GET /_nasty/requests?since=N`. Importable: `from bench.nasty_upstream import NastyUpstream`.
+`GET /_nasty/requests?since=N`. Importable: `from agent_sidecar.bench.nasty_upstream import NastyUpstream`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 import signal
 import sys
 
-from bench.nasty import ALL, CASES, HELPERS, NastyUpstream
+from agent_sidecar.bench.nasty import ALL, CASES, HELPERS, NastyUpstream
 
 __all__ = ["ALL", "CASES", "HELPERS", "NastyUpstream", "main"]
 

@@ -117,7 +117,7 @@ class LoadWorker(Proc):
     """`python -m bench.load --serve`: send a job, get its JSON result."""
 
     def __init__(self, logdir: Path, name: str = "load"):
-        super().__init__(name, [sys.executable, "-m", "bench.load", "--serve"], clean_env(), logdir,
+        super().__init__(name, [sys.executable, "-m", "agent_sidecar.bench.load", "--serve"], clean_env(), logdir,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -197,7 +197,7 @@ class Procs:
     def mock(self, ttft: float = 0.0, tps: float = 0.0, output_tokens: int = 12, max_concurrency: int = 0,
              retry_after: float = 1.0, **flags: float) -> Proc:
         """The mock API; `flags` such as wall_latency=0.05 become its --wall-latency 0.05 options."""
-        cmd = [sys.executable, "-m", "bench.mock_upstream", "--host", "127.0.0.1", "--port", "0",
+        cmd = [sys.executable, "-m", "agent_sidecar.bench.mock_upstream", "--host", "127.0.0.1", "--port", "0",
                "--ttft", str(ttft), "--tps", str(tps), "--output-tokens", str(output_tokens),
                "--max-concurrency", str(max_concurrency), "--retry-after", str(retry_after),
                *(x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v)))]
@@ -207,18 +207,18 @@ class Procs:
 
     def bare(self, upstream: str) -> Proc:
         """`python -m bench.bare_proxy`: the yardstick, a bare aiohttp+uvloop reverse proxy to `upstream`."""
-        cmd = [sys.executable, "-m", "bench.bare_proxy", "--upstream", upstream, "--host", "127.0.0.1", "--port", "0"]
+        cmd = [sys.executable, "-m", "agent_sidecar.bench.bare_proxy", "--upstream", upstream, "--host", "127.0.0.1", "--port", "0"]
         proc = Proc(self._name("bare"), cmd, clean_env(), self.tmp)
         self.all.append(proc)
         return proc
 
     def sidecar(self, upstream: str, state: Path | None = None, **settings: str) -> Proc:
-        """`python -m launcher serve --port 0`; `settings` like cache_mode="off" become SIDECAR_CACHE_MODE."""
+        """`python -m agent_sidecar.launcher serve --port 0`; `settings` like cache_mode="off" become SIDECAR_CACHE_MODE."""
         name = self._name("sidecar")
         state = state or self.tmp / f"{name}-state"
         env = clean_env(ANTHROPIC_BASE_URL=upstream, OPENAI_BASE_URL=upstream + "/v1", SIDECAR_STATE_DIR=str(state),
                         **{f"SIDECAR_{k.upper()}": str(v) for k, v in settings.items()})
-        proc = Proc(name, [sys.executable, "-m", "launcher", "serve", "--port", "0"], env, self.tmp)
+        proc = Proc(name, [sys.executable, "-m", "agent_sidecar.launcher", "serve", "--port", "0"], env, self.tmp)
         proc.state = state
         self.all.append(proc)
         return proc

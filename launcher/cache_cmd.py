@@ -14,12 +14,12 @@ import time
 
 import orjson
 
-from proxy.cache_key import ANY_KEY, KEY_VERSION, KeyMaker, load_secret
-from proxy.config import Config, ConfigError
-from proxy.entry import CorruptEntry, Entry
-from proxy.encoding import decoded
-from proxy.sse import EventParser, MalformedStream, assemble_anthropic, assemble_openai
-from proxy.store import ResponseStore, StoreError, open_lmdb, set_aside
+from agent_sidecar.proxy.cache_key import ANY_KEY, KEY_VERSION, KeyMaker, load_secret
+from agent_sidecar.proxy.config import Config, ConfigError
+from agent_sidecar.proxy.entry import CorruptEntry, Entry
+from agent_sidecar.proxy.encoding import decoded
+from agent_sidecar.proxy.sse import EventParser, MalformedStream, assemble_anthropic, assemble_openai
+from agent_sidecar.proxy.store import ResponseStore, StoreError, open_lmdb, set_aside
 
 from . import cache_why as why
 from .terminal import clean

@@ -17,9 +17,9 @@ from typing import Any, Iterator
 
 import orjson
 
-from proxy.cache import LAST_MISS
-from proxy.config import Config, ConfigError
-from proxy.entry import Entry
+from agent_sidecar.proxy.cache import LAST_MISS
+from agent_sidecar.proxy.config import Config, ConfigError
+from agent_sidecar.proxy.entry import Entry
 
 from .terminal import clean
 

@@ -18,10 +18,10 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-import proxy
-from proxy import __version__
-from proxy.config import CACHE_MODES, CacheSection, Config, ConfigError, load, to_toml
-from proxy.listen import ListenError
+from agent_sidecar import proxy
+from agent_sidecar.proxy import __version__
+from agent_sidecar.proxy.config import CACHE_MODES, CacheSection, Config, ConfigError, load, to_toml
+from agent_sidecar.proxy.listen import ListenError
 
 from .client import SidecarUnreachable
 from .shared import SharedError
@@ -79,8 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 @command
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run one standalone proxy in the foreground for several agents to share."""
-    from proxy.listen import bind
-    from proxy.server import run
+    from agent_sidecar.proxy.listen import bind
+    from agent_sidecar.proxy.server import run
     if args.shared_server is not None:
         return _serve_shared(args.shared_server)
     config = effective_config(args)
@@ -100,9 +100,9 @@ def _serve_shared(ready_fd: int) -> int:
     """The background server `sidecar run --shared` starts, with the launcher's exact config."""
     import json
     import os
-    from proxy.config import load_layers
-    from proxy.listen import bind
-    from proxy.server import run
+    from agent_sidecar.proxy.config import load_layers
+    from agent_sidecar.proxy.listen import bind
+    from agent_sidecar.proxy.server import run
     from . import shared
     config = load_layers([json.loads(os.environ.pop("SIDECAR_PROXY_CONFIG"))], ["launcher"])
     sock = bind(config.proxy.host, 0, config.proxy.allow_remote)
@@ -174,7 +174,7 @@ def cmd_top(args: argparse.Namespace) -> int:
 @command
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmark direct vs through the sidecar (python -m bench; --quick, --json FILE, --plot FILE)."""
-    from bench.__main__ import main as bench_main
+    from agent_sidecar.bench.__main__ import main as bench_main
     return bench_main(args.bench_args, prog="sidecar bench")   # its options are its own
 
 
@@ -326,7 +326,7 @@ def describe(exc: Exception) -> str:
         hint = OS_HINTS.get(exc.errno)
         return f"{where}{exc.strerror or exc}" + (f" ({hint})" if hint else "")
     import lmdb
-    from proxy.store import StoreError   # imported here, not at start: it costs 30 ms
+    from agent_sidecar.proxy.store import StoreError   # imported here, not at start: it costs 30 ms
     if isinstance(exc, StoreError):
         return str(exc)
     if isinstance(exc, lmdb.Error):
@@ -337,7 +337,7 @@ def describe(exc: Exception) -> str:
     ours = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).parent in PACKAGES]
     frame = (ours or traceback.extract_tb(exc.__traceback__))[-1]
     return (f"unexpected {type(exc).__name__}: {exc} (at {Path(frame.filename).name}:{frame.lineno}); this is a bug, "
-            f"please report it ('python -X dev -m launcher ...' shows the traceback)")
+            f"please report it ('python -X dev -m agent_sidecar.launcher ...' shows the traceback)")
 
 
 PACKAGES = {Path(__file__).parent, Path(proxy.__file__).parent}   # where a bug's line is worth naming

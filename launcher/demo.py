@@ -15,14 +15,14 @@ import tempfile
 import threading
 import time
 
-from proxy.config import Config
+from agent_sidecar.proxy.config import Config
 
 from .supervise import WATCHED, run_agent
 
 
 def start_mock() -> tuple[object, str]:
     """The mock API on its own thread and loop; returns (mock, url)."""
-    from bench.mock_upstream import MockUpstream, Profile
+    from agent_sidecar.bench.mock_upstream import MockUpstream, Profile
     mock = MockUpstream(Profile(ttft=0.4, tokens_per_second=60, output_tokens=24))
     ready: queue.Queue = queue.Queue()
 
@@ -45,13 +45,13 @@ def run_demo(config: Config) -> int:
         print("sidecar: the demo's agent uses the official SDKs: pip install 'agent-sidecar[demo]'", file=sys.stderr)
         return 2
     mock, url = start_mock()
-    agent = [sys.executable, "-m", "launcher.demo_agent"]
+    agent = [sys.executable, "-m", "agent_sidecar.launcher.demo_agent"]
     with tempfile.TemporaryDirectory(prefix="sidecar-demo-") as state:
         config = config.replace("upstream", anthropic=url, openai=url + "/v1").replace("state", dir=state)
         print(f"sidecar demo: mock API on {url} (0.4 s to first token, 60 tokens/s); agent: {' '.join(agent)}")
         for run in (1, 2):
             before = mock.count()
-            print(f"\nrun {run}: sidecar run -- python -m launcher.demo_agent")
+            print(f"\nrun {run}: sidecar run -- python -m agent_sidecar.launcher.demo_agent")
             start = time.perf_counter()
             status = run_agent(agent, config.replace("proxy", agent_id=f"demo-run-{run}"))
             elapsed = time.perf_counter() - start

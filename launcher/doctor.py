@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from proxy import __version__
-from proxy.config import PROXY_VARIABLES, Config, ConfigError, load
+from agent_sidecar.proxy import __version__
+from agent_sidecar.proxy.config import PROXY_VARIABLES, Config, ConfigError, load
 
 from .summary import human_bytes
 from .terminal import clean
@@ -124,7 +124,7 @@ def upstream_checks(config: Config, api: str, source: str, environ, connect: boo
 
 
 def _file_keys(path: str, section: str) -> set[str]:
-    from proxy.config import read_file
+    from agent_sidecar.proxy.config import read_file
     try:
         doc = read_file(path).get(section, {})
     except ConfigError:
@@ -164,8 +164,8 @@ def state_checks(config: Config):
 
 def store_check(state_dir: Path) -> Check:
     import lmdb
-    from proxy.migrations import CURRENT
-    from proxy.store import FIX
+    from agent_sidecar.proxy.migrations import CURRENT
+    from agent_sidecar.proxy.store import FIX
     data = state_dir / "lmdb" / "data.mdb"
     if not data.exists():
         return Check("ok", "store", f"none yet ({data} is made on the first run; format {CURRENT})")
@@ -204,7 +204,7 @@ def redis_check(config: Config) -> Check:
 
 
 def listen_checks(config: Config):
-    from proxy.listen import ListenError, bind
+    from agent_sidecar.proxy.listen import ListenError, bind
     host, port = config.proxy.host, config.proxy.port
     try:
         bind(host, port, config.proxy.allow_remote).close()

@@ -1,6 +1,6 @@
 """The embedded proxy of `sidecar run`: started, told about its agent, restarted, stopped.
 
-The launcher holds the listening socket and hands it to `python -m proxy`, so
+The launcher holds the listening socket and hands it to `python -m agent_sidecar.proxy`, so
 the port never changes: a proxy that dies is restarted on the very same socket
 and the agent's next call (or its SDK's retry) just works. Control messages
 (agent started/exited, restore) go over the proxy's stdin, one JSON line each;
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import orjson
 
-from proxy.config import Config
+from agent_sidecar.proxy.config import Config
 
 MAX_QUICK_RESTARTS = 5    # proxy deaths within a minute before the launcher gives up on it
 
@@ -55,7 +55,7 @@ class ProxyProcess:
         env = {**os.environ, "SIDECAR_PROXY_CONFIG": orjson.dumps(self.config.to_dict()).decode()}
         with open_log(self.log_path) as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "--fd", str(self.sock.fileno()), "--notify-parent"],
+                [sys.executable, "-m", "agent_sidecar.proxy", "--fd", str(self.sock.fileno()), "--notify-parent"],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, pass_fds=(self.sock.fileno(),),
                 start_new_session=True, preexec_fn=unblock_signals, env=env)
         for message in self.standing.values():

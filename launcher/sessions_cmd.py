@@ -14,11 +14,11 @@ import time
 
 import orjson
 
-from proxy.config import Config, ConfigError
-from proxy.conversation import RESPONSES
-from proxy.restore import trim_for_api, trim_items
-from proxy.sessions import Sessions
-from proxy.store import open_lmdb
+from agent_sidecar.proxy.config import Config, ConfigError
+from agent_sidecar.proxy.conversation import RESPONSES
+from agent_sidecar.proxy.restore import trim_for_api, trim_items
+from agent_sidecar.proxy.sessions import Sessions
+from agent_sidecar.proxy.store import open_lmdb
 
 from .terminal import clean
 

@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from proxy import __version__
-from proxy.config import CacheSection, Config
-from proxy.run_file import write_private
+from agent_sidecar.proxy import __version__
+from agent_sidecar.proxy.config import CacheSection, Config
+from agent_sidecar.proxy.run_file import write_private
 
 from . import client
 from .proxy_process import open_log, unblock_signals
@@ -102,7 +102,7 @@ def _start(config: Config) -> str:
     doc["cache"]["mode"] = CacheSection.mode   # the server's default; an agent's own mode comes in its base URL
     env = {**os.environ, "SIDECAR_PROXY_CONFIG": json.dumps(doc)}
     with open_log(log_path) as log:
-        subprocess.Popen([sys.executable, "-m", "launcher", "serve", "--shared-server", str(write_fd)],
+        subprocess.Popen([sys.executable, "-m", "agent_sidecar.launcher", "serve", "--shared-server", str(write_fd)],
                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,), env=env,
                          start_new_session=True, preexec_fn=unblock_signals)
     os.close(write_fd)

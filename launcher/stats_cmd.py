@@ -10,11 +10,11 @@ import json
 import sys
 import time
 
-from proxy.config import Config, ConfigError
-from proxy.events import EventLog, format_event
-from proxy.records import RecordLog, since_seconds
-from proxy.stats import summarize
-from proxy.store import open_lmdb
+from agent_sidecar.proxy.config import Config, ConfigError
+from agent_sidecar.proxy.events import EventLog, format_event
+from agent_sidecar.proxy.records import RecordLog, since_seconds
+from agent_sidecar.proxy.stats import summarize
+from agent_sidecar.proxy.store import open_lmdb
 
 from .summary import dollars, ms
 from .terminal import clean

@@ -1,6 +1,6 @@
 """`sidecar run`: the agent as a child, the proxy as a sibling, signals passed on.
 
-The launcher binds the port itself and hands the socket to a `python -m proxy`
+The launcher binds the port itself and hands the socket to a `python -m agent_sidecar.proxy`
 process, so the agent starts at once (the kernel queues its first connections
 while the proxy imports) and a proxy that dies is restarted on the very same
 port. The agent keeps the terminal: same process group, same stdin/stdout/
@@ -24,11 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-from proxy import __version__, telemetry, tracecontext
-from proxy.config import UPSTREAM_VARIABLES, VARIABLE_SUFFIX, Config, UpstreamSection
-from proxy.events import EventLog
-from proxy.listen import bind
-from proxy.routes import agent_base
+from agent_sidecar.proxy import __version__, telemetry, tracecontext
+from agent_sidecar.proxy.config import UPSTREAM_VARIABLES, VARIABLE_SUFFIX, Config, UpstreamSection
+from agent_sidecar.proxy.events import EventLog
+from agent_sidecar.proxy.listen import bind
+from agent_sidecar.proxy.routes import agent_base
 
 from . import client, codex, gemini_cli
 from .proxy_process import ProxyProcess, unblock_signals
@@ -190,8 +190,8 @@ def spawn(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 def resolve_session(config: Config, ref: str) -> str:
     """The checkpointed session --restore names ('last', an id or a prefix), or a clear error."""
-    from proxy.sessions import Sessions
-    from proxy.store import open_lmdb
+    from agent_sidecar.proxy.sessions import Sessions
+    from agent_sidecar.proxy.store import open_lmdb
     lmdb_env = open_lmdb(config)
     try:
         found = Sessions(lmdb_env).find(ref)

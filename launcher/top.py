@@ -24,8 +24,8 @@ import time
 import tty
 from urllib.parse import urlsplit
 
-from proxy.config import Config
-from proxy.sse import EventParser
+from agent_sidecar.proxy.config import Config
+from agent_sidecar.proxy.sse import EventParser
 
 from . import client, shared
 from .summary import dollars, human_bytes, ms

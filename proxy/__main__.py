@@ -1,4 +1,4 @@
-"""`python -m proxy --fd N`: the proxy process that `sidecar run` supervises.
+"""`python -m agent_sidecar.proxy --fd N`: the proxy process that `sidecar run` supervises.
 
 It serves on the inherited listening socket N with the effective config the
 launcher put in SIDECAR_PROXY_CONFIG (JSON), takes control messages (one JSON
@@ -21,7 +21,7 @@ from .server import run
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m proxy")
+    parser = argparse.ArgumentParser(prog="python -m agent_sidecar.proxy")
     parser.add_argument("--fd", type=int, required=True, help="inherited listening socket")
     parser.add_argument("--notify-parent", action="store_true", help="send SIGUSR1 to the parent when ready")
     args = parser.parse_args()

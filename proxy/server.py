@@ -1,7 +1,7 @@
 """Running the proxy app on a socket, on uvloop, until told to stop.
 
 Two ways in: `sidecar serve` runs it in the foreground; `sidecar run` starts
-`python -m proxy` as a child that takes the launcher's socket, reads its
+`python -m agent_sidecar.proxy` as a child that takes the launcher's socket, reads its
 config from stdin and stops when stdin closes (the launcher ended, even by
 SIGKILL), so it never outlives its agent. Either way aiohttp's own log records
 are filtered first, so a malformed request's bytes (its headers) are never logged.

@@ -21,11 +21,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bench.mock_upstream import MockUpstream
-from proxy.app import make_app
-from proxy.events import EventLog
-from proxy.config import load_layers
-from proxy.state import STATE
+from agent_sidecar.bench.mock_upstream import MockUpstream
+from agent_sidecar.proxy.app import make_app
+from agent_sidecar.proxy.events import EventLog
+from agent_sidecar.proxy.config import load_layers
+from agent_sidecar.proxy.state import STATE
 
 ENV_PREFIXES = ("ANTHROPIC_", "OPENAI_", "SIDECAR_", "GOOGLE_GEMINI_", "GEMINI_", "OTEL_", "TRACEPARENT")
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
@@ -115,14 +115,14 @@ def upstream_env(mock: MockUpstream) -> dict[str, str]:
 
 
 class Sidecar:
-    """Runs `python -m launcher ...` (the `sidecar` command) in its own process group."""
+    """Runs `python -m agent_sidecar.launcher ...` (the `sidecar` command) in its own process group."""
 
     def __init__(self, cwd: Path):
         self.cwd = cwd
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def spawn(self, *args: str, env: dict[str, str] | None = None, stdin: int | None = None,
-                    program: tuple[str, ...] = (sys.executable, "-m", "launcher")) -> asyncio.subprocess.Process:
+                    program: tuple[str, ...] = (sys.executable, "-m", "agent_sidecar.launcher")) -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
             *program, *args, env={**os.environ, **(env or {})}, cwd=self.cwd,
             stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,

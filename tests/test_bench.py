@@ -33,7 +33,7 @@ REDIS_SERVER = Path("/usr/bin/redis-server")
 def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--smoke", "--json", str(out)],
+    done = subprocess.run([sys.executable, "-m", "agent_sidecar.bench", "--quick", "--smoke", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=380)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     doc = json.loads(out.read_text())

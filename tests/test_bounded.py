@@ -18,10 +18,10 @@ import aiohttp
 import orjson
 import pytest
 
-from bench.mock_upstream import Profile
+from agent_sidecar.bench.mock_upstream import Profile
 from conftest import proxy_config, unique_prompt
-from proxy import admin, server
-from proxy.monitor import Monitor
+from agent_sidecar.proxy import admin, server
+from agent_sidecar.proxy.monitor import Monitor
 
 pytestmark = pytest.mark.timeout(120)
 

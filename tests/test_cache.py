@@ -23,13 +23,13 @@ import openai
 import orjson
 import pytest
 
-from bench.mock_upstream import MockUpstream
+from agent_sidecar.bench.mock_upstream import MockUpstream
 from conftest import AppProxy, until, upstream_env
-from proxy.app import make_app
-from proxy.config import load_layers
-from proxy.entry import Entry
-from proxy.state import STATE
-from proxy.store import ResponseStore, open_lmdb
+from agent_sidecar.proxy.app import make_app
+from agent_sidecar.proxy.config import load_layers
+from agent_sidecar.proxy.entry import Entry
+from agent_sidecar.proxy.state import STATE
+from agent_sidecar.proxy.store import ResponseStore, open_lmdb
 
 MODEL = "claude-mock-1"
 OPENAI_MODEL = "gpt-4o-mini"

@@ -10,14 +10,14 @@ from pathlib import Path
 import anthropic
 import pytest
 
-from proxy.entry import MAGIC, CorruptEntry, Entry
+from agent_sidecar.proxy.entry import MAGIC, CorruptEntry, Entry
 
 PY = sys.executable
 SECRET = "sk-ant-very-secret-key-123"
 
 
 def sidecar(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run([PY, "-m", "launcher", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+    done = subprocess.run([PY, "-m", "agent_sidecar.launcher", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
                           stdin=subprocess.DEVNULL)
     assert "Traceback" not in done.stderr + done.stdout and "unexpected" not in done.stderr, done.stderr
     return done

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from conftest import unique_prompt
 
-from bench.mock_upstream import MockUpstream, Profile
+from agent_sidecar.bench.mock_upstream import MockUpstream, Profile
 
 KEY = "sk-ant-test"
 MODEL = "claude-mock-1"
@@ -61,8 +61,8 @@ async def test_one_probe_at_a_time_through_a_wall_and_every_held_call_completes(
 
 
 def test_a_hold_never_reaches_the_clients_own_timeout():
-    from proxy.circuit import CLIENT_TIMEOUT, Circuits
-    from proxy.config import RetrySection
+    from agent_sidecar.proxy.circuit import CLIENT_TIMEOUT, Circuits
+    from agent_sidecar.proxy.config import RetrySection
     circuits = Circuits(RetrySection(max_total=3600.0))
     assert circuits.deadline(100.0, 100.0 + 3600.0) == 100.0 + CLIENT_TIMEOUT * 0.9
     assert circuits.deadline(100.0, 100.0 + 120.0) == 220.0

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import upstream_env
-from proxy.config import load_layers
-from proxy.records import RecordLog
-from proxy.store import open_lmdb
+from agent_sidecar.proxy.config import load_layers
+from agent_sidecar.proxy.records import RecordLog
+from agent_sidecar.proxy.store import open_lmdb
 from test_costs import price
 
 CLAUDE = shutil.which("claude")

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from launcher import cli
-from proxy import __version__
+from agent_sidecar.launcher import cli
+from agent_sidecar.proxy import __version__
 
 PY = sys.executable
 
 
 def sidecar(*args: str, cwd: Path, env: dict[str, str] | None = None, input: str | None = None,
-            stdout: int | None = subprocess.PIPE, program: tuple[str, ...] = (PY, "-m", "launcher")):
+            stdout: int | None = subprocess.PIPE, program: tuple[str, ...] = (PY, "-m", "agent_sidecar.launcher")):
     return subprocess.run([*program, *args], cwd=cwd, env={**os.environ, **(env or {})}, input=input,
                           stdin=None if input is not None else subprocess.DEVNULL, stdout=stdout,
                           stderr=subprocess.PIPE, text=True, timeout=60)
@@ -201,7 +201,7 @@ def test_a_state_dir_that_is_a_file_is_one_line(args, tmp_path, isolated_env):
 
 
 def test_a_corrupt_cache_entry_is_explained(tmp_path, isolated_env):
-    from proxy.store import Lmdb
+    from agent_sidecar.proxy.store import Lmdb
     store = Lmdb(isolated_env, map_size=64 << 20)
     store.write_now(lambda txn: txn.put(bytes.fromhex("ab" * 16), b"garbage", db=store.db["responses"]))
     store.close()
@@ -240,7 +240,7 @@ def test_a_closed_pipe_ends_quietly(args, tmp_path):
 
 
 def test_head_reads_one_line(tmp_path):
-    done = subprocess.run(f"'{PY}' -m launcher stats --json | head -1", shell=True, cwd=tmp_path,
+    done = subprocess.run(f"'{PY}' -m agent_sidecar.launcher stats --json | head -1", shell=True, cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert done.stdout == "{\n" and done.stderr == ""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import codex
+from agent_sidecar.launcher import codex
 
 CODEX = shutil.which("codex")
 needs_codex = pytest.mark.skipif(CODEX is None, reason="Codex CLI is not installed (npm i -g @openai/codex)")

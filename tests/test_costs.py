@@ -18,14 +18,14 @@ import orjson
 import pytest
 from genai_prices.data_snapshot import get_snapshot
 
-from bench.mock_upstream import MockUpstream, Profile
+from agent_sidecar.bench.mock_upstream import MockUpstream, Profile
 from conftest import unique_prompt, upstream_env
-from proxy import prices as prices_module
-from proxy.app import make_app
-from proxy.call import Call
-from proxy.state import STATE
-from proxy.config import ConfigError, budgets, load_layers
-from proxy.routes import Route
+from agent_sidecar.proxy import prices as prices_module
+from agent_sidecar.proxy.app import make_app
+from agent_sidecar.proxy.call import Call
+from agent_sidecar.proxy.state import STATE
+from agent_sidecar.proxy.config import ConfigError, budgets, load_layers
+from agent_sidecar.proxy.routes import Route
 
 SONNET = "claude-sonnet-4-6"
 GPT = "gpt-4o"

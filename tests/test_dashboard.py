@@ -22,11 +22,11 @@ import orjson
 import pytest
 
 from conftest import proxy_config, until, upstream_env
-from proxy.admin import ADMIN_TOKEN, TOKEN_HEADER
-from proxy.app import make_app
-from proxy.events import make_event
-from proxy.live_push import PUSH_HUB, PUSH_INTERVAL
-from proxy.state import STATE
+from agent_sidecar.proxy.admin import ADMIN_TOKEN, TOKEN_HEADER
+from agent_sidecar.proxy.app import make_app
+from agent_sidecar.proxy.events import make_event
+from agent_sidecar.proxy.live_push import PUSH_HUB, PUSH_INTERVAL
+from agent_sidecar.proxy.state import STATE
 
 MODEL = "claude-mock-1"
 KEY = "sk-ant-api03-" + "Zq7" * 15          # long enough to look like a real key
@@ -377,7 +377,7 @@ async def test_top_in_a_terminal_redraws_in_place_and_q_restores_it(px, sidecar,
 
     loop = asyncio.get_running_loop()
     loop.add_reader(master, readable)
-    top = await asyncio.create_subprocess_exec(sys.executable, "-m", "launcher", "top", "--url", px.url,
+    top = await asyncio.create_subprocess_exec(sys.executable, "-m", "agent_sidecar.launcher", "top", "--url", px.url,
                                                stdin=slave, stdout=slave, stderr=asyncio.subprocess.PIPE,
                                                env={**os.environ, "TERM": "xterm"}, start_new_session=True)
     try:

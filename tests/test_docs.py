@@ -8,7 +8,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from proxy.config import SECTIONS, _toml_value
+from agent_sidecar.proxy.config import SECTIONS, _toml_value
 
 ROOT = Path(__file__).resolve().parent.parent
 

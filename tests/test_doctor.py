@@ -17,7 +17,7 @@ PY = sys.executable
 def doctor(*args: str, cwd: Path, env: dict[str, str] | None = None):
     """Run it with no agent on the PATH unless `env` gives one (the real ones take seconds to say a version)."""
     env = {"PATH": str(cwd / "no-agents"), **(env or {})}
-    return subprocess.run([PY, "-m", "launcher", "doctor", *args], cwd=cwd, env={**os.environ, **env},
+    return subprocess.run([PY, "-m", "agent_sidecar.launcher", "doctor", *args], cwd=cwd, env={**os.environ, **env},
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
@@ -61,7 +61,7 @@ async def test_a_sound_setup_passes_and_creates_nothing(mock, fake_agents, tmp_p
 
 
 async def test_an_existing_store_shows_its_format(mock, tmp_path, isolated_env):
-    from proxy.store import Lmdb
+    from agent_sidecar.proxy.store import Lmdb
     Lmdb(isolated_env, map_size=64 << 20).close()
     rows = checks(doctor("--offline", cwd=tmp_path))
     assert rows["store"][0] == "ok" and "format 2" in rows["store"][1] and rows["state dir"][0] == "ok"
@@ -110,7 +110,7 @@ def test_a_refused_upstream_and_a_broken_config_say_what_to_fix(tmp_path):
 
 
 def test_a_store_of_another_format_is_a_failure(tmp_path, isolated_env):
-    from proxy.store import Lmdb
+    from agent_sidecar.proxy.store import Lmdb
     store = Lmdb(isolated_env, map_size=64 << 20)
     store.write_now(lambda txn: txn.put(b"format", b"99", db=store.db["meta"]))
     store.close()

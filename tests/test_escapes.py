@@ -15,9 +15,9 @@ import orjson
 import pytest
 
 from conftest import until
-from launcher.terminal import clean
-from proxy import admin
-from proxy.events import EventLog, make_event
+from agent_sidecar.launcher.terminal import clean
+from agent_sidecar.proxy import admin
+from agent_sidecar.proxy.events import EventLog, make_event
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,8 +16,8 @@ import aiohttp
 import orjson
 import pytest
 
-from bench.nasty_upstream import NastyUpstream
-from proxy.capture import Capture
+from agent_sidecar.bench.nasty_upstream import NastyUpstream
+from agent_sidecar.proxy.capture import Capture
 
 _texts = itertools.count()
 

@@ -34,8 +34,8 @@ from typing import Awaitable, Callable
 import orjson
 import pytest
 
-from bench.nasty import ALL, CASES, NO_HEAD, RELAYED, STORED, Case
-from bench.nasty.shapes import TEXT, echo_text, nested
+from agent_sidecar.bench.nasty import ALL, CASES, NO_HEAD, RELAYED, STORED, Case
+from agent_sidecar.bench.nasty.shapes import TEXT, echo_text, nested
 from conftest import stop_process
 
 BOUND = 5.0                       # every call answered or cut within this many seconds
@@ -221,7 +221,7 @@ class Upstream:
     def __init__(self, workdir: Path):
         self.log = workdir / "nasty.log"
         with self.log.open("wb") as log:
-            self.proc = subprocess.Popen([PY, "-m", "bench.nasty_upstream", "--port", "0"], cwd=ROOT,
+            self.proc = subprocess.Popen([PY, "-m", "agent_sidecar.bench.nasty_upstream", "--port", "0"], cwd=ROOT,
                                          env=child_env(workdir / "home"), stdout=subprocess.PIPE, stderr=log,
                                          start_new_session=True)
         ready, _, _ = select.select([self.proc.stdout], [], [], 20)
@@ -288,7 +288,7 @@ class Sidecar:
         self.starts += 1
         self.log = self.workdir / f"sidecar-{self.starts}.log"
         with self.log.open("wb") as log:
-            self.proc = subprocess.Popen([PY, "-m", "launcher", "serve", "--port", "0", "--config", str(self.config)],
+            self.proc = subprocess.Popen([PY, "-m", "agent_sidecar.launcher", "serve", "--port", "0", "--config", str(self.config)],
                                          cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=log,
                                          start_new_session=True)
         deadline = time.monotonic() + 20
@@ -307,7 +307,7 @@ class Sidecar:
             self._start()
 
     def cli(self, command: str, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([PY, "-m", "launcher", command, "--config", str(self.config), *args], cwd=ROOT,
+        return subprocess.run([PY, "-m", "agent_sidecar.launcher", command, "--config", str(self.config), *args], cwd=ROOT,
                               env=self.env, capture_output=True, timeout=30)
 
     async def call(self, data: bytes, method: str = "POST", what: str = "the call") -> Reply:
@@ -1077,7 +1077,7 @@ def well_formed(body: bytes, stream: bool) -> bool:
 
 async def test_after_corpus_nothing_malformed_stored(proxy: Sidecar, tmp_path: Path) -> None:
     """Every cache entry is a well-formed, complete 2xx answer: only STORED cases, with the upstream's body."""
-    from proxy.entry import Entry
+    from agent_sidecar.proxy.entry import Entry
     done = proxy.cli("cache", "export", str(tmp_path / "export.jsonl"))
     assert done.returncode == 0, done.stderr
     bad = []

@@ -15,10 +15,10 @@ import aiohttp
 import pytest
 
 from conftest import upstream_env
-from launcher.summary import event_words, format_summary
-from proxy.config import MonitorSection
-from proxy.events import EventLog
-from proxy.monitor import Monitor, high_water_mark
+from agent_sidecar.launcher.summary import event_words, format_summary
+from agent_sidecar.proxy.config import MonitorSection
+from agent_sidecar.proxy.events import EventLog
+from agent_sidecar.proxy.monitor import Monitor, high_water_mark
 
 PY = sys.executable
 MB = 1 << 20
@@ -156,7 +156,7 @@ async def test_agent_ids_are_the_same_for_the_same_command_in_the_same_directory
     assert first.out == second.out and first.out.startswith("python")
     other_dir = tmp_path / "elsewhere"
     other_dir.mkdir()
-    elsewhere = subprocess.run([PY, "-m", "launcher", "run", "--quiet", "--", PY, str(agent)], cwd=other_dir,
+    elsewhere = subprocess.run([PY, "-m", "agent_sidecar.launcher", "run", "--quiet", "--", PY, str(agent)], cwd=other_dir,
                                capture_output=True, text=True, timeout=60)
     other_args = await sidecar.run("run", "--quiet", "--", PY, str(agent), "x")
     assert elsewhere.stdout != first.out and other_args.out != first.out

@@ -223,7 +223,7 @@ async def test_redis_global_limit_holds_across_sidecars(sidecar, mock, redis_ser
 async def test_redis_rate_limit_pacing_is_one_budget_for_the_fleet(sidecar, mock, redis_server, tmp_path):
     """Two sidecars on one Redis pace against one token bucket: what one reserved, the other sees."""
     import anthropic
-    from bench.mock_upstream import Profile
+    from agent_sidecar.bench.mock_upstream import Profile
     mock.profile = Profile(ttft=0.05, rate_input_tokens=1000, rate_window=2.0)
     _, url_a = await serve(sidecar, fleet_env(mock, redis_server, tmp_path / "a"))
     _, url_b = await serve(sidecar, fleet_env(mock, redis_server, tmp_path / "b"))

@@ -9,10 +9,10 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 
-from proxy.call import Call
-from proxy.capture import Capture
-from proxy.flight import Flight, Flights, Head
-from proxy.routes import Route
+from agent_sidecar.proxy.call import Call
+from agent_sidecar.proxy.capture import Capture
+from agent_sidecar.proxy.flight import Flight, Flights, Head
+from agent_sidecar.proxy.routes import Route
 
 HEAD = Head(200, "OK", CIMultiDict(), sse=True, incremental=True)
 

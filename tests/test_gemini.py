@@ -19,8 +19,8 @@ from google import genai
 from google.genai import errors, types
 from multidict import CIMultiDict
 
-from proxy.cache_key import KeyMaker
-from proxy.usage import usage_of
+from agent_sidecar.proxy.cache_key import KeyMaker
+from agent_sidecar.proxy.usage import usage_of
 
 # The SDK's async client subclasses aiohttp.ClientSession, which aiohttp deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:Inheritance class AiohttpClientSession:DeprecationWarning")

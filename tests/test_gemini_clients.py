@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import upstream_env
-from launcher import gemini_cli
+from agent_sidecar.launcher import gemini_cli
 
 PY = sys.executable
 GEMINI = shutil.which("gemini")

@@ -19,7 +19,7 @@ import threading
 import lmdb
 import pytest
 
-from proxy.store import Lmdb
+from agent_sidecar.proxy.store import Lmdb
 
 
 @pytest.fixture

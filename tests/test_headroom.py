@@ -15,9 +15,9 @@ import anthropic
 import openai
 import pytest
 
-from bench.mock_upstream import MockUpstream, Profile
-from proxy import headroom
-from proxy.headroom import LocalBudget, Pacer, Ticket
+from agent_sidecar.bench.mock_upstream import MockUpstream, Profile
+from agent_sidecar.proxy import headroom
+from agent_sidecar.proxy.headroom import LocalBudget, Pacer, Ticket
 
 KEY = "sk-ant-test"
 MODEL = "claude-mock-1"
@@ -126,7 +126,7 @@ async def test_openai_tokens_bucket_paces_too(start_app, mock: MockUpstream):
 
 
 async def test_headroom_is_shown_in_metrics_and_top(start_app, mock: MockUpstream):
-    from launcher.top import render
+    from agent_sidecar.launcher.top import render
     mock.profile = Profile(**BUCKET)
     px = await start_app(mock.url)
     async with anthropic.AsyncAnthropic(base_url=px.url, api_key=KEY) as sdk:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import aiohttp
 import orjson
 
-from bench.conversation import bodies
-from bench.mock_upstream import MockUpstream
+from agent_sidecar.bench.conversation import bodies
+from agent_sidecar.bench.mock_upstream import MockUpstream
 
 HEADERS = {"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01", "content-type": "application/json"}
 

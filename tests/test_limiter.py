@@ -17,9 +17,9 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from proxy.config import LimitsSection
-from proxy.errors import Refusal
-from proxy.limits import Limiter
+from agent_sidecar.proxy.config import LimitsSection
+from agent_sidecar.proxy.errors import Refusal
+from agent_sidecar.proxy.limits import Limiter
 
 M1, M2 = "model-one", "model-two"
 

@@ -23,9 +23,9 @@ except ImportError:  # pragma: no cover
 import pytest
 from aiohttp import web
 
-from bench.mock_upstream import MockUpstream, Profile
+from agent_sidecar.bench.mock_upstream import MockUpstream, Profile
 from conftest import AppProxy, until, unique_prompt
-from proxy.retry import requested_delay
+from agent_sidecar.proxy.retry import requested_delay
 
 MODEL = "claude-mock-1"
 KEY = "sk-ant-test"

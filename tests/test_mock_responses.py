@@ -11,9 +11,9 @@ import pydantic
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
-from bench.mock.openai_responses import ResponseStore, frame
-from bench.mock_upstream import MockUpstream, Profile
-from proxy.sse import EventParser
+from agent_sidecar.bench.mock.openai_responses import ResponseStore, frame
+from agent_sidecar.bench.mock_upstream import MockUpstream, Profile
+from agent_sidecar.proxy.sse import EventParser
 
 MODEL = "gpt-mock-1"
 TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather for a city",

@@ -5,7 +5,7 @@ the order of the HTTP stream, with Codex's warm-up, its code-mode tool call and 
 import aiohttp
 import orjson
 
-from bench.mock_upstream import MockUpstream
+from agent_sidecar.bench.mock_upstream import MockUpstream
 from test_mock_responses import checked
 
 MODEL = "gpt-mock-1"

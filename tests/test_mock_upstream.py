@@ -18,7 +18,7 @@ import anthropic
 import openai
 import pytest
 
-from bench.mock_upstream import MockUpstream, Profile
+from agent_sidecar.bench.mock_upstream import MockUpstream, Profile
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "claude-mock-1"  # any name; a real one may trigger the SDK's deprecation warning
@@ -290,7 +290,7 @@ async def test_misc_routes_and_http_control():
 
 async def test_cli_process_serves_and_logs():
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.mock_upstream", "--port", "0", "--output-tokens", "2",
+        sys.executable, "-m", "agent_sidecar.bench.mock_upstream", "--port", "0", "--output-tokens", "2",
         "--log", cwd=ROOT, stderr=asyncio.subprocess.PIPE)
     try:
         line = (await asyncio.wait_for(proc.stderr.readline(), 10)).decode()

@@ -23,13 +23,13 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.mock_upstream import MockUpstream, Profile
+from agent_sidecar.bench.mock_upstream import MockUpstream, Profile
 from conftest import AppProxy, unique_prompt, until, upstream_env
-from proxy.config import load_layers
-from proxy.events import EventLog, make_event
-from proxy.records import RecordLog
-from proxy.state import open_lmdb
-from proxy.stats import percentile, summarize
+from agent_sidecar.proxy.config import load_layers
+from agent_sidecar.proxy.events import EventLog, make_event
+from agent_sidecar.proxy.records import RecordLog
+from agent_sidecar.proxy.state import open_lmdb
+from agent_sidecar.proxy.stats import percentile, summarize
 
 MODEL = "claude-mock-1"
 OPENAI_MODEL = "gpt-4o-mini"

@@ -15,7 +15,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from bench.mock_upstream import MockUpstream
+from agent_sidecar.bench.mock_upstream import MockUpstream
 
 ANTHROPIC_MODEL = "claude-mock-1"  # not in the SDK's deprecation list
 OPENAI_MODEL = "gpt-4o-mini"

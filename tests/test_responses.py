@@ -14,10 +14,10 @@ import pydantic
 import pytest
 from openai.types.responses import ResponseStreamEvent
 
-from bench.mock_upstream import MockUpstream
-from proxy.cache_key import EACH, field_path, without
-from proxy.config import CacheSection, ConfigError, load_layers
-from proxy.sse import EventParser
+from agent_sidecar.bench.mock_upstream import MockUpstream
+from agent_sidecar.proxy.cache_key import EACH, field_path, without
+from agent_sidecar.proxy.config import CacheSection, ConfigError, load_layers
+from agent_sidecar.proxy.sse import EventParser
 
 MODEL = "gpt-mock-1"
 TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather for a city",

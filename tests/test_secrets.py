@@ -26,7 +26,7 @@ import pytest
 from multidict import CIMultiDict
 
 from conftest import upstream_env
-from proxy.cache_key import MEMO_SIZE, KeyMaker
+from agent_sidecar.proxy.cache_key import MEMO_SIZE, KeyMaker
 
 ANTHROPIC = {"path": "/v1/messages", "headers": {"anthropic-version": "2023-06-01"},
              "body": {"model": "claude-mock-1", "max_tokens": 32, "messages": [{"role": "user", "content": "Hi."}]}}
@@ -280,7 +280,7 @@ async def test_serve_logs_bad_requests_without_their_headers(sidecar, mock, isol
 
 def test_sidecars_starting_together_share_one_whole_secret(tmp_path):
     """Eight processes create the partition secret at the same moment: each reads the same 32 bytes."""
-    code = "import sys; from pathlib import Path; from proxy.cache_key import load_secret; " \
+    code = "import sys; from pathlib import Path; from agent_sidecar.proxy.cache_key import load_secret; " \
            "sys.stdout.write(load_secret(Path(sys.argv[1])).hex())"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     children = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "state")], env=env,

@@ -19,12 +19,12 @@ import orjson
 import pytest
 
 from conftest import upstream_env
-from proxy.call import Call
-from proxy.config import load_layers
-from proxy.restore import trim_for_api
-from proxy.routes import Route
-from proxy.sessions import Sessions
-from proxy.store import MIN_MAP, Lmdb, open_lmdb
+from agent_sidecar.proxy.call import Call
+from agent_sidecar.proxy.config import load_layers
+from agent_sidecar.proxy.restore import trim_for_api
+from agent_sidecar.proxy.routes import Route
+from agent_sidecar.proxy.sessions import Sessions
+from agent_sidecar.proxy.store import MIN_MAP, Lmdb, open_lmdb
 
 SDK_AGENT = '''
 import os, sys, anthropic

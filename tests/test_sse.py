@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.sse import (EventParser, MalformedStream, assemble_anthropic, assemble_openai, synthesize_anthropic,
+from agent_sidecar.proxy.sse import (EventParser, MalformedStream, assemble_anthropic, assemble_openai, synthesize_anthropic,
                        synthesize_openai)
 
 # no deadline (no timed assertions), no example database written into the working tree

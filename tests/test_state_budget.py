@@ -18,13 +18,13 @@ import aiohttp
 import orjson
 import pytest
 
-from bench.mock_upstream import Profile
+from agent_sidecar.bench.mock_upstream import Profile
 from conftest import until
-from proxy.state_budget import StateBudget
-from proxy.entry import Entry
-from proxy.records import RecordLog
-from proxy.sessions import Sessions
-from proxy.store import Lmdb, ResponseStore
+from agent_sidecar.proxy.state_budget import StateBudget
+from agent_sidecar.proxy.entry import Entry
+from agent_sidecar.proxy.records import RecordLog
+from agent_sidecar.proxy.sessions import Sessions
+from agent_sidecar.proxy.store import Lmdb, ResponseStore
 
 pytestmark = pytest.mark.timeout(120)
 HEADERS = {"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01", "content-type": "application/json"}

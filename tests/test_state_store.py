@@ -2,7 +2,7 @@
 
 Real processes on real file systems: the mock upstream (`python -m bench.mock_upstream`) and `sidecar serve`
 run as children; the full disk is a 5 MB tmpfs (skipped where mount is not permitted); the CLI runs as
-`python -m launcher`. Every call through the proxy must be answered.
+`python -m agent_sidecar.launcher`. Every call through the proxy must be answered.
 - test_full_disk: large answers, 8 at once, on a nearly full tmpfs: every call answered, the process alive, one
   `store_unavailable` event; space freed, the next answer is stored and the event cleared.
 - test_broken_store[<kind>]: a corrupt header, corrupt pages, a newer format, a foreign file: one line
@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from conftest import stop_process
-from proxy.state_budget import StateBudget
-from proxy.store import Lmdb
+from agent_sidecar.proxy.state_budget import StateBudget
+from agent_sidecar.proxy.store import Lmdb
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -66,13 +66,13 @@ class Rig:
     def __init__(self, tmp: Path, state: Path, output_tokens: int = 12, state_settings: str = ""):
         self.env = child_env(tmp / "home")
         self.config = tmp / "config.toml"
-        self.mock, url = start(["-m", "bench.mock_upstream", "--port", "0", "--output-tokens", str(output_tokens)],
+        self.mock, url = start(["-m", "agent_sidecar.bench.mock_upstream", "--port", "0", "--output-tokens", str(output_tokens)],
                                tmp / "mock.log", "listening on ", self.env)
         self.config.write_text(f'[upstream]\nanthropic = "{url}"\nopenai = "{url}/v1"\n[state]\ndir = "{state}"\n'
                                f'{state_settings}\n[cache]\nmax_size_mb = 64.0\n')
         self.log = tmp / "sidecar.log"
         self.proc = None
-        self.proc, self.url = start(["-m", "launcher", "serve", "--port", "0", "--config", str(self.config)],
+        self.proc, self.url = start(["-m", "agent_sidecar.launcher", "serve", "--port", "0", "--config", str(self.config)],
                                     self.log, "serving on ", self.env)
 
     def close(self) -> None:
@@ -98,7 +98,7 @@ class Rig:
         return json.loads(self.get("/_sidecar/overview")[1])
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([PY, "-m", "launcher", *args, "--config", str(self.config)], cwd=ROOT, env=self.env,
+        return subprocess.run([PY, "-m", "agent_sidecar.launcher", *args, "--config", str(self.config)], cwd=ROOT, env=self.env,
                               capture_output=True, timeout=60)
 
 
@@ -200,7 +200,7 @@ def test_the_byte_budget_holds_under_a_long_run(tmp_path):
 
 def _store_with_data(state: Path) -> Path:
     """A state store with cache entries in it (written by a CLI process, as a past run would leave it)."""
-    code = ("import sys; from pathlib import Path; from proxy.store import Lmdb, ResponseStore\n"
+    code = ("import sys; from pathlib import Path; from agent_sidecar.proxy.store import Lmdb, ResponseStore\n"
             "env = Lmdb(Path(sys.argv[1]), 1 << 20); store = ResponseStore(env, 1 << 30)\n"
             "store.import_now([(b'k%04d' % i, b'v' * 3000) for i in range(200)]); env.close()\n")
     subprocess.run([PY, "-c", code, str(state)], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -273,9 +273,9 @@ def test_broken_store(tmp_path, kind):
 GROW = """
 import sys, time, orjson
 from pathlib import Path
-import proxy.store
-proxy.store.MIN_MAP = 1 << 20
-from proxy.store import Lmdb, ResponseStore
+import agent_sidecar.proxy.store
+agent_sidecar.proxy.store.MIN_MAP = 1 << 20
+from agent_sidecar.proxy.store import Lmdb, ResponseStore
 env = Lmdb(Path(sys.argv[1]), 1 << 20)
 store = ResponseStore(env, 1 << 30)
 for i in range(40):
@@ -290,13 +290,13 @@ env.close()
 
 
 def test_map_grown_by_another_process(tmp_path, monkeypatch):
-    import proxy.store
-    from proxy.records import RecordLog
-    from proxy.sessions import Sessions
-    monkeypatch.setattr(proxy.store, "MIN_MAP", 1 << 20)
-    env = proxy.store.Lmdb(tmp_path / "state", 1 << 20)   # this process: a 1 MB map
+    import agent_sidecar.proxy.store
+    from agent_sidecar.proxy.records import RecordLog
+    from agent_sidecar.proxy.sessions import Sessions
+    monkeypatch.setattr(agent_sidecar.proxy.store, "MIN_MAP", 1 << 20)
+    env = agent_sidecar.proxy.store.Lmdb(tmp_path / "state", 1 << 20)   # this process: a 1 MB map
     try:
-        store = proxy.store.ResponseStore(env, 1 << 30)
+        store = agent_sidecar.proxy.store.ResponseStore(env, 1 << 30)
         records, sessions = RecordLog(env, 1000), Sessions(env)
         assert list(store.items()) == [] and sessions.list() == []
         grown = subprocess.run([PY, "-c", GROW, str(tmp_path / "state")], cwd=ROOT, capture_output=True,

@@ -26,11 +26,11 @@ import lmdb
 import orjson
 import pytest
 
-from proxy import store as store_module
-from proxy.cache_key import KEY_VERSION, KeyMaker, load_secret
-from proxy.config import CacheSection
-from proxy.entry import Entry
-from proxy.store import Lmdb, StoreError
+from agent_sidecar.proxy import store as store_module
+from agent_sidecar.proxy.cache_key import KEY_VERSION, KeyMaker, load_secret
+from agent_sidecar.proxy.config import CacheSection
+from agent_sidecar.proxy.entry import Entry
+from agent_sidecar.proxy.store import Lmdb, StoreError
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +142,7 @@ def test_an_export_of_another_key_form_is_refused(tmp_path):
     blob = Entry(status=200, headers=[], body=b"{}", stream=False).encode()
     export.write_text(orjson.dumps({"hash": "00" * 16, "key_version": 9,
                                     "entry": base64.b64encode(blob).decode()}).decode() + "\n")
-    done = subprocess.run([sys.executable, "-m", "launcher", "cache", "import", str(export)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "agent_sidecar.launcher", "cache", "import", str(export)], cwd=ROOT,
                           capture_output=True, timeout=60)
     assert done.returncode == 2, done
     err = done.stderr.decode()

@@ -23,11 +23,11 @@ import pytest
 from aiohttp import web
 
 from conftest import proxy_config, upstream_env
-from launcher import client
-from proxy import admin
-from proxy.admin import ADMIN_TOKEN, TOKEN_HEADER, token_path
-from proxy.app import make_app
-from proxy.state import STATE
+from agent_sidecar.launcher import client
+from agent_sidecar.proxy import admin
+from agent_sidecar.proxy.admin import ADMIN_TOKEN, TOKEN_HEADER, token_path
+from agent_sidecar.proxy.app import make_app
+from agent_sidecar.proxy.state import STATE
 
 KEY = "sk-ant-api03-" + "Qx9" * 15 + "-AA"
 ENV_KEY = "sk-ant-api03-" + "Wv4" * 14
@@ -385,8 +385,25 @@ async def test_run_connect_reports_its_agent_with_the_token(sidecar, script, moc
 
 
 def test_the_launcher_client_stays_free_of_aiohttp():
-    code = "import sys, launcher.client; print('aiohttp' in sys.modules)"
+    code = "import sys, agent_sidecar.launcher.client; print('aiohttp' in sys.modules)"
     import subprocess
-    done = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    done = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_installed_under_one_import_name_of_its_own(tmp_path):
+    """The distribution claims agent_sidecar only: no top-level proxy, launcher or bench to collide with
+    (the PyPI project proxy.py installs a top-level `proxy`)."""
+    import subprocess
+    code = ("import importlib.util as u, json, sys; "
+            "print(json.dumps({n: getattr(u.find_spec(n), 'origin', None) for n in sys.argv[1:]}))")
+    names = ["proxy", "launcher", "bench", "agent_sidecar.proxy", "agent_sidecar.launcher", "agent_sidecar.bench"]
+    done = subprocess.run([PY, "-c", code, *names], cwd=tmp_path, capture_output=True, text=True, check=True,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    found = json.loads(done.stdout)
+    repo = Path(__file__).resolve().parents[1]
+    assert not any(found[n] and Path(found[n]).is_relative_to(repo) for n in ("proxy", "launcher", "bench")), found
+    for name in ("proxy", "launcher", "bench"):
+        assert Path(found[f"agent_sidecar.{name}"]) == repo / name / "__init__.py", found
+    from importlib.metadata import distribution
+    assert distribution("agent-sidecar").read_text("top_level.txt").split() == ["agent_sidecar"]

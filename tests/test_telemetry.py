@@ -27,12 +27,12 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (Export
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
                                                                       ExportTraceServiceResponse)
 
-from bench.mock_upstream import MockUpstream
+from agent_sidecar.bench.mock_upstream import MockUpstream
 from conftest import unique_prompt, upstream_env
-from proxy.call import Call
-from proxy.genai import content_attributes
-from proxy.otlp_export import DURATION_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS
-from proxy.routes import Route
+from agent_sidecar.proxy.call import Call
+from agent_sidecar.proxy.genai import content_attributes
+from agent_sidecar.proxy.otlp_export import DURATION_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS
+from agent_sidecar.proxy.routes import Route
 
 MODEL = "claude-mock-1"
 OPENAI_MODEL = "gpt-4o-mini"
@@ -446,7 +446,7 @@ async def test_a_receiver_that_is_down_changes_no_call(sidecar, mock: MockUpstre
 
 
 BLOCKED = ("import sys; sys.modules['opentelemetry.sdk'] = None; "
-           "from launcher.cli import main; sys.argv[0] = 'sidecar'; sys.exit(main())")
+           "from agent_sidecar.launcher.cli import main; sys.argv[0] = 'sidecar'; sys.exit(main())")
 
 
 async def test_without_the_extra_one_line_says_how_to_install_it(sidecar, mock: MockUpstream, script):

@@ -33,10 +33,10 @@ pytestmark = pytest.mark.timeout(120)
 
 # `sidecar serve` with a 1 MB map: MIN_MAP floors the map, map_size_of sizes it from the config.
 WRAP = ("import sys\n"
-        "import proxy.store as store\n"
+        "import agent_sidecar.proxy.store as store\n"
         f"store.MIN_MAP = {FIRST_MAP}\n"
         f"store.map_size_of = lambda config: {FIRST_MAP}\n"
-        "from launcher.cli import main\n"
+        "from agent_sidecar.launcher.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
 GREW = re.compile(r"grew the LMDB map to (\d+) bytes")
 
@@ -60,7 +60,7 @@ def test_two_sidecars_grow_one_map(tmp_path):
     state = tmp_path / "state"
     config = tmp_path / "config.toml"
     env = child_env(tmp_path / "home")
-    mock, upstream = start(["-m", "bench.mock_upstream", "--port", "0", "--output-tokens", "20000"],
+    mock, upstream = start(["-m", "agent_sidecar.bench.mock_upstream", "--port", "0", "--output-tokens", "20000"],
                            tmp_path / "mock.log", "listening on ", env)
     # budgets far above what is written: nothing is evicted, the map only grows
     config.write_text(f'[upstream]\nanthropic = "{upstream}"\nopenai = "{upstream}/v1"\n'
@@ -134,7 +134,7 @@ def test_two_sidecars_grow_one_map(tmp_path):
             assert overview["cache"]["entries"] == entries, (name, overview["cache"])
 
         # the CLI reads the grown store too (with a map of the default size, not the wrapper's)
-        cli = [PY, "-m", "launcher"]
+        cli = [PY, "-m", "agent_sidecar.launcher"]
         stats = subprocess.run([*cli, "cache", "stats"], cwd=ROOT, env=env, capture_output=True, timeout=60,
                                check=False)
         assert stats.returncode == 0, stats

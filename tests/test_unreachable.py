@@ -12,8 +12,8 @@ import anthropic
 import openai
 import pytest
 
-from bench.mock_upstream import MockUpstream
-from proxy.errors import from_library
+from agent_sidecar.bench.mock_upstream import MockUpstream
+from agent_sidecar.proxy.errors import from_library
 
 MODEL = "claude-mock-1"
 PROMPT = [{"role": "user", "content": "Say something about the sea."}]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.prompt_cache import PromptCacheWatch
-from proxy.call import Call
-from proxy.routes import Route
-from proxy.usage import Usage, flavor_of, from_meta, merge, of_answer, usage_of
+from agent_sidecar.proxy.prompt_cache import PromptCacheWatch
+from agent_sidecar.proxy.call import Call
+from agent_sidecar.proxy.routes import Route
+from agent_sidecar.proxy.usage import Usage, flavor_of, from_meta, merge, of_answer, usage_of
 
 ANTHROPIC = {"input_tokens": 50, "cache_creation_input_tokens": 2000, "cache_read_input_tokens": 30000,
              "cache_creation": {"ephemeral_5m_input_tokens": 1500, "ephemeral_1h_input_tokens": 500},

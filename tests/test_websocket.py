@@ -15,8 +15,8 @@ import orjson
 import pytest
 from aiohttp import WSMsgType, web
 
-from proxy.capture import Capture
-from proxy.exchange import Chain, Exchanges
+from agent_sidecar.proxy.capture import Capture
+from agent_sidecar.proxy.exchange import Chain, Exchanges
 
 AUTH = {"authorization": "Bearer sk-test", "openai-beta": "responses_websockets=2026-02-06"}
 MODEL = "gpt-4o-mini"
