@@ -1,12 +1,15 @@
 """`python -m bench`: the sidecar's benchmark suite, against the mock API, on 127.0.0.1 only.
 
 Each scenario starts its own processes: the mock (`python -m bench.mock_upstream`),
-one or more sidecars (`python -m launcher serve --port 0`, upstream = the mock,
+one or more sidecars (`python -m agent_sidecar.launcher serve --port 0`, upstream = the mock,
 a fresh temp state dir) and the load generator (`python -m bench.load --serve`).
 Configurations are measured in alternating rounds, the first discarded as
 warm-up; each figure is the median over rounds with the min–max of the rounds.
 
     python -m bench [--quick] [--only overhead,hits] [--json out.json] [--plot out.png]
+
+The imports are absolute, so `python -m bench` from the repository's root runs
+the installed agent_sidecar.bench modules, not a second copy of them.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import signal
 import sys
 import time
 
-from . import fleet, footprint, hits, overhead, overload, realistic, recording, report, storm
-from .plan import Ctx, make_plan
-from .procs import BenchError, Procs
-from .stats import Result
+from agent_sidecar.bench import fleet, footprint, hits, overhead, overload, realistic, recording, report, storm
+from agent_sidecar.bench.plan import Ctx, make_plan
+from agent_sidecar.bench.procs import BenchError, Procs
+from agent_sidecar.bench.stats import Result
 
 SCENARIOS = {
     "overhead": ("1. Pass-through overhead", overhead.overhead),

@@ -41,6 +41,7 @@ from .timing import record_of
 
 log = logging.getLogger("sidecar")
 SHUTDOWN_WAIT = 5.0   # seconds the proxy's exit waits for the last export
+CONNECT_CHECK = 1.0   # seconds the exit spends learning whether the receiver takes connections at all
 # The conventions' bucket advice for each histogram.
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
@@ -100,7 +101,7 @@ class RunIds(RandomIdGenerator):
 
 class Telemetry:
     def __init__(self, settings: TelemetrySection, upstreams: Upstreams, health: Health):
-        base = settings.otlp_endpoint.rstrip("/")
+        base = self.base = settings.otlp_endpoint.rstrip("/")
         self.endpoint = telemetry.shown(base)
         self.capture_content = settings.capture_content
         self.servers = {api: server_of(url) for api, url in upstreams.bases.items()}
@@ -190,7 +191,13 @@ class Telemetry:
         return Context()
 
     async def close(self) -> None:
-        """Send what is pending, waiting at most SHUTDOWN_WAIT: a receiver that is down must not hold the exit."""
+        """Send what is pending, waiting at most SHUTDOWN_WAIT: a receiver that is down must not hold the exit.
+        One that refuses the connection outright is not waited for at all (the SDK would retry it with
+        backoff for the whole bound, holding the agent's exit for nothing)."""
+        if not await self._reachable():
+            log.warning("sidecar: the OTLP receiver at %s refuses connections; the last spans and metrics are "
+                        "dropped", self.endpoint)
+            return
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
@@ -209,6 +216,15 @@ class Telemetry:
         except TimeoutError:
             log.warning("sidecar: the OTLP receiver at %s did not take the last spans and metrics in %.0f s; "
                         "they are dropped", self.endpoint, SHUTDOWN_WAIT)
+
+    async def _reachable(self) -> bool:
+        url = URL(self.base)
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(url.host, url.port), CONNECT_CHECK)
+        except (OSError, TimeoutError, ValueError):
+            return False
+        writer.close()
+        return True
 
 
 def server_of(url: str) -> tuple[str, int] | None:

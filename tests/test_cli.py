@@ -271,10 +271,11 @@ def test_every_option_has_help():
 
 
 def test_every_help_runs_and_describes_its_options(tmp_path):
-    for name, parser in _parsers(cli.parser()):
-        if name == "sidecar bench":
-            continue   # python -m bench's own help: see test_bench_help_names_itself
-        done = sidecar(*name.split()[1:], "--help", cwd=tmp_path)
+    from concurrent.futures import ThreadPoolExecutor
+    parsers = [(n, p) for n, p in _parsers(cli.parser()) if n != "sidecar bench"]   # bench: see below
+    with ThreadPoolExecutor(4) as pool:   # one process each, a few at a time
+        helps = list(pool.map(lambda named: sidecar(*named[0].split()[1:], "--help", cwd=tmp_path), parsers))
+    for (name, parser), done in zip(parsers, helps):
         assert done.returncode == 0 and done.stderr == "", (name, done.stderr)
         assert done.stdout.startswith(f"usage: {name} "), done.stdout
         for action in parser._actions:

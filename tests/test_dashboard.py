@@ -324,7 +324,7 @@ async def test_top_finds_a_running_sidecar_run_and_the_run_file_goes_with_it(sid
         "import anthropic, os, subprocess, sys\n"
         "anthropic.Anthropic(api_key='k').messages.create(model='claude-mock-1', max_tokens=8,\n"
         "    messages=[{'role': 'user', 'content': 'hi'}])\n"
-        "top = subprocess.run([sys.executable, '-m', 'launcher', 'top', '--once'], capture_output=True, text=True)\n"
+        "top = subprocess.run([sys.executable, '-m', 'agent_sidecar.launcher', 'top', '--once'], capture_output=True, text=True)\n"
         "print(os.environ['SIDECAR_AGENT_ID']); print(top.returncode); print(top.stdout); print(top.stderr)\n"
         "print(sorted(os.listdir(os.path.join(os.environ['SIDECAR_STATE_DIR'], 'run'))))\n")
     done = await sidecar.run("run", "--quiet", "--", sys.executable, str(agent), env=upstream_env(mock))

@@ -161,10 +161,10 @@ async def test_chaos_kills_restore_full_context(sidecar, mock, script, tmp_path)
     seed = int(os.environ.get("CHAOS_SEED") or random.randrange(1 << 30))
     print(f"\nchaos seed {seed} (CHAOS_SEED={seed} repeats its kill points)")
     rng = random.Random(seed)
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + 60
     sessions = restored = 0
     failures = []
-    for run in range(60):
+    for run in range(20):   # each run a seeded kill point; every CI run draws new ones
         if time.monotonic() > deadline:
             break
         run_id = f"chaos-{run}-{rng.randrange(1 << 30)}"

@@ -443,6 +443,9 @@ async def test_a_receiver_that_is_down_changes_no_call(sidecar, mock: MockUpstre
     server = sidecar.procs[-1]
     server.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(server.wait(), 30) == 0
+    # refused outright: the exit did not sit out the SDK's retries, it said what it dropped
+    said = (await server.stderr.read()).decode()
+    assert f"the OTLP receiver at http://127.0.0.1:{port} refuses connections" in said, said
 
 
 BLOCKED = ("import sys; sys.modules['opentelemetry.sdk'] = None; "
