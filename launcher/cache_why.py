@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from agent_sidecar.proxy.cache import LAST_MISS
+from agent_sidecar.proxy.last_miss import read as read_last_miss
 from agent_sidecar.proxy.config import Config, ConfigError
 from agent_sidecar.proxy.entry import Entry
 
@@ -38,17 +38,17 @@ def stored_request(entry: Entry) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
-def last_miss(config: Config) -> tuple[dict, dict]:
+def last_miss(config: Config, store) -> tuple[dict, dict]:
     """(what the proxy noted of the last miss, its canonical request)."""
-    path = config.state_dir / LAST_MISS
     try:
-        head, _, canonical = path.read_bytes().partition(b"\n")
-        return orjson.loads(head), orjson.loads(canonical)
-    except FileNotFoundError:
-        raise ConfigError(f"no miss noted yet in {config.state_dir}: a sidecar notes each miss there "
-                          f"({LAST_MISS}); or name two entries: sidecar cache why KEY KEY") from None
-    except orjson.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is unreadable ({exc}); it is rewritten at the next miss") from None
+        noted = read_last_miss(getattr(store, "lmdb", None), config.state_dir)
+        if noted is None:
+            raise ConfigError(f"no miss noted yet in {config.state_dir}: a sidecar notes each miss there; "
+                              f"or name two entries: sidecar cache why KEY KEY")
+        return noted[0], orjson.loads(noted[1])
+    except (ValueError, orjson.JSONDecodeError) as exc:
+        raise ConfigError(f"the last miss noted in {config.state_dir} is unreadable ({exc}); it is rewritten at "
+                          f"the next miss") from None
 
 
 def text_of(message: Any) -> str:
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, config: Config, store, entries, find) -> int:
 
     def pick(ref: str) -> tuple[str, dict, bytes | None]:
         if ref == "last":
-            noted, request = last_miss(config)
+            noted, request = last_miss(config, store)
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(noted.get("ts", 0)))
             key = bytes.fromhex(noted["key"]) if isinstance(noted.get("key"), str) else None
             return f"the last miss (key {str(noted.get('key'))[:12]}, {when}, agent {noted.get('agent')})", \

@@ -12,10 +12,7 @@ import asyncio
 import logging
 import re
 import time
-from pathlib import Path
 from typing import Awaitable
-
-import orjson
 
 from .cache_key import ANY_KEY, KeyMaker, Uncacheable
 from .call import Call
@@ -25,15 +22,14 @@ from .convert import form_of
 from .entry import CorruptEntry, Entry, kept_headers
 from .errors import Refusal
 from .flight import Head
-from .run_file import write_private
+from .last_miss import LastMiss
 from .store import ResponseStore
 from .usage import flavor_of
 
 log = logging.getLogger("sidecar")
-LAST_MISS = "last-miss.json"   # in the state directory: a JSON line, then the last miss's canonical request
 READS = {"read-write", "read-only", "replay"}
 # An entry keeps the request it was keyed on (for `sidecar cache why`) up to this size: a long agent context
-# would double every entry and crowd the cache out; the last miss's request is always kept (LAST_MISS).
+# would double every entry and crowd the cache out; the last miss's request is always kept (last_miss.py).
 KEPT_REQUEST = 16 << 10   # (larger ones made the state outgrow its byte budget: tests/test_state_store.py long run)
 HASH_IN_THREAD = 256 << 10   # bytes of canonical request above which hashing (~0.1 ms) leaves the loop
 WRITES = {"read-write", "refresh"}
@@ -41,10 +37,9 @@ WRITES = {"read-write", "refresh"}
 
 class Cache:
     def __init__(self, settings: CacheSection, store: ResponseStore | None, keys: KeyMaker,
-                 last_miss: Path | None = None):
+                 last_miss: LastMiss | None = None):
         self.settings = settings
         self.last_miss = last_miss   # where the last miss's canonical request goes, for `sidecar cache why`
-        self._noting: asyncio.Task | None = None
         self.store = store
         self.keys = keys
         self.routes = frozenset(settings.routes)
@@ -117,12 +112,10 @@ class Cache:
         return None
 
     def note_miss(self, call: Call) -> None:
-        """Keep the last miss's canonical request (a file, written off the loop; skipped while one is written)."""
-        if self.last_miss is None or self._noting is not None and not self._noting.done():
-            return
-        head = orjson.dumps({"key": call.cache_key.hex(), "hash": call.request_hash.hex(), "ts": time.time(),
-                             "agent": call.route.agent, "mode": call.cache_mode})
-        self._noting = self._spawn(asyncio.to_thread(_note, self.last_miss, head + b"\n" + call.canonical))
+        """Keep the last miss's canonical request (last_miss.py: with the loop turn's commit, or a file)."""
+        if self.last_miss is not None:
+            self.last_miss.note({"key": call.cache_key.hex(), "hash": call.request_hash.hex(), "ts": time.time(),
+                                 "agent": call.route.agent, "mode": call.cache_mode}, call.canonical, self._spawn)
 
     def refuse_in_replay(self, call: Call) -> None:
         """Replay mode never reaches the upstream: a miss (or an entry that cannot serve) is an error."""
@@ -184,11 +177,3 @@ class Cache:
             await asyncio.gather(*self.writes, return_exceptions=True)
         if self.store is not None:
             await self.store.flush_touches()
-
-
-def _note(path: Path, data: bytes) -> None:
-    """Write the last miss; a full or read-only disk only costs `sidecar cache why` its latest miss."""
-    try:
-        write_private(path, data)
-    except OSError as exc:
-        log.debug("could not note the last miss in %s: %s", path, exc)

@@ -28,6 +28,7 @@ from .config import MonitorSection
 from .events import EventLog, make_event
 
 log = logging.getLogger("sidecar")
+UNBILLED = ("hit", "coalesced")   # answers the upstream did not give to this call: they say nothing of it
 
 
 @dataclass(eq=False)
@@ -66,6 +67,7 @@ class Monitor:
         self.relieve = relieve or (lambda: {})
         self.active: set[str] = set()
         self.errors: deque[bool] = deque(maxlen=settings.error_window)
+        self.failed_in_window = 0             # how many of `errors` are True, kept as calls come and go
         self.agents: dict[str, Agent] = {}
         self._exited_order: dict[str, None] = {}   # the exited agents' ids, oldest exit first
         self.recent_events: deque[dict] = deque(maxlen=100)
@@ -77,23 +79,32 @@ class Monitor:
 
     # -- inputs --
     def on_call(self, record: dict, rate_limited: bool) -> None:
-        s = self.settings
+        # Each threshold is only handed to _set (which builds the event) when its state would change: this
+        # runs on every call, after the answer went out, on the loop the next call needs.
+        s, active = self.settings, self.active
         response_ms = record["ttfb_ms"] if record["stream"] and record["ttfb_ms"] is not None else record["total_ms"]
-        self._set("slow_response", response_ms > s.slow_ms, response_ms=response_ms, threshold_ms=s.slow_ms,
-                  route=record["route"], model=record["model"], agent=record["agent"])
-        self.errors.append(record["status"] >= 500 or record["status"] == 429 or bool(record["error"]))
-        rate = sum(self.errors) / len(self.errors)
-        self._set("error_rate_high", len(self.errors) >= min(20, s.error_window) and rate > s.error_rate,
-                  error_rate=round(rate, 4), threshold=s.error_rate, window=len(self.errors))
+        if (response_ms > s.slow_ms) != ("slow_response" in active):
+            self._set("slow_response", response_ms > s.slow_ms, response_ms=response_ms, threshold_ms=s.slow_ms,
+                      route=record["route"], model=record["model"], agent=record["agent"])
+        failed = record["status"] >= 500 or record["status"] == 429 or bool(record["error"])
+        if self.errors and len(self.errors) == self.errors.maxlen:
+            self.failed_in_window -= self.errors[0]   # the one the append below pushes out
+        self.errors.append(failed)
+        self.failed_in_window += failed
+        rate = self.failed_in_window / len(self.errors)
+        high = len(self.errors) >= min(20, s.error_window) and rate > s.error_rate
+        if high != ("error_rate_high" in active):
+            self._set("error_rate_high", high, error_rate=round(rate, 4), threshold=s.error_rate,
+                      window=len(self.errors))
         if record["error"] == "upstream_unreachable":
             self._set("upstream_unreachable", True, api=record["api"], upstream=self.upstreams.get(record["api"]),
                       agent=record["agent"], fix=f"check [upstream] {record['api']} in 'sidecar config'")
-        elif record["status"] < 500 and record["cache"] not in ("hit", "coalesced"):   # it answered again
+        elif "upstream_unreachable" in active and record["status"] < 500 and record["cache"] not in UNBILLED:
             self._set("upstream_unreachable", False, api=record["api"], upstream=self.upstreams.get(record["api"]))
         if rate_limited:
             self._set("upstream_rate_limited", True, agent=record["agent"], model=record["model"],
                       effective_limit=self.limiter.snapshot()["effective_limit"])
-        elif record["status"] < 400:
+        elif "upstream_rate_limited" in active and record["status"] < 400:
             self._set("upstream_rate_limited", False)
         self.check_queue()
         self.sample()
@@ -102,7 +113,7 @@ class Monitor:
         limit = self.limiter.settings.max_queue
         queued = self.limiter.queued
         crossed = queued >= limit * self.settings.queue_saturation
-        if crossed or queued <= limit * self.settings.queue_saturation / 2:
+        if crossed != ("queue_saturated" in self.active) and (crossed or queued <= limit * self.settings.queue_saturation / 2):
             self._set("queue_saturated", crossed, queued=queued, max_queue=limit)
 
     def on_agent(self, message: dict) -> None:

@@ -102,7 +102,8 @@ class Sessions:
         # A Responses answer's id: the next turn may name it as its previous_response_id.
         ends = answer.get("id") if meta.get("format") and isinstance(answer.get("id"), str) else None
         change: dict = {}
-        await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system, start, ends, change))
+        size = sum(map(len, rows)) + 256 * len(rows) + len(orjson.dumps(system)) + 4096   # rows, keys, meta
+        await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system, start, ends, change), size)
         if change:   # what changed since the previous turn, in the order a prompt cache reads a request
             call.prefix_change = [name for name in ("tools", "system") if change[name]] + [
                 "system" if isinstance(messages[i - start], dict) and messages[i - start].get("role") in SYSTEM_ROLES

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from . import telemetry
-from .cache import LAST_MISS, Cache
+from .cache import Cache
+from .last_miss import LAST_MISS, LastMiss
 from .circuit import Circuits
 from .headroom import Pacer
 from .backends import Backends, open_backends
@@ -111,7 +112,7 @@ class ProxyState:
             self.backends.budget.on_report = self.pacer.wake
         self.circuits.on_change = lambda crossed, **detail: self.monitor._set("upstream_overloaded", crossed, **detail)
         keys = KeyMaker(self.backends.secret, settings.ignore_fields, settings.key_headers, settings.credential_headers)
-        self.cache = Cache(settings, self.backends.store, keys, self.config.state_dir / LAST_MISS)
+        self.cache = Cache(settings, self.backends.store, keys, LastMiss(self.lmdb, self.config.state_dir / LAST_MISS))
         self.cache.on_fault = self.fault
         self.records = RecordLog(self.lmdb, self.config.stats.max_records)
         self._seed_budgets()

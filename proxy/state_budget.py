@@ -45,6 +45,7 @@ class StateBudget:
         self.agents = agents            # the agents attached to this sidecar: id -> whether it runs
         self.on_evicted = on_evicted    # told (after the commit, maybe from the writer thread) of running ones
         self.evictions = 0
+        self._psize: int | None = None   # the store's page size, read once
 
     def used(self, txn: lmdb.Transaction) -> int:
         """Bytes of the pages the databases use (their B-trees and large values), as of this transaction."""
@@ -54,10 +55,17 @@ class StateBudget:
             total += (stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]) * stat["psize"]
         return total
 
-    def enforce(self, txn: lmdb.Transaction) -> list[dict]:
-        """Evict until the state is within its target; returns the running conversations it had to drop."""
-        psize = txn.stat(self.lmdb.db["meta"])["psize"]
+    def enforce(self, txn: lmdb.Transaction, written: int | None = None) -> list[dict]:
+        """Evict until the state is within its target; returns the running conversations it had to drop.
+        `written`: at most how many bytes this transaction wrote, if known. The pages in use are never more
+        than the file as last committed plus what this transaction added, so while that stays under the
+        target, counting them (a stat of every database, on every commit) is skipped."""
+        if self._psize is None:
+            self._psize = txn.stat(self.lmdb.db["meta"])["psize"]
+        psize = self._psize
         file_size = (self.lmdb.env.info()["last_pgno"] + 1) * psize
+        if written is not None and file_size + 2 * written + 16 * psize <= self.max_bytes * TARGET:
+            return []   # (2x and 16 pages: the B-tree pages a write may split or copy, beside its bytes)
         # a file past the budget: less data, so what comes fits in the file (never below half the budget: a
         # file grown under a larger budget keeps its size, LMDB never shrinks it)
         target = int(max(self.max_bytes * TARGET - max(0, file_size - self.max_bytes), self.max_bytes / 2))

@@ -16,6 +16,7 @@ import bisect
 import math
 import time
 from collections import Counter, OrderedDict, defaultdict, deque
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 # LLM calls take from a millisecond (a hit) to minutes (a long generation).
@@ -127,6 +128,19 @@ MONEY = {
     "sidecar_unpriced_calls_total": "Calls whose model has no known price: their cost is unknown, not 0.",
 }
 MAX_SESSIONS = 1000   # sessions whose totals the live page shows; the least recently active are dropped
+MAX_SHAPES = 4096     # remembered series keys (agent, route, model, cache, status); past it they are made anew
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesKeys:
+    """The label tuples one kind of call counts under."""
+    call: tuple
+    tokens_in: tuple
+    tokens_out: tuple
+    by_model: tuple
+    cache_read: tuple
+    cache_write: tuple
+    model_only: tuple
 
 
 class Stats:
@@ -148,32 +162,27 @@ class Stats:
         self.histograms: dict[str, dict[tuple, list]] = {field: {} for field in HISTOGRAMS}
         # session -> [calls, dollars, unpriced calls, input tokens upstream, cache reads upstream]
         self.sessions: OrderedDict[str, list] = OrderedDict()
+        self._keys: dict[tuple, SeriesKeys] = {}   # (agent, route, model, cache, status) -> its series keys
 
     def observe(self, record: dict) -> None:
         self.recent.append(record)
         agent = self._label("agent", record["agent"], self.max_agents)
         model = self._label("model", record["model"] or "-", self.max_models)
-        labels = (("agent", agent), ("route", record["route"]), ("model", model))
-        call = labels + (("cache", record["cache"] or "none"), ("status", str(record["status"])))
-        by_model = labels[:1] + labels[2:]
-        tokens_in = by_model + (("direction", "input"),)
-        tokens_out = by_model + (("direction", "output"),)
-        self.calls[call] += 1
-        self.tokens[tokens_in] += record["input_tokens"]
-        self.tokens[tokens_out] += record["output_tokens"]
-        keys = [("calls", call), ("tokens", tokens_in), ("tokens", tokens_out)]
+        shape = (agent, record["route"], model, record["cache"] or "none", record["status"])
+        keys = self._keys.get(shape) or self._keys_of(shape)
+        self.calls[keys.call] += 1
+        self.tokens[keys.tokens_in] += record["input_tokens"]
+        self.tokens[keys.tokens_out] += record["output_tokens"]
         hit = record["cache"] in ("hit", "coalesced")
         if not hit:
             cost = record.get("cost_usd")
-            for name, key, value in (
-                    ("sidecar_prompt_cache_tokens_total", by_model + (("kind", "read"),), record["cache_read_tokens"]),
-                    ("sidecar_prompt_cache_tokens_total", by_model + (("kind", "write"),), record["cache_write_tokens"]),
-                    ("sidecar_reasoning_tokens_total", by_model, record["reasoning_tokens"]),
-                    ("sidecar_cost_usd_total", by_model, cost or 0.0),
-                    ("sidecar_unpriced_calls_total", by_model, 1 if cost is None else 0)):
-                self.money[name][key] += value
-                keys.append((name, key))
-        if hit:
+            money, by_model = self.money, keys.by_model
+            money["sidecar_prompt_cache_tokens_total"][keys.cache_read] += record["cache_read_tokens"]
+            money["sidecar_prompt_cache_tokens_total"][keys.cache_write] += record["cache_write_tokens"]
+            money["sidecar_reasoning_tokens_total"][by_model] += record["reasoning_tokens"]
+            money["sidecar_cost_usd_total"][by_model] += cost or 0.0
+            money["sidecar_unpriced_calls_total"][by_model] += 1 if cost is None else 0
+        else:
             self.saved_tokens += record["input_tokens"] + record["output_tokens"]
             self.saved_seconds += record.get("saved_s") or 0.0
             self.saved_usd += record.get("saved_usd") or 0.0
@@ -185,14 +194,37 @@ class Stats:
             value = record.get(field)
             if value is None:
                 continue
-            series = self.histograms[field].setdefault(labels[2:], [0] * (len(buckets) + 1) + [0.0])
+            series = self.histograms[field].get(keys.model_only)
+            if series is None:
+                series = self.histograms[field][keys.model_only] = [0] * (len(buckets) + 1) + [0.0]
             series[bisect.bisect_left(buckets, value / 1000)] += 1
             series[-1] += value / 1000
-            keys.append((field, labels[2:]))
+
+    def _keys_of(self, shape: tuple) -> "SeriesKeys":
+        """The series keys of one (agent, route, model, cache, status), made once and remembered: the label
+        tuples are the same call after call. Each key is filed under its agent's and model's series here,
+        so folding that agent or model into "other" finds it (and forgets every remembered shape)."""
+        agent, route, model, cache, status = shape
+        labels = (("agent", agent), ("route", route), ("model", model))
+        by_model = labels[:1] + labels[2:]
+        keys = SeriesKeys(call=labels + (("cache", cache), ("status", str(status))),
+                          tokens_in=by_model + (("direction", "input"),),
+                          tokens_out=by_model + (("direction", "output"),),
+                          by_model=by_model, cache_read=by_model + (("kind", "read"),),
+                          cache_write=by_model + (("kind", "write"),), model_only=labels[2:])
+        counters = [("calls", keys.call), ("tokens", keys.tokens_in), ("tokens", keys.tokens_out)]
+        if cache not in ("hit", "coalesced"):
+            counters += [("sidecar_prompt_cache_tokens_total", keys.cache_read),
+                         ("sidecar_prompt_cache_tokens_total", keys.cache_write),
+                         *((name, by_model) for name in MONEY if name != "sidecar_prompt_cache_tokens_total")]
         if agent != OTHER:
-            self.series["agent"][agent].update(k for k in keys if k[0] not in self.histograms)
+            self.series["agent"][agent].update(counters)
         if model != OTHER:
-            self.series["model"][model].update(keys)
+            self.series["model"][model].update(counters + [(field, keys.model_only) for field in HISTOGRAMS])
+        if len(self._keys) >= MAX_SHAPES:
+            self._keys.clear()
+        self._keys[shape] = keys
+        return keys
 
     def _session(self, record: dict, hit: bool) -> None:
         totals = self.sessions.get(record["session"])
@@ -230,6 +262,7 @@ class Stats:
             _, series = seen.popitem(last=False)
             for family, key in series:
                 self._fold(name, family, key)
+            self._keys.clear()   # remembered keys may carry the folded value
         seen[value] = set()
         return value
 

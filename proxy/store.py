@@ -107,7 +107,10 @@ class Lmdb:
         self._resize = threading.RLock()
         self._swap = threading.Lock()   # held by a write transaction; taken to close a broken store under it
         self._writer: ThreadPoolExecutor | None = None
-        self._queued: list[tuple[Callable, asyncio.Future]] = []   # this loop turn's writes, committed together
+        self._queued: list[tuple[Callable, asyncio.Future, int | None]] = []   # this turn's writes (func, its future, size)
+        # Writes that go with whichever commit comes next, in its transaction (the last miss's note): each has
+        # `pending`, `pending_size()` and `ride(txn)`.
+        self.riders: list = []
         self._last_try = (0.0, None)    # when the store was last found unopenable, and its file then
         self._closed = False
         self._open(self.map_size, durable)
@@ -153,6 +156,7 @@ class Lmdb:
         self.db = dict.fromkeys((name.decode() for name in cls.DATABASES), None)
         self.durable, self.map_size = durable, max(map_size, MIN_MAP)
         self._resize, self._swap, self._writer, self._queued = threading.RLock(), threading.Lock(), None, []
+        self.riders = []
         self._last_try, self._closed = (time.monotonic(), self._file_id()), False
         return self
 
@@ -268,7 +272,7 @@ class Lmdb:
             self._discard()
         self._last_try = (time.monotonic(), self._file_id())
 
-    def write_now(self, func: Callable[[lmdb.Transaction], T]) -> T:
+    def write_now(self, func: Callable[[lmdb.Transaction], T], size: int | None = None) -> T:
         """Run a write transaction in the calling thread: the event loop's (commits without fsync), the
         writer thread (durable commits) or a CLI's. A full map is doubled and the write retried, twice at
         most; a map another process grew is adopted."""
@@ -279,7 +283,7 @@ class Lmdb:
                         raise StoreError(f"the state store at {self.path} is unavailable")
                     with self.env.begin(write=True) as txn:
                         result = func(txn)
-                        evicted = self.budget.enforce(txn) if self.budget is not None else None
+                        evicted = self.budget.enforce(txn, size) if self.budget is not None else None
                 if evicted:   # committed: now it can be said
                     self.budget.report(evicted)
                 return result
@@ -294,13 +298,14 @@ class Lmdb:
                 log.warning("grew the LMDB map to %d bytes", self.env.info()["map_size"])
         raise lmdb.MapResizedError("map kept changing size")
 
-    def submit(self, func: Callable[[lmdb.Transaction], T]) -> asyncio.Future:
+    def submit(self, func: Callable[[lmdb.Transaction], T], size: int | None = None) -> asyncio.Future:
         """Queue one of the proxy's writes; its future gives func's result once committed. Every write
         queued in one turn of the event loop commits in one transaction (group commit): a call's
         checkpoint, its cache entry, other calls' records and touches share one commit, inline when
         commits do not fsync (microseconds, less than a thread hop), on the writer thread when they do.
         The writes fail open: a failing store (full disk, broken file) is reported once through `report`
-        and the futures give None; the next commit that succeeds reports the recovery."""
+        and the futures give None; the next commit that succeeds reports the recovery. `size`: at most how
+        many bytes func writes, if known (the byte budget then skips its count while far under it)."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         if self.env is None and not self.reopen():
@@ -308,11 +313,11 @@ class Lmdb:
             return done
         if not self._queued:
             loop.call_soon(self._commit_queued)
-        self._queued.append((func, done))
+        self._queued.append((func, done, size))
         return done
 
-    async def write(self, func: Callable[[lmdb.Transaction], T]) -> T | None:
-        return await self.submit(func)
+    async def write(self, func: Callable[[lmdb.Transaction], T], size: int | None = None) -> T | None:
+        return await self.submit(func, size)
 
     def _commit_queued(self) -> None:
         batch, self._queued = self._queued, []
@@ -329,9 +334,18 @@ class Lmdb:
     def _commit(self, batch: list) -> BaseException | list:
         """One transaction for the batch; a store failure is returned for all. A write that raises for
         another reason (a defect) fails alone: the batch is then committed write by write."""
-        funcs = [func for func, _ in batch]
+        funcs = [func for func, _, _ in batch]
+        sizes = [size for _, _, size in batch]
+        riders = [rider for rider in self.riders if rider.pending]
+        written = None if None in sizes else sum(sizes) + sum(rider.pending_size() for rider in riders)
+
+        def write_all(txn: lmdb.Transaction) -> list:
+            done = [func(txn) for func in funcs]
+            for rider in riders:
+                rider.ride(txn)
+            return done
         try:
-            return [(True, value) for value in self.write_now(lambda txn: [func(txn) for func in funcs])]
+            return [(True, value) for value in self.write_now(write_all, written)]
         except STORE_ERRORS as exc:
             return exc
         except Exception:
@@ -363,7 +377,7 @@ class Lmdb:
                 log.warning("the state store at %s is written again", self.path)
                 if self.report is not None:
                     self.report(None)
-        for (_, done), (ok, value) in zip(batch, outcomes):
+        for (_, done, _), (ok, value) in zip(batch, outcomes):
             if done.cancelled():
                 continue
             if ok:
@@ -381,7 +395,7 @@ class Lmdb:
 
     def close(self) -> None:
         self._closed = True
-        if self._queued:   # writes queued in the loop's last turn
+        if self._queued or any(rider.pending for rider in self.riders):   # the loop's last turn's writes
             batch, self._queued = self._queued, []
             outcome = self._commit(batch)
             if isinstance(outcome, BaseException):
@@ -454,7 +468,7 @@ class ResponseStore:
         if len(blob) > self.max_size:   # an answer larger than the whole cache would only evict everything else
             return asyncio.sleep(0)
         touched, self._touched = self._touched, {}
-        return self.lmdb.submit(lambda txn: self._put(txn, key, blob, touched))
+        return self.lmdb.submit(lambda txn: self._put(txn, key, blob, touched), len(blob) + 256 * (len(touched) + 1))
 
     def _put(self, txn: lmdb.Transaction, key: bytes, blob: bytes, touched: dict[bytes, float],
              created: float | None = None) -> None:

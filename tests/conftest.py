@@ -27,6 +27,17 @@ from agent_sidecar.proxy.events import EventLog
 from agent_sidecar.proxy.config import load_layers
 from agent_sidecar.proxy.state import STATE
 
+GENERIC_NAMES = ("proxy", "launcher", "bench")   # the folders, imported only as agent_sidecar.<name>
+
+
+@pytest.fixture(autouse=True)
+def imports_only_agent_sidecar():
+    """No test imported the repository's folders under their bare names (a second copy of each module)."""
+    yield
+    stray = sorted(name for name in sys.modules if name.split(".")[0] in GENERIC_NAMES)
+    assert not stray, f"imported under a bare name instead of agent_sidecar.*: {stray}"
+
+
 ENV_PREFIXES = ("ANTHROPIC_", "OPENAI_", "SIDECAR_", "GOOGLE_GEMINI_", "GEMINI_", "OTEL_", "TRACEPARENT")
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import anthropic
 import pytest
 
+from conftest import until
+
 from agent_sidecar.proxy.entry import MAGIC, CorruptEntry, Entry
 
 PY = sys.executable
@@ -63,6 +65,27 @@ async def test_why_names_the_fields_that_differ_from_the_nearest_entry(proxy, tm
         fields["body.messages[0].content"]
 
 
+async def test_the_last_miss_is_the_newest_whether_noted_in_the_store_or_in_a_file(proxy, tmp_path, isolated_env):
+    """Up to 16 KB the note joins the store's next commit (no file); a larger request goes to a file; the newer
+    of the two is the last miss."""
+    from agent_sidecar.proxy.last_miss import IN_STORE, LAST_MISS
+    await ask(proxy.url, "Tell me about the rivers of France")
+    await ask(proxy.url, "Tell me about the rivers of Germany")
+    await proxy.state.cache.drain()
+    assert not (isolated_env / LAST_MISS).exists()
+    noted = sidecar("cache", "why", cwd=tmp_path)
+    assert '"Tell me about the rivers of Germany"  !=  "Tell me about the rivers of France"' in noted.stdout
+    big = "Tell me about the rivers of Spain " + "x" * IN_STORE
+    await ask(proxy.url, big)
+    await until(lambda: (isolated_env / LAST_MISS).exists())
+    noted = sidecar("cache", "why", cwd=tmp_path)
+    assert noted.stdout.startswith("the last miss") and "rivers of Spain" in noted.stdout, noted.stdout
+    await ask(proxy.url, "Tell me about the rivers of Italy")   # small again: the store's note is the newer
+    await proxy.state.cache.drain()
+    noted = sidecar("cache", "why", cwd=tmp_path)
+    assert '"Tell me about the rivers of Italy"' in noted.stdout and "x" * 100 not in noted.stdout, noted.stdout
+
+
 async def test_the_sdks_anthropic_version_is_part_of_the_key(proxy, tmp_path):
     await ask(proxy.url, "Same words")
     await ask(proxy.url, "Same words", version="2024-01-01")
@@ -89,8 +112,9 @@ async def test_a_replay_miss_is_explained(start_app, mock, isolated_env, tmp_pat
     with pytest.raises(anthropic.NotFoundError):
         await ask(replayer.url, "What is the capital of Spain?")
     await replayer.state.cache.drain()
-    lines = sidecar("cache", "why", cwd=tmp_path).stdout.splitlines()
-    assert '"What is the capital of Spain?"  !=  "What is the capital of France?"' in lines[2]
+    done = sidecar("cache", "why", cwd=tmp_path)
+    lines = done.stdout.splitlines()
+    assert '"What is the capital of Spain?"  !=  "What is the capital of France?"' in lines[2], done
 
 
 async def test_no_credential_reaches_the_disk(start_app, mock, isolated_env):

@@ -18,7 +18,7 @@ from conftest import upstream_env
 from agent_sidecar.launcher.summary import event_words, format_summary
 from agent_sidecar.proxy.config import MonitorSection
 from agent_sidecar.proxy.events import EventLog
-from agent_sidecar.proxy.monitor import Monitor, high_water_mark
+from agent_sidecar.proxy.monitor import Agent, Monitor, high_water_mark
 
 PY = sys.executable
 MB = 1 << 20
@@ -108,7 +108,7 @@ async def test_sampling_keeps_the_high_water_mark_not_the_current_size():
         assert await asyncio.wait_for(child.stdout.readline(), 20) == b"freed\n"
         assert high_water_mark(child.pid) > 150 * MB
         monitor = Monitor(MonitorSection(), EventLog(Path("/nonexistent")), limiter=None)
-        monitor.agents["a"] = agent = __import__("proxy.monitor", fromlist=["Agent"]).Agent("a", pid=child.pid)
+        monitor.agents["a"] = agent = Agent("a", pid=child.pid)
         monitor._sample_agent(agent)
         assert agent.peak_rss > 150 * MB > agent.rss
     finally:

@@ -559,3 +559,25 @@ async def test_run_summary_and_agent_exit_event(sidecar, script, mock: MockUpstr
     assert mock.count() == 1     # both answered from the cache this time
     exited = [e for e in EventLog(isolated_env).read() if e["kind"] == "agent_exited"]
     assert [e["status"] for e in exited] == [3, 3]
+
+
+def test_error_rate_over_its_window_as_calls_come_and_go(tmp_path):
+    """The monitor keeps the window's failure count as calls enter and leave it; the event follows the rate."""
+    import random
+    from agent_sidecar.proxy.config import LimitsSection, MonitorSection
+    from agent_sidecar.proxy.limits import Limiter
+    from agent_sidecar.proxy.monitor import Monitor
+    monitor = Monitor(MonitorSection(error_window=20, error_rate=0.25), EventLog(tmp_path), Limiter(LimitsSection()))
+    rng = random.Random(7)
+    seen: list[bool] = []
+    for i in range(400):
+        failed = rng.random() < (0.6 if (i // 50) % 2 else 0.05)   # quiet and stormy stretches in turn
+        seen.append(failed)
+        monitor.on_call({"ttfb_ms": 1.0, "stream": False, "total_ms": 1.0, "status": 529 if failed else 200,
+                         "error": None, "route": "/v1/messages", "model": "m", "agent": "a", "api": "anthropic",
+                         "cache": "miss"}, False)
+        window = seen[-20:]
+        assert monitor.failed_in_window == sum(window)
+        assert ("error_rate_high" in monitor.active) == (len(window) >= 20 and sum(window) / 20 > 0.25), i
+    kinds = [(e["kind"], e["state"]) for e in monitor.recent_events if e["kind"] == "error_rate_high"]
+    assert ("error_rate_high", "raised") in kinds and ("error_rate_high", "cleared") in kinds
