@@ -223,12 +223,19 @@ class Exchanges:
         call.streamed = True
         call.t_first_byte = time.monotonic()
         client = self.socket.client
-        for _, data in events:
-            if data:
-                await client.send_str(data.decode())
-        call.t_done = time.monotonic()
-        await pipeline.run(self.state, "end", call)   # the checkpoint of a hit
-        self._done(call)
+        delivered = False
+        try:
+            for _, data in events:
+                if data:
+                    await client.send_str(data.decode())
+            delivered = True
+            call.t_done = time.monotonic()
+            await pipeline.run(self.state, "end", call)   # the checkpoint of a hit
+        finally:   # recorded however it ends: an agent that leaves (the handler cancelled) included
+            if not delivered:
+                call.error = call.error or "client_disconnected"
+            call.t_done = call.t_done or time.monotonic()
+            self._done(call)
         self._chain(whole, events, upstream=False)
 
     # -- upstream -> agent ----------------------------------------------------------------------------

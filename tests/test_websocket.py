@@ -15,6 +15,7 @@ import orjson
 import pytest
 from aiohttp import WSMsgType, web
 
+from conftest import until
 from agent_sidecar.proxy.capture import Capture
 from agent_sidecar.proxy.exchange import Chain, Exchanges
 
@@ -311,3 +312,29 @@ async def test_a_bug_after_the_upgrade_closes_the_socket_with_1011(start_app, mo
             msg = await asyncio.wait_for(ws.receive(), 10)
     assert msg.type == WSMsgType.CLOSE and msg.data == 1011
     assert any(e["kind"] == "sidecar_fault" and e["stage"] == "websocket" for e in px.events())
+
+
+async def test_a_hit_whose_agent_leaves_during_its_end_stages_is_still_recorded(start_app, mock):
+    """The agent has the whole replayed answer and closes the socket while a side stage of the hit's end is
+    still at work (aiohttp then cancels the handler): the call is recorded all the same, as a hit."""
+    px = await start_app(mock.url)
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(px.url + "/v1/responses", headers=AUTH) as ws:
+            await warm_up_then_turn(ws, "Tell me about lakes.")
+        await px.state.cache.drain()
+        stuck = asyncio.Event()
+
+        async def slow_end_stage(call):
+            stuck.set()
+            await asyncio.Event().wait()   # a checkpoint that has not committed when the agent leaves
+        px.state.stage_hooks["end"].insert(0, ("checkpoint", slow_end_stage))
+        # the agent closes and goes: no waiting for a close handshake the stuck handler cannot answer
+        async with session.ws_connect(px.url + "/v1/responses", headers=AUTH,
+                                      timeout=aiohttp.ClientWSTimeout(ws_close=0.2)) as ws:
+            events = await exchange(ws, create("", generate=False, input=[]))   # a hit: the warm-up again
+            assert events[-1]["type"] == "response.completed"
+            await asyncio.wait_for(stuck.wait(), 10)
+    # the agent is gone; the handler was cancelled in the end stages
+    hits = lambda: [r for r in px.state.stats.recent if r["route"] == "/v1/responses" and r["cache"] == "hit"]
+    await until(lambda: hits(), 10, "the hit's record")
+    assert hits()[0]["status"] == 200 and not hits()[0]["error"]
