@@ -29,7 +29,8 @@ from agent_sidecar.proxy.state_budget import StateBudget
 from agent_sidecar.proxy.entry import Entry
 from agent_sidecar.proxy.records import RecordLog
 from agent_sidecar.proxy.sessions import Sessions
-from agent_sidecar.proxy.store import Lmdb, ResponseStore
+from agent_sidecar.proxy.response_store import ResponseStore
+from agent_sidecar.proxy.store import Lmdb
 
 SIZES = (1 << 10, 20 << 10, 150 << 10)
 BUDGET = 16 << 20

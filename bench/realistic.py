@@ -79,7 +79,7 @@ def _median_by_bucket(result: dict) -> dict[str, float]:
 
 def realistic(ctx: Ctx) -> Result:
     plan, procs = ctx.plan, ctx.procs
-    res = Result("realistic", "9. Realistic agent traffic",
+    res = Result("realistic", "10. Realistic agent traffic",
                  f"{plan.real_agents} agents at once, each a Claude-Code-shaped conversation of {plan.real_turns} "
                  f"streamed turns growing from 76 KB to {plan.real_last_kb / 1024:g} MB (24 tools, 3-part system "
                  f"prompt, tool_use/tool_result turns, cache_control markers); zero-delay mock; every call a miss; "

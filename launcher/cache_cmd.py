@@ -19,7 +19,8 @@ from agent_sidecar.proxy.config import Config, ConfigError
 from agent_sidecar.proxy.entry import CorruptEntry, Entry
 from agent_sidecar.proxy.encoding import decoded
 from agent_sidecar.proxy.sse import EventParser, MalformedStream, assemble_anthropic, assemble_openai
-from agent_sidecar.proxy.store import ResponseStore, StoreError, open_lmdb, set_aside
+from agent_sidecar.proxy.response_store import ResponseStore
+from agent_sidecar.proxy.store import StoreError, open_lmdb, set_aside
 
 from . import cache_why as why
 from .terminal import clean

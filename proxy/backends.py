@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from .cache_key import load_secret
 from .config import Config, ConfigError
-from .store import Lmdb, ResponseStore
+from .response_store import ResponseStore
+from .store import Lmdb
 
 
 @dataclass

@@ -23,7 +23,7 @@ from .entry import CorruptEntry, Entry, kept_headers
 from .errors import Refusal
 from .flight import Head
 from .last_miss import LastMiss
-from .store import ResponseStore
+from .response_store import ResponseStore
 from .usage import flavor_of
 
 log = logging.getLogger("sidecar")

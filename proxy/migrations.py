@@ -49,28 +49,15 @@ def _to_2(txn: lmdb.Transaction, db: dict) -> None:
         created = (entry_created(blob) if blob is not None else None) or STAMP.unpack(access[:8])[0]
         txn.put(key, access[:16] + STAMP.pack(created), db=db["access"])
         txn.put(STAMP.pack(created) + key, b"", db=db["created"])
-    metas = []
-    cursor = txn.cursor(db=db["sessions"])
-    if cursor.set_range(b"s:"):
-        for key, value in cursor:
-            if not key.startswith(b"s:"):
-                break
-            metas.append((key[2:], value))
-    for sid, value in metas:
+    for sid, value in _rows(txn, db["sessions"], b"s:"):
         try:
             meta = orjson.loads(value)
             updated, agent = float(meta.get("updated") or meta.get("created") or 0.0), str(meta.get("agent", ""))
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
             continue   # an unreadable meta row: the session stays as it was, listed by what can be read
         txn.put(b"u:" + STAMP.pack(updated) + sid, agent.encode(), db=db["sessions"])
-    chains = []
-    cursor = txn.cursor(db=db["sessions"])
-    if cursor.set_range(b"p:"):   # a Responses answer id -> [its conversation, items]: indexed by conversation
-        for key, value in cursor:
-            if not key.startswith(b"p:"):
-                break
-            chains.append((key[2:], value))
-    for response, value in chains:
+    # a Responses answer id -> [its conversation, items]: indexed by conversation
+    for response, value in _rows(txn, db["sessions"], b"p:"):
         try:
             sid = str(orjson.loads(value)[0])
         except (orjson.JSONDecodeError, IndexError, KeyError, TypeError):
@@ -79,6 +66,18 @@ def _to_2(txn: lmdb.Transaction, db: dict) -> None:
 
 
 STEPS: dict[int, Callable[[lmdb.Transaction, dict], None]] = {2: _to_2}
+
+
+def _rows(txn, db, prefix: bytes) -> list[tuple[bytes, bytes]]:
+    """(key without the prefix, value) of every row whose key starts with `prefix`, read before any is written."""
+    rows = []
+    cursor = txn.cursor(db=db)
+    if cursor.set_range(prefix):
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                break
+            rows.append((key[len(prefix):], value))
+    return rows
 
 
 def migrate(txn: lmdb.Transaction, db: dict, found: int) -> list[int]:

@@ -37,7 +37,8 @@ from .stats import Stats
 from .timing import record_of
 from .routes import Upstreams
 from .state_budget import StateBudget
-from .store import Lmdb, ResponseStore, StoreError, map_size_of, open_lmdb
+from .response_store import ResponseStore
+from .store import Lmdb, StoreError, map_size_of, open_lmdb
 from .errors import Fault
 from .upstream import UpstreamClient
 

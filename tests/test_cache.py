@@ -29,7 +29,8 @@ from agent_sidecar.proxy.app import make_app
 from agent_sidecar.proxy.config import load_layers
 from agent_sidecar.proxy.entry import Entry
 from agent_sidecar.proxy.state import STATE
-from agent_sidecar.proxy.store import ResponseStore, open_lmdb
+from agent_sidecar.proxy.response_store import ResponseStore
+from agent_sidecar.proxy.store import open_lmdb
 
 MODEL = "claude-mock-1"
 OPENAI_MODEL = "gpt-4o-mini"

@@ -28,6 +28,15 @@ def claude_env(mock, home: Path) -> dict[str, str]:
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1"}
 
 
+def message_records(state_dir: Path) -> list[dict]:
+    """The Messages API call records the sidecar kept in `state_dir`, oldest first."""
+    lmdb_env = open_lmdb(load_layers([{"state": {"dir": str(state_dir)}}], ["test"]))
+    try:
+        return [r for r in RecordLog(lmdb_env, 1000).read(0) if r["route"] == "/v1/messages"]
+    finally:
+        lmdb_env.close()
+
+
 @pytest.mark.timeout(120)
 async def test_claude_code_answer_is_unchanged_and_repeated_prompt_is_a_hit(sidecar, mock, tmp_path):
     mock.profile.validate = False   # Claude Code sends a mid-conversation "system" role the strict mock refuses
@@ -69,12 +78,7 @@ async def test_claude_code_usage_and_dollars_are_exact_per_call_and_per_session(
     for prompt in ("say hi", "say bye"):
         done = await sidecar.run("run", "--quiet", "--", CLAUDE, "-p", prompt, env=env, timeout=60)
         assert done.returncode == 0, done.err
-    config = load_layers([{"state": {"dir": str(isolated_env)}}], ["test"])
-    lmdb_env = open_lmdb(config)
-    try:
-        records = [r for r in RecordLog(lmdb_env, 1000).read(0) if r["route"] == "/v1/messages"]
-    finally:
-        lmdb_env.close()
+    records = message_records(isolated_env)
     assert [r["usage"] for r in records] == mock.sent_usage and len(records) == 2
     first, second = mock.sent_usage
     assert first["cache_creation_input_tokens"] > 0 and second["cache_read_input_tokens"] > 0
@@ -108,10 +112,5 @@ async def test_claude_code_past_its_budget_is_refused_once_and_does_not_retry(si
     assert done.returncode != 0                       # the second prompt failed, as Claude Code reports an API error
     assert "total budget is spent" in done.out + done.err
     assert mock.count("/v1/messages") == 1            # the refused prompt never reached the upstream
-    config = load_layers([{"state": {"dir": str(isolated_env)}}], ["test"])
-    lmdb_env = open_lmdb(config)
-    try:
-        records = [r for r in RecordLog(lmdb_env, 1000).read(0) if r["route"] == "/v1/messages"]
-    finally:
-        lmdb_env.close()
+    records = message_records(isolated_env)
     assert [r["status"] for r in records] == [200, 402]   # and it did not try again

@@ -24,7 +24,8 @@ from agent_sidecar.proxy.state_budget import StateBudget
 from agent_sidecar.proxy.entry import Entry
 from agent_sidecar.proxy.records import RecordLog
 from agent_sidecar.proxy.sessions import Sessions
-from agent_sidecar.proxy.store import Lmdb, ResponseStore
+from agent_sidecar.proxy.response_store import ResponseStore
+from agent_sidecar.proxy.store import Lmdb
 
 pytestmark = pytest.mark.timeout(120)
 HEADERS = {"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01", "content-type": "application/json"}

@@ -200,7 +200,8 @@ def test_the_byte_budget_holds_under_a_long_run(tmp_path):
 
 def _store_with_data(state: Path) -> Path:
     """A state store with cache entries in it (written by a CLI process, as a past run would leave it)."""
-    code = ("import sys; from pathlib import Path; from agent_sidecar.proxy.store import Lmdb, ResponseStore\n"
+    code = ("import sys; from pathlib import Path; from agent_sidecar.proxy.store import Lmdb\n"
+            "from agent_sidecar.proxy.response_store import ResponseStore\n"
             "env = Lmdb(Path(sys.argv[1]), 1 << 20); store = ResponseStore(env, 1 << 30)\n"
             "store.import_now([(b'k%04d' % i, b'v' * 3000) for i in range(200)]); env.close()\n")
     subprocess.run([PY, "-c", code, str(state)], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -275,7 +276,8 @@ import sys, time, orjson
 from pathlib import Path
 import agent_sidecar.proxy.store
 agent_sidecar.proxy.store.MIN_MAP = 1 << 20
-from agent_sidecar.proxy.store import Lmdb, ResponseStore
+from agent_sidecar.proxy.store import Lmdb
+from agent_sidecar.proxy.response_store import ResponseStore
 env = Lmdb(Path(sys.argv[1]), 1 << 20)
 store = ResponseStore(env, 1 << 30)
 for i in range(40):
@@ -292,11 +294,12 @@ env.close()
 def test_map_grown_by_another_process(tmp_path, monkeypatch):
     import agent_sidecar.proxy.store
     from agent_sidecar.proxy.records import RecordLog
+    from agent_sidecar.proxy.response_store import ResponseStore
     from agent_sidecar.proxy.sessions import Sessions
     monkeypatch.setattr(agent_sidecar.proxy.store, "MIN_MAP", 1 << 20)
     env = agent_sidecar.proxy.store.Lmdb(tmp_path / "state", 1 << 20)   # this process: a 1 MB map
     try:
-        store = agent_sidecar.proxy.store.ResponseStore(env, 1 << 30)
+        store = ResponseStore(env, 1 << 30)
         records, sessions = RecordLog(env, 1000), Sessions(env)
         assert list(store.items()) == [] and sessions.list() == []
         grown = subprocess.run([PY, "-c", GROW, str(tmp_path / "state")], cwd=ROOT, capture_output=True,

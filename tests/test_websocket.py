@@ -29,16 +29,23 @@ def create(text: str, **fields) -> dict:
             **fields}
 
 
-async def exchange(ws, message: dict) -> list[dict]:
-    """Send one request; the events up to its last one (completed, failed, incomplete or error)."""
+async def raw_exchange(ws, message: dict) -> list[str]:
+    """Send one request; the messages up to its last one (completed, failed, incomplete or error), as sent
+    (text, byte for byte)."""
     await ws.send_str(orjson.dumps(message).decode())
-    events = []
+    texts = []
     while True:
         msg = await asyncio.wait_for(ws.receive(), 10)
         assert msg.type == WSMsgType.TEXT, msg
-        events.append(orjson.loads(msg.data))
-        if events[-1]["type"] in ("response.completed", "response.failed", "response.incomplete", "error"):
-            return events
+        texts.append(msg.data)
+        if orjson.loads(msg.data)["type"] in ("response.completed", "response.failed", "response.incomplete",
+                                              "error"):
+            return texts
+
+
+async def exchange(ws, message: dict) -> list[dict]:
+    """As `raw_exchange`, each event parsed."""
+    return [orjson.loads(text) for text in await raw_exchange(ws, message)]
 
 
 def final_text(events: list[dict]) -> str:
@@ -197,18 +204,6 @@ async def test_a_broken_side_stage_leaves_the_socket_as_it_was(broken, start_app
     await px.state.records.drain()
     faults = [e for e in px.events() if e["kind"] == "sidecar_fault"]
     assert faults and {e["stage"] for e in faults} == {broken.split(" (")[0]}, faults
-
-async def raw_exchange(ws, message: dict) -> list[str]:
-    """As `exchange`, the messages as sent (text, byte for byte)."""
-    await ws.send_str(orjson.dumps(message).decode())
-    texts = []
-    while True:
-        msg = await asyncio.wait_for(ws.receive(), 10)
-        assert msg.type == WSMsgType.TEXT, msg
-        texts.append(msg.data)
-        if orjson.loads(msg.data)["type"] in ("response.completed", "response.failed", "response.incomplete",
-                                              "error"):
-            return texts
 
 
 async def warm_up_then_turn(ws, text: str) -> tuple[list[str], list[str]]:
