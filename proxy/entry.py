@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from multidict import CIMultiDict
+
+from .upstream import without_prefix
 
 MAGIC = b"SC1"
 MAGIC_WITH_REQUEST = b"SC2"
@@ -74,5 +77,7 @@ class Entry:
 
 
 def kept_headers(headers) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in headers.items()
-            if k.lower() not in NOT_KEPT and not k.lower().startswith("x-sidecar-")]
+    kept = CIMultiDict(headers)
+    for name in NOT_KEPT:
+        kept.popall(name, None)
+    return list(without_prefix(kept, "x-sidecar-").items())

@@ -26,11 +26,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+
+from .call import new_request_id
 
 BUCKETS = ("requests", "tokens", "input_tokens", "output_tokens")
 MAX_BUDGETS = 256            # budgets (API, credential, model) remembered; the oldest are forgotten
@@ -116,7 +117,7 @@ class Ticket:
     """One attempt's reservation, given back when its answer (or its failure) is known."""
     key: str
     needs: dict[str, int]
-    id: str = field(default_factory=lambda: os.urandom(6).hex())
+    id: str = field(default_factory=new_request_id)   # unique in the fleet: the Redis budget's lease name
     open: bool = True
 
 
