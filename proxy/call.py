@@ -55,6 +55,7 @@ class Call:
     session: str = ""             # conversation id, once checkpointed
     restored: bool = False        # a checkpointed conversation was put in front of this call's messages
     forwarded_messages: list | None = None
+    turn_rows: list | None = None      # orjson's bytes of the request's first turns, when known (body_json.py)
     accept_encoding: str = ""     # the client's Accept-Encoding: which stored codings it may be sent
     headers: Any = None           # the request's headers, as the agent sent them
     # What the answer stages learn (proxy/stages.py):

@@ -46,6 +46,13 @@ def turns_of(path: str, body: dict) -> tuple[Any, list | None]:
     return body.get("system"), messages if isinstance(messages, list) else None
 
 
+def turns_field(path: str) -> str:
+    """The name of the top-level array a request of `path` carries its conversation in."""
+    if path == responses_api.PATH:
+        return "input"
+    return "contents" if gemini_api.is_generate(path) else "messages"
+
+
 def with_turns(path: str, body: dict, turns: list) -> dict:
     if path == responses_api.PATH:
         return responses_api.with_input(body, turns)

@@ -12,7 +12,9 @@ import re
 import orjson
 from aiohttp import web
 
+from .body_json import BodyParser
 from .call import Call
+from .conversation import turns_field
 from .errors import Refusal
 from .routes import route_of
 from .state import STATE
@@ -69,8 +71,9 @@ def _json_route(request: web.Request) -> bool:
     return request.app[STATE].cache.is_model_route(route_of(request.raw_path, request.headers, "").path)
 
 
-async def read_body(request: web.Request, call: Call, limit: int) -> None:
-    """Read the whole body into the call and parse it when it is JSON."""
+async def read_body(request: web.Request, call: Call, limit: int, parser: BodyParser) -> None:
+    """Read the whole body into the call and parse it when it is JSON (a conversation's next request
+    mostly from the previous one's parse: body_json.py)."""
     if not request.body_exists:
         return
     length = request.content_length
@@ -83,7 +86,8 @@ async def read_body(request: web.Request, call: Call, limit: int) -> None:
     call.body = body
     if body and _is_json(request) and "content-encoding" not in request.headers:
         try:
-            call.json = orjson.loads(body)
+            parsed = parser.parse(body, turns_field(call.route.path))
+            call.json, call.turn_rows = parsed.json, parsed.rows
         except orjson.JSONDecodeError as exc:
             detail = str(exc)
             if "depth" in detail.lower():   # valid JSON, just deeper than the parser goes: forwarded uncached

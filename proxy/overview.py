@@ -18,4 +18,5 @@ def overview(state: ProxyState) -> dict:
             "agents": [a.view() for a in state.monitor.agents.values()],
             "active_events": sorted(state.monitor.active), "events": list(state.monitor.recent_events)[-20:],
             "system_memory_percent": state.monitor.system_memory,
-            "headroom": state.pacer.snapshot(), "overload": state.circuits.snapshot()}
+            "headroom": state.pacer.snapshot(), "overload": state.circuits.snapshot(),
+            "parsing": state.bodies.snapshot()}

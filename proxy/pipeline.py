@@ -76,7 +76,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         intake.check_target(request, state.config.proxy.allow_remote)   # receive
         if websocket.is_upgrade(request):                               # a socket: its own way (websocket.py)
             return await websocket.relay(request, state, call.route)
-        await intake.read_body(request, call, state.body_limit)
+        await intake.read_body(request, call, state.body_limit, state.bodies)
         if call.model_call:
             hit = await run(state, "request", call)   # restore, cache key, cache lookup
             if hit is not None:

@@ -32,7 +32,7 @@ import orjson
 from .call import Call
 from . import gemini_api, responses_api
 from .conversation import (ASSISTANT_ROLES, CHAT_ROUTES, RESPONSES, SYSTEM_ROLES, answer_turns, client_session, digest,
-                           session_id, tools_digest, turns_of, unmarked)
+                           session_id, tools_digest, turns_field, turns_of, unmarked)
 from .restore import Restore
 from .store import Lmdb
 
@@ -91,7 +91,10 @@ class Sessions:
         call.session = sid
         system, turns = turns_of(path, call.json)
         messages = [*(call.forwarded_messages or turns), *replies]
-        rows = [orjson.dumps(m) for m in messages]
+        known = call.turn_rows if call.forwarded_messages is None and turns is call.json.get(turns_field(path)) \
+            else None   # the request's own turns, as parsed: their bytes came with the parse
+        known = (known or [])[:len(messages)]
+        rows = [*known, *(orjson.dumps(m) for m in messages[len(known):])]
         meta = {"id": sid, "agent": call.route.agent, "api": call.route.api, "model": call.model,
                 "client_session": client_session(call.json, headers), "tools_digest": tools_digest(call.json),
                 "tools_hash": digest(call.json.get("tools")),
@@ -167,10 +170,10 @@ class Sessions:
             for index, (key, value) in enumerate(cursor, start):
                 if index >= start + len(rows) or not key.startswith(prefix):
                     break
-                if value != rows[index - start]:
+                row = rows[index - start]   # bytes, or a view of the request's body (body_json.py)
+                if len(value) != len(row) or not value.startswith(row):   # one memcmp either way
                     differ.append(index)
-                    row = rows[index - start]
-                    if not (b"cache_control" in value or b"cache_control" in row) or \
+                    if not (b"cache_control" in value or b"cache_control" in bytes(row)) or \
                             unmarked(orjson.loads(value)) != unmarked(orjson.loads(row)):
                         changed.append(index)
         return differ

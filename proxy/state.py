@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from . import telemetry
+from .body_json import BodyParser
 from .cache import Cache
 from .last_miss import LAST_MISS, LastMiss
 from .circuit import Circuits
@@ -57,6 +58,7 @@ class ProxyState:
     cache: Cache | None = None
     lmdb: Lmdb | None = None
     flights: Flights = field(default_factory=Flights)
+    bodies: BodyParser = field(default_factory=BodyParser)   # request bodies, parsed reusing the last turn's
     counters: Counter = field(default_factory=Counter)   # retries, ...
     stats: Stats = field(default_factory=Stats)
     records: RecordLog | None = None

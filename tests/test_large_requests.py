@@ -3,6 +3,8 @@
 - test_growing_conversation_misses_then_hits: every turn of a conversation growing to 4 MB is answered and
   stored (a large request's key is hashed off the event loop), the same turns again are all hits, and the
   mock saw each turn once.
+- test_a_growing_conversation_is_parsed_by_what_it_adds: from the second turn on the earlier messages are
+  not parsed again (body_json.py, counted in the overview), and the checkpoint holds every message exactly.
 - test_key_ignores_formatting_not_order: the same JSON with other whitespace is the same request (the key
   is taken from the parsed body); the ignored per-run fields (metadata.user_id) leave the key alone.
 """
@@ -46,3 +48,18 @@ async def test_key_ignores_formatting_not_order(proxy_url: str, mock: MockUpstre
         outcomes = [(await post(http, proxy_url, body))[:2] for body in (compact, spaced, other_session)]
     assert outcomes == [(200, "miss"), (200, "hit"), (200, "hit")]
     assert mock.count("/v1/messages") == 1
+
+
+async def test_a_growing_conversation_is_parsed_by_what_it_adds(proxy_url: str, mock: MockUpstream):
+    turns = bodies("reused", 5, 1024)
+    async with aiohttp.ClientSession() as http:
+        assert [(await post(http, proxy_url, body))[:2] for body in turns] == [(200, "miss")] * len(turns)
+        async with http.get(proxy_url + "/_sidecar/overview") as resp:
+            parsing = (await resp.json())["parsing"]
+        async with http.get(proxy_url + "/_sidecar/sessions/last/messages") as resp:
+            checkpoint = await resp.json()
+    earlier = sum(len(orjson.loads(body)["messages"]) - 1 for body in turns[:-1])   # all but a moved marker
+    assert parsing["messages_reused"] >= earlier, parsing
+    assert parsing["bodies_kept"] >= 1
+    last = orjson.loads(turns[-1])["messages"]
+    assert checkpoint["messages"][:len(last)] == last and len(checkpoint["messages"]) == len(last) + 1

@@ -1,0 +1,145 @@
+"""proxy/body_json.py: a body parsed by reusing an earlier one's messages is exactly `orjson.loads(body)`.
+
+Conversations that grow turn by turn, as agents send them: compact JSON (orjson's bytes, as Claude Code,
+Codex and the SDKs write), a cache marker moved to the newest message each turn, a message rewritten in
+the middle, messages dropped (compaction), the array's key before or after the others, a nested
+`"messages"` key, a duplicate top-level key, spaced or ASCII-escaped JSON (no reuse, still exact),
+text with quotes, backslashes, newlines and non-ASCII. Equality is on orjson's bytes of the result: key
+order counts (the cache key is made from it).
+"""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+from hypothesis import given, settings, strategies as st
+
+from agent_sidecar.proxy.body_json import BodyParser
+
+text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40) | st.sampled_from(
+    ['say "messages" now', 'a\\b', "line\nline", '{"messages":[1]}', "ü€𝄞", ""])
+block = st.fixed_dictionaries({"type": st.just("text"), "text": text})
+tool_input = st.dictionaries(st.sampled_from(["messages", "path", "n"]),
+                             st.one_of(text, st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False),
+                                       st.lists(st.integers(0, 9), max_size=3)), max_size=2)
+message = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": text}),
+    st.fixed_dictionaries({"role": st.just("user"), "content": st.lists(block, min_size=1, max_size=3)}),
+    st.fixed_dictionaries({"role": st.just("assistant"), "content": st.lists(st.fixed_dictionaries(
+        {"type": st.just("tool_use"), "id": text, "name": text, "input": tool_input}), min_size=1, max_size=2)}),
+)
+edit = st.one_of(
+    st.tuples(st.just("grow"), st.lists(message, min_size=1, max_size=3)),
+    st.tuples(st.just("rewrite"), st.integers(0, 50), message),
+    st.tuples(st.just("drop"), st.integers(1, 4)),
+    st.tuples(st.just("same")),
+)
+encoding = st.sampled_from(["orjson", "orjson", "orjson", "spaced", "ascii"])
+
+
+def marked(messages: list) -> list:
+    """The newest message carries the cache marker, as Claude Code sends it; earlier ones lose it."""
+    out = [dict(m) for m in messages]
+    last = out[-1]
+    if isinstance(last.get("content"), list):
+        last["content"] = [*last["content"][:-1], {**last["content"][-1], "cache_control": {"type": "ephemeral"}}]
+    return out
+
+
+def encode(doc: dict, how: str) -> bytes:
+    if how == "orjson":
+        return orjson.dumps(doc)
+    if how == "spaced":
+        return json.dumps(doc, ensure_ascii=False).encode()
+    return json.dumps(doc, separators=(",", ":")).encode()   # ASCII escapes: not orjson's bytes
+
+
+@given(start=st.lists(message, min_size=1, max_size=6), edits=st.lists(edit, min_size=1, max_size=8),
+       messages_last=st.booleans(), how=encoding, nested=st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_a_growing_conversation_parses_as_orjson_does(start, edits, messages_last, how, nested):
+    parser = BodyParser(min_bytes=0)
+    messages = list(start)
+    tools = [{"name": "t", "input_schema": {"messages": {"type": "array"}} if nested else {"type": "object"}}]
+    for step in [("same",), *edits]:
+        if step[0] == "grow":
+            messages += step[1]
+        elif step[0] == "rewrite":
+            messages[step[1] % len(messages)] = step[2]
+        elif step[0] == "drop":
+            messages = messages[:max(1, len(messages) - step[1])]
+        fields = {"model": "claude-x", "max_tokens": 100, "system": [{"type": "text", "text": "You are."}],
+                  "tools": tools}
+        doc = {**fields, "messages": marked(messages)} if messages_last else {"messages": marked(messages), **fields}
+        body = encode(doc, how)
+        parsed = parser.parse(body, "messages")
+        assert orjson.dumps(parsed.json) == orjson.dumps(orjson.loads(body))
+        rows = parsed.rows or []
+        assert rows == [orjson.dumps(m) for m in parsed.json["messages"][:len(rows)]]
+        if how == "orjson" and not nested:
+            assert len(rows) == len(messages)   # a compact client: every message's bytes are known
+
+
+def test_reuse_happens_and_is_exact_at_agent_sizes():
+    """A 76 KB to 1 MB conversation of orjson bodies: from the second turn on, the earlier messages are not
+    parsed again; every result is what orjson gives."""
+    from agent_sidecar.bench.conversation import bodies
+    parser = BodyParser()
+    sent = bodies("reuse", 12, 1024)
+    for n, body in enumerate(sent):
+        parsed = parser.parse(body, "messages")
+        assert orjson.dumps(parsed.json) == orjson.dumps(orjson.loads(body))
+        if n:
+            assert parsed.reused >= len(orjson.loads(sent[n - 1])["messages"]) - 1, n
+    assert parser.reused > 0
+
+
+def test_a_duplicate_top_level_key_is_parsed_whole():
+    """Two top-level "messages" keys: orjson keeps the last; reusing the first one's messages would be wrong."""
+    parser = BodyParser(min_bytes=0)
+    first = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "a" * 100}]})
+    parser.parse(first, "messages")
+    body = first[:-1] + b',"messages":[{"role":"user","content":"other"}]}'
+    assert parser.parse(body, "messages").json == orjson.loads(body)
+
+
+def test_a_nested_key_before_the_top_level_one_is_not_taken_for_it():
+    parser = BodyParser(min_bytes=0)
+    prior = [{"role": "user", "content": "x" * 50}]
+    first = orjson.dumps({"messages": prior})
+    parser.parse(first, "messages")
+    body = orjson.dumps({"tools": [{"messages": prior}], "messages": [{"role": "user", "content": "y"}]})
+    parsed = parser.parse(body, "messages")
+    assert orjson.dumps(parsed.json) == orjson.dumps(orjson.loads(body))
+    assert parsed.reused == 0
+
+
+def test_memory_is_bounded():
+    parser = BodyParser(max_kept=3, max_kept_bytes=1 << 30, min_bytes=0)
+    for n in range(10):
+        parser.parse(orjson.dumps({"messages": [{"role": "user", "content": f"conversation {n}"}]}), "messages")
+    assert len(parser._seen) == 3
+    parser = BodyParser(max_kept=100, max_kept_bytes=5000, min_bytes=0)
+    for n in range(10):
+        parser.parse(orjson.dumps({"messages": [{"role": "user", "content": f"{n}" * 1000}]}), "messages")
+    assert sum(len(seen.body) for seen in parser._seen) <= 5000
+
+
+def test_a_spaced_top_level_key_before_a_compact_nested_one_is_not_missed():
+    """`"messages": [` (spaced) at the top level, then a compact nested `"messages":[` later: the nested
+    one is found first, and what precedes it holds the real key."""
+    parser = BodyParser(min_bytes=0)
+    prior = [{"role": "user", "content": "x" * 50}]
+    parser.parse(orjson.dumps({"messages": prior}), "messages")
+    body = b'{"messages": [{"role":"user","content":"y"}],"tools":[' + orjson.dumps({"messages": prior}) + b']}'
+    parsed = parser.parse(body, "messages")
+    assert orjson.dumps(parsed.json) == orjson.dumps(orjson.loads(body))
+
+
+def test_scalar_elements_end_where_their_bytes_end():
+    """An earlier array [1, ...] does not make [12, 3] start with 1: a value ends at `,` or `]`."""
+    parser = BodyParser(min_bytes=0)
+    parser.parse(b'{"messages":[1,5]}', "messages")
+    for body in (b'{"messages":[12,3]}', b'{"messages":[1 ,3]}', b'{"messages":[1]}', b'{"messages":[1,5,7]}'):
+        assert parser.parse(body, "messages").json == orjson.loads(body), body
