@@ -23,13 +23,20 @@ def register_run(state_dir: Path, url: str, agent: str) -> Path | None:
     return path
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Replace path with data at once (readers see the old file or the new one), mode 0600."""
+def write_private(path: Path, *parts: bytes) -> None:
+    """Replace path with the parts, one after the other, at once (readers see the old file or the new one),
+    mode 0600. (Parts: a large value is written as it is, never copied into one buffer first.)"""
     temporary = path.with_suffix(".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)   # a temporary left 0644 by an older version, too
-        os.write(fd, data)
+        left = [memoryview(part) for part in parts if part]
+        while left:   # writev may stop short (a signal, a large write): go on from where it stopped
+            written = os.writev(fd, left)
+            while left and written >= len(left[0]):
+                written -= len(left.pop(0))
+            if left:
+                left[0] = left[0][written:]
     finally:
         os.close(fd)
     os.replace(temporary, path)
