@@ -18,6 +18,7 @@ from .cache_key import ANY_KEY, KeyMaker, Uncacheable
 from .call import Call
 from .capture import Capture
 from .config import CacheSection
+from .conversation import turns_field
 from .convert import form_of
 from .entry import CorruptEntry, Entry, kept_headers
 from .errors import Refusal
@@ -74,7 +75,8 @@ class Cache:
             call.cache_outcome = "bypass"
             return
         try:
-            canonical = self.keys.canonical(call.method, call.route.path, call.route.query, headers, call.json)
+            turns = (turns_field(call.route.path), call.turn_rows) if call.turn_rows else None
+            canonical = self.keys.canonical(call.method, call.route.path, call.route.query, headers, call.json, turns)
         except Uncacheable as exc:   # too deep to canonicalise: forwarded as it is, never stored
             if mode == "replay":
                 raise Refusal("replay_miss", f"sidecar: this request cannot be cached ({exc}), so replay mode "

@@ -93,6 +93,21 @@ def field_path(text: str) -> tuple[str, ...]:
     return tuple(steps)
 
 
+_PLACE = orjson.dumps(f"\0sidecar turns {secrets.token_hex(16)}\0")   # no body holds it: a random name
+
+
+def _spliced(doc: dict, body: dict, field: str, rows: list) -> bytes:
+    """orjson.dumps(doc), with body[field] written as its elements' known bytes."""
+    doc = {**doc, "body": {**body, field: orjson.loads(_PLACE)}}
+    written = orjson.dumps(doc)
+    at = written.index(_PLACE)
+    parts = [written[:at], b"[", rows[0]]
+    for row in rows[1:]:
+        parts += (b",", row)
+    parts += (b"]", written[at + len(_PLACE):])
+    return b"".join(parts)
+
+
 def without(body: Any, paths: Iterable[tuple[str, ...]]) -> Any:
     """A copy of body with the ignored fields removed (only the dicts and lists on their paths are copied)."""
     for path in paths:
@@ -125,14 +140,21 @@ class KeyMaker:
                              if h.lower() not in CREDENTIAL_HEADERS and h.lower() not in self.credentials)
         self._memo: dict[str, bytes] = {}
 
-    def canonical(self, method: str, path: str, query: str, headers, body: Any) -> bytes:
+    def canonical(self, method: str, path: str, query: str, headers, body: Any,
+                  turns: tuple[str, list] | None = None) -> bytes:
+        """`turns`: (field, rows), orjson's bytes of every element of body[field] (body_json.py), spliced in
+        instead of written again: the same bytes, for the cost of a copy."""
         if QUERY_KEY in query:   # a credential: it goes to the partition, never into the request hash
             query = "&".join(part for part in query.split("&") if not part.startswith(QUERY_KEY))
         path, query = key_target(path, query)
+        kept = without(body, self.ignore)
         doc = {"method": method, "path": path, "query": query,
-               "headers": {h: headers[h] for h in self.headers if h in headers},
-               "body": without(body, self.ignore)}
+               "headers": {h: headers[h] for h in self.headers if h in headers}, "body": kept}
         try:
+            if turns is not None and isinstance(kept, dict) and isinstance(body, dict):
+                field, rows = turns
+                if kept.get(field) is body.get(field) and len(rows) == len(body.get(field) or ()) > 0:
+                    return _spliced(doc, kept, field, rows)
             return orjson.dumps(doc)
         except TypeError as exc:
             raise Uncacheable(str(exc)) from exc

@@ -143,3 +143,19 @@ def test_scalar_elements_end_where_their_bytes_end():
     parser.parse(b'{"messages":[1,5]}', "messages")
     for body in (b'{"messages":[12,3]}', b'{"messages":[1 ,3]}', b'{"messages":[1]}', b'{"messages":[1,5,7]}'):
         assert parser.parse(body, "messages").json == orjson.loads(body), body
+
+
+@given(start=st.lists(message, min_size=1, max_size=6), more=st.lists(message, min_size=1, max_size=3),
+       ignore=st.sampled_from([(), ("metadata.user_id",), ("messages[*].id",), ("temperature",)]))
+@settings(max_examples=150, deadline=None)
+def test_the_cache_key_spliced_from_known_rows_is_the_written_one(start, more, ignore):
+    """KeyMaker.canonical with the parse's rows spliced in gives the bytes it writes without them."""
+    from agent_sidecar.proxy.cache_key import KeyMaker
+    keys = KeyMaker(b"s" * 32, ignore, ["anthropic-version"])
+    parser = BodyParser(min_bytes=0)
+    for messages in (start, start + more):
+        body = orjson.dumps({"model": "m", "metadata": {"user_id": "u"}, "messages": marked(messages), "temperature": 0})
+        parsed = parser.parse(body, "messages")
+        headers = {"anthropic-version": "2023-06-01"}
+        plain = keys.canonical("POST", "/v1/messages", "", headers, parsed.json)
+        assert keys.canonical("POST", "/v1/messages", "", headers, parsed.json, ("messages", parsed.rows)) == plain
