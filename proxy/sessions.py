@@ -22,6 +22,7 @@ how many items it had, so the turn's items are merged from there on.
 
 from __future__ import annotations
 
+import re
 import struct
 import time
 from typing import Callable
@@ -39,6 +40,32 @@ from .store import Lmdb
 # Meta fields for the store's own use, not shown; `hashes` were per-message digests earlier versions kept.
 PRIVATE = ("hashes", "system_digest", "tools_digest", "tools_hash")
 STAMP = struct.Struct(">d")
+
+
+MARKER = b'"cache_control":'
+MARKER_VALUE = re.compile(rb'\{[^{}]*\}|null|true|false|"[^"\\]*"')
+
+
+def without_markers(row) -> bytes:
+    """orjson's bytes of a message less its prompt-cache markers: the bytes of `unmarked` of it, without
+    parsing it (a quote inside a JSON string is escaped, so the marker's key cannot be text)."""
+    data = bytes(row)
+    parts, at = [], 0
+    while (found := data.find(MARKER, at)) >= 0:
+        value = MARKER_VALUE.match(data, found + len(MARKER))
+        if value is None:
+            parts.append(data[at:found + len(MARKER)])
+            at = found + len(MARKER)
+            continue
+        begin, end = found, value.end()
+        if data[begin - 1:begin] == b",":   # a later member: its comma before it goes too
+            begin -= 1
+        elif data[end:end + 1] == b",":     # the first member: the comma after it
+            end += 1
+        parts.append(data[at:begin])
+        at = end
+    parts.append(data[at:])
+    return b"".join(parts)
 
 
 def index_key(updated: float, sid: str | bytes) -> bytes:
@@ -173,8 +200,7 @@ class Sessions:
                 row = rows[index - start]   # bytes, or a view of the request's body (body_json.py)
                 if len(value) != len(row) or not value.startswith(row):   # one memcmp either way
                     differ.append(index)
-                    if not (b"cache_control" in value or b"cache_control" in bytes(row)) or \
-                            unmarked(orjson.loads(value)) != unmarked(orjson.loads(row)):
+                    if without_markers(value) != without_markers(row):
                         changed.append(index)
         return differ
 

@@ -159,3 +159,18 @@ def test_the_cache_key_spliced_from_known_rows_is_the_written_one(start, more, i
         headers = {"anthropic-version": "2023-06-01"}
         plain = keys.canonical("POST", "/v1/messages", "", headers, parsed.json)
         assert keys.canonical("POST", "/v1/messages", "", headers, parsed.json, ("messages", parsed.rows)) == plain
+
+
+@given(message, st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_a_row_without_markers_is_the_unmarked_message(msg, first):
+    """sessions.without_markers on orjson's bytes is orjson's bytes of conversation.unmarked, markers first
+    or last in their object, on blocks and on the message."""
+    from agent_sidecar.proxy.conversation import unmarked
+    from agent_sidecar.proxy.sessions import without_markers
+    marker = {"cache_control": {"type": "ephemeral", "ttl": "5m"}}
+    value = ({**marker, **msg} if first else {**msg, **marker})
+    if isinstance(value.get("content"), list):
+        value["content"] = [{**marker, **b} if first else {**b, **marker} for b in value["content"]]
+    assert without_markers(orjson.dumps(value)) == orjson.dumps(unmarked(value))
+    assert without_markers(orjson.dumps(msg)) == orjson.dumps(unmarked(msg))
