@@ -124,23 +124,22 @@ class BodyParser:
         if best is None:
             return None
         head = body[:at]
-        try:   # the array's key is at the top level: what precedes it closes as an object
-            orjson.loads(head[:-1] + b"}" if head.endswith(b",") else head + b"}")
-        except orjson.JSONDecodeError:
-            return None
         end = start + best.ends[count - 1]
         tail = body[end + 1:] if body[end] == COMMA else body[end:]
         if b'"' + key.encode() + b'"' in tail:   # a second key of that name would be the one that counts
             return None
-        try:
-            doc = orjson.loads(body[:start] + tail)
+        try:   # the array's key is at the top level: what precedes it closes as an object; what follows
+            # it opens as one. Merged in order, as orjson fills a dict (a repeated key: its first place, last value)
+            doc = orjson.loads(head[:-1] + b"}" if head.endswith(b",") else head + b"}")
+            after = orjson.loads(b"{" + body[at:start] + tail)
         except orjson.JSONDecodeError:
             return None
-        rest = doc.get(key) if isinstance(doc, dict) else None
-        if not isinstance(rest, list):
+        rest = after.pop(key, None) if isinstance(after, dict) else None
+        if not isinstance(doc, dict) or not isinstance(rest, list):
             return None
         self._seen.remove(best)   # the conversation moved on: its newer body replaces it
         doc[key] = best.messages[:count] + rest
+        doc.update(after)
         self.reused += count
         return Parsed(doc, best.rows(count), count, best.ends[:count])
 

@@ -174,3 +174,14 @@ def test_a_row_without_markers_is_the_unmarked_message(msg, first):
         value["content"] = [{**marker, **b} if first else {**b, **marker} for b in value["content"]]
     assert without_markers(orjson.dumps(value)) == orjson.dumps(unmarked(value))
     assert without_markers(orjson.dumps(msg)) == orjson.dumps(unmarked(msg))
+
+
+def test_a_key_repeated_around_the_array_keeps_orjsons_place_and_value():
+    parser = BodyParser(min_bytes=0)
+    messages = [{"role": "user", "content": "a" * 100}]
+    parser.parse(orjson.dumps({"model": "m", "messages": messages}), "messages")
+    body = b'{"model":"first","stream":true,"messages":' + orjson.dumps(messages + [{"role": "user", "content": "b"}]) \
+        + b',"model":"second","max_tokens":5}'
+    parsed = parser.parse(body, "messages")
+    assert parsed.reused == 1
+    assert orjson.dumps(parsed.json) == orjson.dumps(orjson.loads(body))
