@@ -99,7 +99,7 @@ class ProxyState:
         self.monitor = Monitor(self.config.monitor, EventLog(self.config.state_dir), self.limiter,
                                relieve=lambda: relieve_memory(self), upstreams=self.upstreams.bases)
         try:
-            self.lmdb = open_lmdb(self.config, writemap=True)
+            self.lmdb = open_lmdb(self.config)
         except StoreError as exc:   # the proxy starts anyway: calls are forwarded, nothing is stored
             log.error("sidecar: %s; forwarding calls uncached until then", exc)
             self.lmdb = Lmdb.unavailable(self.config.state_dir, map_size_of(self.config), self.config.state.durable)

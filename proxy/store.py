@@ -14,15 +14,9 @@ map does not fill in normal use; if a commit still hits `MapFullError`, the
 map is doubled and the write retried (twice at most, then the error is
 raised to the caller).
 
-The proxy's store (`writemap=True`) writes its pages through the memory map
-while the file system has room for anything one transaction could add (every
-page in use copied, plus twice what it writes, plus MAP_SLACK): that skips a
-pwrite() per dirty page, most of a commit's cost. With less room it reopens
-the store to write with pwrite(), where a full disk is a failed commit (an
-error), never a SIGBUS on a sparse mapping, and goes back to the map once
-there is twice the room. The file is then sparse: `st_size` is the map's,
-its allocated blocks are the data's. CLIs and durable stores always use
-pwrite(). The proxy's writes (`Lmdb.submit`, `Lmdb.write`) fail open: a
+No `writemap`: pages are written with pwrite(), so a full disk is a failed
+commit (an error), never a SIGBUS on a sparse mapping; it costs a few
+microseconds per commit. The proxy's writes (`Lmdb.submit`, `Lmdb.write`) fail open: a
 failing store is reported once through `report` (the `store_unavailable`
 event) and cleared by the next commit that succeeds with RESUME_FREE bytes
 free on its file system (on a nearly full disk small commits still pass
@@ -61,7 +55,6 @@ T = TypeVar("T")
 MIN_MAP = 256 << 20
 RESUME_FREE = 1 << 20   # bytes free the file system needs before a failing store counts as written again
 REOPEN_GAP = 30.0   # seconds between tries to open a store that could not be opened, unless its file changed
-MAP_SLACK = 64 << 20   # free bytes beyond a transaction's worst case before its pages are written through the map
 # What a broken file raises: the store is not readable (as opposed to a full disk or a busy reader table).
 BROKEN = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.IncompatibleError,
           lmdb.VersionMismatchError, lmdb.BadValsizeError)
@@ -101,7 +94,7 @@ class Lmdb:
 
     DATABASES = (b"meta", b"responses", b"access", b"lru", b"records", b"sessions", b"events", b"created")
 
-    def __init__(self, state_dir: Path, map_size: int, durable: bool = False, writemap: bool = False):
+    def __init__(self, state_dir: Path, map_size: int, durable: bool = False):
         self.path = open_state_dir(state_dir) / "lmdb"
         self.env = None
         self.db: dict = dict.fromkeys((name.decode() for name in self.DATABASES), None)
@@ -110,10 +103,6 @@ class Lmdb:
         self.budget = None   # a budget.Budget: run at the end of every write transaction
         self.durable = durable
         self.map_size = max(map_size, MIN_MAP)
-        self.may_map = writemap and not durable   # whether writes may go through the map (see above)
-        self.writemap = False   # whether they do now
-        self.writemap = self.may_map and self._room_to_map(self._allocated(), 0)
-        self._psize = 4096   # the store's page size, read at open
         self._resize = threading.RLock()
         self._swap = threading.Lock()   # held by a write transaction; taken to close a broken store under it
         self._writer: ThreadPoolExecutor | None = None
@@ -133,12 +122,10 @@ class Lmdb:
         old_umask = os.umask(0o077)  # data.mdb and lock.mdb: 0600
         try:
             # sync=False: a commit is in the page cache when it returns, safe from any process crash (SIGKILL
-            # included); durable=true adds an fsync per commit, for power loss too. writemap: see above.
+            # included); durable=true adds an fsync per commit, for power loss too. No writemap: see above.
             self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=len(self.DATABASES) + 2,
-                                 max_readers=512, readahead=False, lock=True, sync=durable, metasync=durable,
-                                 writemap=self.writemap)
+                                 max_readers=512, readahead=False, lock=True, sync=durable, metasync=durable)
             self.db = {name.decode(): self.env.open_db(name) for name in self.DATABASES}
-            self._psize = self.env.stat()["psize"]
             self._check_version()
         except BROKEN as exc:
             self._discard()
@@ -167,8 +154,6 @@ class Lmdb:
         self.path, self.env, self.report, self.failing, self.budget = state_dir / "lmdb", None, None, None, None
         self.db = dict.fromkeys((name.decode() for name in cls.DATABASES), None)
         self.durable, self.map_size = durable, max(map_size, MIN_MAP)
-        self.may_map = self.writemap = False
-        self._psize = 4096
         self._resize, self._swap, self._writer, self._queued = threading.RLock(), threading.Lock(), None, []
         self.riders = []
         self._last_try, self._closed = (time.monotonic(), self._file_id()), False
@@ -295,8 +280,6 @@ class Lmdb:
                 with self._swap:
                     if self.env is None:
                         raise StoreError(f"the state store at {self.path} is unavailable")
-                    if self.may_map:
-                        self._choose_write_mode(size)
                     with self.env.begin(write=True) as txn:
                         result = func(txn)
                         evicted = self.budget.enforce(txn, size) if self.budget is not None else None
@@ -313,36 +296,6 @@ class Lmdb:
                     self.env.set_mapsize(self.env.info()["map_size"] * 2)
                 log.warning("grew the LMDB map to %d bytes", self.env.info()["map_size"])
         raise lmdb.MapResizedError("map kept changing size")
-
-    def _allocated(self) -> int:
-        """Bytes data.mdb takes on disk (its blocks: with writemap the file is sparse)."""
-        try:
-            return os.stat(self.path / "data.mdb").st_blocks * 512
-        except OSError:
-            return 0
-
-    def _room_to_map(self, file_size: int, written: int) -> bool:
-        """Whether the file system has room for the worst a transaction could add: every page in use copied
-        (at most the file) plus twice what it writes, plus MAP_SLACK; twice that to go back to the map."""
-        try:
-            st = os.statvfs(self.path.parent)
-        except OSError:
-            return False
-        need = file_size + 2 * written + MAP_SLACK
-        return st.f_bavail * st.f_frsize >= (need if self.writemap else 2 * need)
-
-    def _choose_write_mode(self, size: int | None) -> None:
-        """Before a write transaction (under `_swap`): reopen the store in the other write mode if the room
-        on its file system says so (a nearly full disk: pwrite; room again: the map)."""
-        file_size = (self.env.info()["last_pgno"] + 1) * self._psize
-        mapped = self._room_to_map(file_size, size if size is not None else 0)
-        if mapped == self.writemap:
-            return
-        self._discard()
-        self.writemap = mapped
-        log.warning("sidecar: %s; the state store at %s now writes %s", "room on its disk again" if mapped else
-                    "its disk is nearly full", self.path, "through its memory map" if mapped else "with pwrite()")
-        self._open(self.map_size, self.durable)
 
     def submit(self, func: Callable[[lmdb.Transaction], T], size: int | None = None) -> asyncio.Future:
         """Queue one of the proxy's writes; its future gives func's result once committed. Every write
@@ -463,6 +416,6 @@ def map_size_of(config) -> int:
     return 2 * int((config.state.max_mb or config.cache.max_size_mb) * 1024 * 1024) + (256 << 20)
 
 
-def open_lmdb(config, writemap: bool = False) -> Lmdb:
-    """The state store of a config; `writemap` for the proxy's (see the module's docstring)."""
-    return Lmdb(config.state_dir, map_size=map_size_of(config), durable=config.state.durable, writemap=writemap)
+def open_lmdb(config) -> Lmdb:
+    """The state store of a config."""
+    return Lmdb(config.state_dir, map_size=map_size_of(config), durable=config.state.durable)
