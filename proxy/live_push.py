@@ -52,13 +52,16 @@ class PushHub:
     def _frame(self) -> bytes:
         return b"data: " + redact(orjson.dumps(snapshot(self.state), option=orjson.OPT_NON_STR_KEYS)) + b"\n\n"
 
-    def _join(self, viewer: asyncio.Event) -> None:
+    def _join(self, viewer: asyncio.Event) -> asyncio.Future:
+        """The viewer is in; the future is done once the live figures are kept (rolling.py)."""
         if not self.viewers:
             self.state.monitor.listeners.append(self.changed)
         self.viewers.add(viewer)
+        return self.state.rolling.watch()
 
     def _leave(self, viewer: asyncio.Event) -> None:
         self.viewers.discard(viewer)
+        self.state.rolling.unwatch()
         if not self.viewers:
             self.state.monitor.listeners.remove(self.changed)
             if self.timer is not None:
@@ -70,8 +73,9 @@ class PushHub:
 
         Close it (contextlib.aclosing) when the viewer leaves: that is what makes it leave the hub."""
         viewer = asyncio.Event()
-        self._join(viewer)
+        kept = self._join(viewer)
         try:
+            await kept
             yield b"retry: 2000\n" + self._frame()
             while True:
                 await viewer.wait()

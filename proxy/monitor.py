@@ -295,4 +295,5 @@ def relieve_memory(state) -> dict[str, int]:
     """Shed in-memory state under memory pressure: recent-call windows, then a full collection."""
     dropped = len(state.stats.recent)
     state.stats.recent.clear()
+    state.rolling.clear()
     return {"dropped_recent_records": dropped, "gc_collected": gc.collect()}

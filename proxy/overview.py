@@ -6,13 +6,12 @@ import os
 
 from . import __version__
 from .state import ProxyState
-from .stats import summarize
 
 
 def overview(state: ProxyState) -> dict:
     """Everything at a glance: what the live page, `sidecar top` and /stats show."""
     return {"version": __version__, "pid": os.getpid(), "started": state.started,
-            "summary": summarize(state.stats.recent, by="model"), "limits": state.limiter.snapshot(),
+            "summary": state.rolling.summary(), "limits": state.limiter.snapshot(),
             "retries": state.counters["retries"], "cache": {**state.cache.store.stats(), "mode": state.cache.settings.mode,
                                                             "write_errors": state.cache.write_errors},
             "agents": [a.view() for a in state.monitor.agents.values()],

@@ -212,6 +212,28 @@ class Sessions:
     def list(self) -> list[dict]:
         return sorted(self.lmdb.read(self._list, []), key=lambda m: m.get("updated", 0), reverse=True)
 
+    def latest(self, count: int) -> list[dict]:
+        """The `count` most recently updated, newest first: `list()[:count]`, read from the `u:` index's end
+        (the live page asks at every push: this does not grow with the number of conversations)."""
+        return self.lmdb.read(lambda txn: self._latest(txn, count), [])
+
+    def _latest(self, txn: lmdb.Transaction, count: int) -> list[dict]:
+        cursor = txn.cursor(db=self._db)
+        rows: list[dict] = []
+        placed = cursor.prev() if cursor.set_range(b"u;") else cursor.last()   # the last u: row, or before
+        if not placed:
+            return rows
+        for key in cursor.iterprev(keys=True, values=False):
+            if not key.startswith(b"u:") or len(rows) >= count:
+                break
+            value = txn.get(b"s:" + key[2 + STAMP.size:], db=self._db)
+            if value is not None:
+                meta = orjson.loads(value)
+                for field in PRIVATE:
+                    meta.pop(field, None)
+                rows.append(meta)
+        return rows
+
     def _list(self, txn: lmdb.Transaction) -> list[dict]:
         cursor = txn.cursor(db=self._db)
         rows = []

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from . import telemetry
 from .body_json import BodyParser
+from .rolling import Rolling
 from .cache import Cache
 from .last_miss import LAST_MISS, LastMiss
 from .circuit import Circuits
@@ -61,6 +62,7 @@ class ProxyState:
     bodies: BodyParser = field(default_factory=BodyParser)   # request bodies, parsed reusing the last turn's
     counters: Counter = field(default_factory=Counter)   # retries, ...
     stats: Stats = field(default_factory=Stats)
+    rolling: Rolling = field(default_factory=lambda: Rolling(Stats.WINDOW))   # the live summary, kept as calls end
     records: RecordLog | None = None
     monitor: Monitor | None = None
     sessions: Sessions | None = None
@@ -208,6 +210,7 @@ class ProxyState:
             self._side("budget", self.budgets.add, call, cost)
             self._side("prompt cache", self.prompt_cache.observe, call)
         self.stats.observe(record)
+        self.rolling.add(record)
         self.records.add(record)
         self.monitor.on_call(record, call.rate_limited)
         if self.after_call is not None:

@@ -348,3 +348,27 @@ async def test_openai_restore_matches_on_the_system_message_and_keeps_the_new_on
     again = chat_call([today, user("hi")], api="openai", tools=tools)
     store.restore(again)
     assert again.json["messages"] == [today, user("u0"), {"role": "assistant", "content": "a0"}, user("hi")]
+
+
+def test_the_latest_conversations_come_from_the_index_as_the_list_gives_them(tmp_path):
+    """Sessions.latest(n) (the live page's, at every push) is list()[:n], whatever rows sort around `u:`."""
+    import orjson
+    from agent_sidecar.proxy.sessions import Sessions
+    from agent_sidecar.proxy.store import Lmdb
+    env = Lmdb(tmp_path / "state", 1 << 20)
+    try:
+        sessions = Sessions(env)
+        assert sessions.latest(10) == []
+        for n in range(30):
+            sid = f"r{n:015d}"
+            meta = {"id": sid, "agent": f"a{n % 3}", "api": "anthropic", "model": "m", "client_session": None,
+                    "tools_digest": "t", "tools_hash": "h", "turns": 1}
+            env.write_now(lambda txn: sessions._merge(txn, sid, [orjson.dumps({"role": "user", "content": str(n)})],
+                                                      meta, None))
+        env.write_now(lambda txn: txn.put(b"zz-after-the-index", b"", db=env.db["sessions"]))
+        for count in (0, 1, 10, 30, 50):
+            assert sessions.latest(count) == sessions.list()[:count], count
+        env.write_now(lambda txn: txn.delete(b"zz-after-the-index", db=env.db["sessions"]))
+        assert sessions.latest(5) == sessions.list()[:5]
+    finally:
+        env.close()
