@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 
-from agent_sidecar.bench import fleet, footprint, hits, overhead, overload, realistic, recording, report, storm
+from agent_sidecar.bench import fleet, footprint, hits, livepage, overhead, overload, realistic, recording, report, storm
 from agent_sidecar.bench.plan import Ctx, make_plan
 from agent_sidecar.bench.procs import BenchError, Procs
 from agent_sidecar.bench.stats import Result
@@ -36,6 +36,7 @@ SCENARIOS = {
     "redis": ("8. Two sidecars on one Redis", fleet.redis),
     "overload": ("9. Overload wall", overload.overload),
     "realistic": ("10. Realistic agent traffic", realistic.realistic),
+    "livepage": ("11. Live page", livepage.livepage),
 }
 
 

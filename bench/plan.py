@@ -52,6 +52,7 @@ class Plan:
     real_last_kb: int = 4096   # ... growing from 76 KB to this
     real_warmup: int = 1
     real_rounds: int = 3
+    live_calls: int = 50000   # scenario 11: calls through a sidecar with a live page viewer
 
 
 PLANS = {
@@ -60,13 +61,14 @@ PLANS = {
                   session_turns=4, session_reps=1, storm_calls=2, storm_warmup=0, storm_rounds=1,
                   storm_configured=False,
                   fp_calls=500, idle_s=2.0, startup_runs=3, rec_n_c1=200, rec_n_c32=400, rec_rounds=2,
-                  real_agents=2, real_turns=12, real_last_kb=1024, real_warmup=0, real_rounds=1, overload_wall=20.0),
+                  real_agents=2, real_turns=12, real_last_kb=1024, real_warmup=0, real_rounds=1, overload_wall=20.0,
+                  live_calls=6000),
     "smoke": Plan(mode="smoke", warmup=0, rounds=1, n_c1=10, n_c8=16, n_c32=32, ttft_n=2, ttft_tokens=6,
                   session_turns=3, session_tokens=6, session_reps=1, storm_agents=6, storm_calls=1, storm_k=2,
                   storm_warmup=0, storm_rounds=1, storm_configured=False, fp_calls=60, idle_s=1.0, startup_runs=1,
                   rec_n_c1=150, rec_n_c32=300, rec_rounds=1,
                   overload_agents=4, overload_wall=1.0,
-                  real_agents=2, real_turns=3, real_last_kb=200, real_warmup=0, real_rounds=1),   # enough calls to rise above the 10 ms CPU clock
+                  real_agents=2, real_turns=3, real_last_kb=200, real_warmup=0, real_rounds=1, live_calls=300),   # enough calls to rise above the 10 ms CPU clock
 }
 
 

@@ -39,7 +39,7 @@ def _static(name: str, content_type: str):
 async def data(request: web.Request) -> web.Response:
     """GET /_sidecar/overview: what the page and `sidecar top --once` show."""
     await request.app[STATE].settled()
-    return _json(snapshot(request.app[STATE]))
+    return _json({**snapshot(request.app[STATE]), "push": request.app[PUSH_HUB].timings()})
 
 
 async def live(request: web.Request) -> web.StreamResponse:

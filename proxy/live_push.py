@@ -12,6 +12,8 @@ the live page's route writes them to each viewer.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 from typing import AsyncIterator
 
 import orjson
@@ -22,6 +24,7 @@ from .redact import redact
 from .state import ProxyState
 
 PUSH_INTERVAL = 0.5          # seconds: at most two pushes a second, however busy the sidecar
+PUSH_TIMES = 256             # pushes whose build time `timings` reports
 
 
 class PushHub:
@@ -34,6 +37,7 @@ class PushHub:
         self.timer: asyncio.TimerHandle | None = None
         self.last = 0.0
         self.closing = False
+        self.push_ms: deque[float] = deque(maxlen=PUSH_TIMES)   # how long the latest pushes took to build
 
     def changed(self, _event: dict | None = None) -> None:
         """Something happened: push soon, if anyone is watching and no push is already due."""
@@ -45,12 +49,21 @@ class PushHub:
     def _push(self) -> None:
         self.timer = None
         self.last = asyncio.get_running_loop().time()
+        started = time.perf_counter()
         self.payload = self._frame()
+        self.push_ms.append((time.perf_counter() - started) * 1000)
         for viewer in self.viewers:
             viewer.set()
 
     def _frame(self) -> bytes:
         return b"data: " + redact(orjson.dumps(snapshot(self.state), option=orjson.OPT_NON_STR_KEYS)) + b"\n\n"
+
+    def timings(self) -> dict:
+        """The viewers, and what the latest pushes took on the event loop (the bench reads them)."""
+        times = sorted(self.push_ms)
+        return {"viewers": len(self.viewers), "pushes": len(times),
+                "p50_ms": round(times[len(times) // 2], 3) if times else None,
+                "max_ms": round(times[-1], 3) if times else None}
 
     def _join(self, viewer: asyncio.Event) -> asyncio.Future:
         """The viewer is in; the future is done once the live figures are kept (rolling.py)."""

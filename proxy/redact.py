@@ -14,6 +14,16 @@ SECRETS = re.compile(rb"(?<![A-Za-z0-9])(sk-[A-Za-z0-9]{0,12})[A-Za-z0-9_\-]{8,}
                      rb"(?:\"?\s*[:=]\s*\"?|\s+)))[A-Za-z0-9._~+/=\-]{4,}")   # only token characters: JSON stays valid
 
 
+# What any match contains, in lower case: a document with none of these has nothing to mask (a scan in C per
+# literal is tens of times faster than the pattern's, which tries its alternatives at every byte).
+TRIGGERS = (b"sk-", b"aiza", b"password", b"bearer",
+            *(name + sep + kind for name in (b"api", b"access", b"auth", b"secret") for sep in (b"", b"_", b"-")
+              for kind in (b"key", b"token")))
+
+
 def redact(data: bytes) -> bytes:
     """Mask what looks like a credential (an agent's command line may carry one)."""
+    lowered = data.lower()
+    if not any(trigger in lowered for trigger in TRIGGERS):
+        return data
     return SECRETS.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + b"***", data)

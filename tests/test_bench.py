@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = {"overhead", "ttft", "hits", "session", "storm", "footprint", "recording", "redis", "realistic", "overload"}
+SCENARIOS = {"overhead", "ttft", "hits", "session", "storm", "footprint", "recording", "redis", "realistic", "overload",
+             "livepage"}
 NEW_FIGURES = {
     "recording": [f"{w}.{k}" for w in ("json_c1", "json_c32")
                   for k in ("cpu_s_per_1000.on", "cpu_s_per_1000.off", "cpu_s_per_1000.diff", "cpu_pct_of_on")],
@@ -25,11 +26,12 @@ NEW_FIGURES = {
     "realistic": ["0-256KB.sidecar_added", "0-256KB.excess_over_target", "rps.sidecar_vs_bare", "stall.sidecar_worst"],
     "overload": [f"{k}.{t}" for k in ("client_errors", "wall_requests", "wall_peak_in_flight", "wall_peak_after_first",
                                       "completion_s") for t in ("direct", "sidecar")],
+    "livepage": ["push.p50", "push.max", "first.kept", "first.built"],
 }
 REDIS_SERVER = Path("/usr/bin/redis-server")
 
 
-@pytest.mark.timeout(400)   # ten scenarios of real processes: on a loaded machine, minutes
+@pytest.mark.timeout(400)   # eleven scenarios of real processes: on a loaded machine, minutes
 def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -4,6 +4,8 @@ What goes upstream is every header but the hop-by-hop ones, those the Connection
 `content-length`, `expect` and the sidecar's own `x-sidecar-*`; what a cache entry keeps is every header
 but framing, the moment, cookies and ours. Names in any case, repeated, in any order: the fast forms
 (copy, then delete in C) must give exactly what the plain filter below gives, order and case kept.
+And what leaves /_sidecar/: redact's quick pass (a document without any trigger is not scanned) masks exactly
+what the full pattern masks.
 """
 
 from __future__ import annotations
@@ -54,3 +56,16 @@ def test_kept_headers_is_the_filter(given_headers):
     expected = [(k, v) for k, v in given_headers.items()
                 if k.lower() not in NOT_KEPT and not k.lower().startswith("x-sidecar-")]
     assert kept_headers(given_headers) == expected
+
+
+fragment = st.sampled_from([b"sk-" + b"test-" + b"q" * 16, b"SK-" + b"TEST-" + b"xyz" * 4, b"AIza" + b"x" * 35, b"aiza" + b"y" * 35,
+                            b"api_key=", b"API-KEY: ", b"Access_Token ", b"authkey=", b"secret-token:", b"password=",
+                            b"Bearer ", b"bearer", b'"api": "anthropic"', b"input_tokens", b"hunter2secretvalue",
+                            b"tok_123456789", b" ", b'"', b"=", b":", b"-", b"_", b"a", b"Z", b"9"])
+
+
+@given(st.lists(fragment, max_size=20).map(b"".join))
+def test_redact_masks_what_the_pattern_masks(data):
+    """proxy/redact.py's quick pass (no trigger, no scan) changes nothing the full pattern would mask."""
+    from agent_sidecar.proxy.redact import SECRETS, redact
+    assert redact(data) == SECRETS.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + b"***", data)
