@@ -67,12 +67,19 @@ class Call:
     checkpointed: bool = False
     prefix_change: list | None = None   # what changed since the conversation's previous turn (sessions.py)
     off: set | None = None        # side stages that failed during this call: run no more for it
+    _model: str | None = None
+    _model_of: Any = None         # the body `_model` was read from
 
     @property
     def model(self) -> str:
-        if self.route.api == "gemini":   # in the path: /v1beta/models/{model}:generateContent
-            return model_of(self.route.path)
-        return self.json.get("model", "") if isinstance(self.json, dict) else ""
+        """The model asked for (read many times a call: remembered for the body it was read from)."""
+        if self._model_of is not self.json or self._model is None:
+            if self.route.api == "gemini":   # in the path: /v1beta/models/{model}:generateContent
+                self._model = model_of(self.route.path)
+            else:
+                self._model = self.json.get("model", "") if isinstance(self.json, dict) else ""
+            self._model_of = self.json
+        return self._model
 
     @property
     def input_tokens(self) -> int:
