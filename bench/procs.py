@@ -212,6 +212,15 @@ class Procs:
         self.all.append(proc)
         return proc
 
+    def bare_cache(self, upstream: str) -> Proc:
+        """`python -m bench.bare_cache`: the hits' yardstick, the bare proxy with an exact-match LMDB cache."""
+        name = self._name("barecache")
+        cmd = [sys.executable, "-m", "agent_sidecar.bench.bare_cache", "--upstream", upstream,
+               "--dir", str(self.tmp / f"{name}-lmdb"), "--host", "127.0.0.1", "--port", "0"]
+        proc = Proc(name, cmd, clean_env(), self.tmp)
+        self.all.append(proc)
+        return proc
+
     def sidecar(self, upstream: str, state: Path | None = None, **settings: str) -> Proc:
         """`python -m agent_sidecar.launcher serve --port 0`; `settings` like cache_mode="off" become SIDECAR_CACHE_MODE."""
         name = self._name("sidecar")

@@ -27,6 +27,7 @@ NEW_FIGURES = {
     "overload": [f"{k}.{t}" for k in ("client_errors", "wall_requests", "wall_peak_in_flight", "wall_peak_after_first",
                                       "completion_s") for t in ("direct", "sidecar")],
     "livepage": ["push.p50", "push.max", "first.kept", "first.built"],
+    "hits": ["json_c1.p50_ms.cache_hit", "json_c1.p50_ms.hit_vs_cache", "json_c32.rps.hit_vs_cache"],
 }
 REDIS_SERVER = Path("/usr/bin/redis-server")
 
