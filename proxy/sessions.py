@@ -9,10 +9,12 @@ it changes: it can be large), `m:{id}:{index}` one per message, and
 conversation for the state's byte budget (state_budget.py), and `q:{id}:{response id}`
 for each `p:` row below, so that they go with their conversation.
 
-The merge is exact: each message is serialised once, its bytes compared with
-its stored row (read in one cursor walk; several times cheaper than hashing
-them), and only rows that differ are written; a message the agent rewrote in the
-middle (compacted, edited) replaces the stored one. A request that repeats an
+The merge is exact: each message's bytes (orjson's, as the request's parse
+gave them, body_json.py; else serialised once) are compared with its stored row
+(read in one cursor walk; several times cheaper than hashing them), and only
+rows that differ are written; a message the agent rewrote in the middle
+(compacted, edited) replaces the stored one. The `u:` index also gives the
+latest conversations (the live page's) without reading every one. A request that repeats an
 earlier turn unchanged (a replay through the cache) leaves the later turns.
 
 A Responses API turn that names a `previous_response_id` sends only its new
