@@ -177,7 +177,12 @@ class Rolling:
     def add(self, record: dict) -> None:
         self.records.append(record)
         if self.live:
-            self._count_in(record)
+            try:
+                self._count_in(record)
+            except Exception:   # the kept figures may be half moved: drop them, reads go back to the records
+                self.live, self._backlog = False, None
+                self._reset()
+                raise
         elif self._backlog is not None:
             self._backlog.append(record)
 

@@ -210,7 +210,7 @@ class ProxyState:
             self._side("budget", self.budgets.add, call, cost)
             self._side("prompt cache", self.prompt_cache.observe, call)
         self.stats.observe(record)
-        self.rolling.add(record)
+        self._side("live figures", self.rolling.add, record)
         self.records.add(record)
         self.monitor.on_call(record, call.rate_limited)
         if self.after_call is not None:

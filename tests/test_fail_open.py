@@ -76,6 +76,7 @@ BREAKERS = {
     "record (stats)": lambda state, mp: mp.setattr(state.stats, "observe", boom),
     "record (monitor)": lambda state, mp: mp.setattr(state.monitor, "on_call", boom),
     "record (live page)": lambda state, mp: mp.setattr(state, "after_call", boom),
+    "live figures": lambda state, mp: mp.setattr(state.rolling, "add", boom),
     "telemetry": lambda state, mp: mp.setattr(state, "telemetry", BrokenExporter()),
 }
 

@@ -123,3 +123,23 @@ def test_a_read_of_a_watched_full_window_visits_no_record():
     rolling.summary()
     rolling.chart(1_000_600.0, 900)
     assert visited == []
+
+
+def test_a_record_that_breaks_the_kept_figures_leaves_correct_ones():
+    """Fail open: a record the kept figures cannot take (here a total that is not a number) raises to the
+    caller (state.py makes it a fault, the record goes on) and the kept figures, maybe half moved, are
+    dropped: reads go back to the records, and a good window reads right."""
+    rolling = watched(100)
+    good = {"ts": 1_000_000.0, "model": "m", "cache": "miss", "status": 200, "total_ms": 5.0}
+    rolling.add(good)
+    try:
+        rolling.add({**good, "total_ms": "five"})
+    except TypeError:
+        pass
+    else:
+        raise AssertionError("the broken record was taken")
+    assert not rolling.live and not rolling.parts
+    rolling.records.pop()   # (summarize itself cannot sort such a total either)
+    rolling.add(good)
+    assert rolling.summary() == summarize(list(rolling.records), by="model")
+    assert rolling.summary()["all"]["calls"] == 2
