@@ -12,7 +12,7 @@ from .call import Call
 from .circuit import MAX_ERROR_BODY, OVERLOAD, LastError
 from .headroom import Ticket
 from .retry import Attempts, requested_delay
-from .upstream import end_to_end
+from .headers import end_to_end
 
 
 @dataclass(slots=True, eq=False)

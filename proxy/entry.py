@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from multidict import CIMultiDict
 
-from .upstream import without_prefix
+from .headers import without_prefix
 
 MAGIC = b"SC1"
 MAGIC_WITH_REQUEST = b"SC2"

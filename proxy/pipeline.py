@@ -53,7 +53,8 @@ from .retry import Attempts
 from .routes import route_of
 from .state import STATE, ProxyState
 from .timing import server_timing
-from .upstream import end_body_with_connection, end_to_end, request_headers
+from .headers import end_to_end, request_headers
+from .upstream import end_body_with_connection
 
 CALL = web.RequestKey("call", Call)
 # The side stages, in the order their hooks run. Store queues the cache entry before Checkpoint queues the

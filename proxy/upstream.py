@@ -1,9 +1,8 @@
-"""The one seam to the upstream APIs: a pooled keep-alive session and header rules.
+"""The one seam to the upstream APIs: a pooled keep-alive session.
 
 Bodies pass as raw bytes both ways (no decompression, so a compressed answer
-keeps its content-encoding and gets a correct length); hop-by-hop headers stay
-on their own hop, and so does `Expect` (the sidecar answered it and has read
-the body). Connection failures become `UpstreamError` (errors.from_library).
+keeps its content-encoding and gets a correct length); headers go by the rules
+of headers.py. Connection failures become `UpstreamError` (errors.from_library).
 """
 
 from __future__ import annotations
@@ -16,42 +15,11 @@ from multidict import CIMultiDict
 from .config import ProxySection, env_proxy_configured
 from .errors import from_library
 
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-    "te", "trailer", "transfer-encoding", "upgrade",
-})
-# Recomputed per hop by aiohttp from the URL and the body; Expect was answered by the sidecar itself.
-NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
 # A request body is sent as the bytes that arrived, whatever its size: one write to the transport, which
 # copies nothing more and blocks nothing (aiohttp warns above 1 MB; a BytesIO would cost a thread per read).
 warnings.filterwarnings("ignore", "Sending a large body directly with raw bytes", ResourceWarning, "aiohttp")
 # Added by aiohttp when missing; the agent's own choice must go upstream unchanged.
 SKIP_AUTO = ("Accept-Encoding", "User-Agent", "Content-Type")
-
-
-def end_to_end(headers) -> CIMultiDict:
-    """Headers minus hop-by-hop ones, including any the Connection header names. (A copy, then deletions:
-    multidict does both in C, where a filter would lower() every name in Python, on every call, twice.)"""
-    forwarded = CIMultiDict(headers)
-    for name in NOT_FORWARDED:
-        forwarded.popall(name, None)
-    for connection in headers.getall("connection", ()):
-        for token in connection.split(","):
-            forwarded.popall(token.strip(), None)
-    return forwarded
-
-
-def without_prefix(headers: CIMultiDict, prefix: str) -> CIMultiDict:
-    """`headers` (changed in place) minus every header whose name starts with `prefix` (lower case)."""
-    if "\n" + prefix in "\n" + "\n".join(headers.keys()).lower():   # one scan in C; rarely any
-        for name in {k for k in headers.keys() if k.lower().startswith(prefix)}:
-            headers.popall(name, None)
-    return headers
-
-
-def request_headers(headers) -> CIMultiDict:
-    """What goes upstream: end-to-end headers, minus the sidecar's own x-sidecar-* controls."""
-    return without_prefix(end_to_end(headers), "x-sidecar-")
 
 
 class UpstreamClient:

@@ -28,7 +28,7 @@ from .errors import SidecarError, error_body, from_library
 from .exchange import RESPONSES, Exchanges, refusal_headers
 from .routes import Route
 from .state import ProxyState
-from .upstream import request_headers
+from .headers import request_headers
 
 log = logging.getLogger("sidecar")
 # The handshake's own headers: each hop makes its own.

@@ -14,7 +14,7 @@ from hypothesis import given, strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from agent_sidecar.proxy.entry import NOT_KEPT, kept_headers
-from agent_sidecar.proxy.upstream import NOT_FORWARDED, end_to_end, request_headers
+from agent_sidecar.proxy.headers import NOT_FORWARDED, end_to_end, request_headers
 
 NAMES = sorted(NOT_FORWARDED | NOT_KEPT | {"x-sidecar-cache", "x-sidecar-agent", "x-api-key", "request-id",
                                             "anthropic-version", "x-sidecarish", "content-type", "x-custom"})

@@ -384,8 +384,11 @@ async def test_run_connect_reports_its_agent_with_the_token(sidecar, script, moc
     assert not token.exists()
 
 
-def test_the_launcher_client_stays_free_of_aiohttp():
-    code = "import sys, agent_sidecar.launcher.client; print('aiohttp' in sys.modules)"
+@pytest.mark.parametrize("code", ["import agent_sidecar.launcher.client", "agent_sidecar.launcher.cli.parser()"])
+def test_the_launcher_stays_free_of_aiohttp(code):
+    """Importing aiohttp takes a quarter of a second here: the CLI (every `sidecar ...` start builds its
+    parser) must not pay it before it needs a proxy (the cache entry's header rules once pulled it in)."""
+    code = f"import sys, agent_sidecar.launcher.cli, agent_sidecar.launcher.client; {code}; print('aiohttp' in sys.modules)"
     import subprocess
     done = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
