@@ -8,16 +8,14 @@ credential partition, no records, no limits: what a cache hit costs at the least
 """
 
 import argparse
-import asyncio
 import hashlib
-import sys
 
 import aiohttp
 import lmdb
 import uvloop
 from aiohttp import web
 
-from .bare_proxy import end_to_end
+from .bare_proxy import forward, serve
 
 
 async def main(upstream: str, directory: str, host: str, port: int) -> None:
@@ -31,34 +29,15 @@ async def main(upstream: str, directory: str, host: str, port: int) -> None:
             stored = txn.get(key)
         if stored is not None:
             return web.Response(body=stored, content_type="application/json")
-        async with http.request(request.method, upstream + request.path_qs, headers=end_to_end(request.headers),
-                                data=body or None, allow_redirects=False) as up:
-            headers = end_to_end(up.headers)
-            if up.content_type != "text/event-stream":
-                answer = await up.read()
-                if up.status == 200 and up.content_type == "application/json":
-                    with env.begin(write=True) as txn:
-                        txn.put(key, answer)
-                return web.Response(status=up.status, headers=headers, body=answer)
-            out = web.StreamResponse(status=up.status, headers=headers)
-            await out.prepare(request)
-            async for chunk in up.content.iter_any():
-                await out.write(chunk)
-            await out.write_eof()
-            return out
 
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_route("*", "/{tail:.*}", relay)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    print(f"bare cache listening on http://{host}:{site._server.sockets[0].getsockname()[1]}",
-          file=sys.stderr, flush=True)
+        def keep(up: aiohttp.ClientResponse, answer: bytes) -> None:
+            if up.status == 200 and up.content_type == "application/json":
+                with env.begin(write=True) as txn:
+                    txn.put(key, answer)
+        return await forward(http, upstream, request, body, keep)
     try:
-        await asyncio.Event().wait()
+        await serve(relay, "bare cache", host, port)
     finally:
-        await runner.cleanup()
         await http.close()
         env.close()
 

@@ -9,6 +9,7 @@ upstream; SSE answers are relayed chunk by chunk, other bodies whole.
 import argparse
 import asyncio
 import sys
+from typing import Callable
 
 import aiohttp
 import uvloop
@@ -23,35 +24,48 @@ def end_to_end(headers) -> list:
     return [(k, v) for k, v in headers.items() if k.lower() not in drop]
 
 
-async def main(upstream: str, host: str, port: int) -> None:
-    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+async def forward(http: aiohttp.ClientSession, upstream: str, request: web.Request, body: bytes,
+                  keep: Callable[[aiohttp.ClientResponse, bytes], None] | None = None) -> web.StreamResponse:
+    """The request upstream and its answer back: a JSON body whole (shown to `keep` first), SSE chunk by chunk."""
+    async with http.request(request.method, upstream + request.path_qs, headers=end_to_end(request.headers),
+                            data=body or None, allow_redirects=False) as up:
+        headers = end_to_end(up.headers)
+        if up.content_type != "text/event-stream":
+            answer = await up.read()
+            if keep is not None:
+                keep(up, answer)
+            return web.Response(status=up.status, headers=headers, body=answer)
+        out = web.StreamResponse(status=up.status, headers=headers)
+        await out.prepare(request)
+        async for chunk in up.content.iter_any():
+            await out.write(chunk)
+        await out.write_eof()
+        return out
 
-    async def relay(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        async with http.request(request.method, upstream + request.path_qs, headers=end_to_end(request.headers),
-                                data=body or None, allow_redirects=False) as up:
-            headers = end_to_end(up.headers)
-            if up.content_type != "text/event-stream":
-                return web.Response(status=up.status, headers=headers, body=await up.read())
-            out = web.StreamResponse(status=up.status, headers=headers)
-            await out.prepare(request)
-            async for chunk in up.content.iter_any():
-                await out.write(chunk)
-            await out.write_eof()
-            return out
 
+async def serve(handler, name: str, host: str, port: int) -> None:
+    """Serve every path with `handler` until cancelled; says where it listens on stderr (as bench/procs.py reads)."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_route("*", "/{tail:.*}", relay)
+    app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    print(f"bare proxy listening on http://{host}:{site._server.sockets[0].getsockname()[1]}",
-          file=sys.stderr, flush=True)
+    print(f"{name} listening on http://{host}:{site._server.sockets[0].getsockname()[1]}", file=sys.stderr, flush=True)
     try:
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+
+
+async def main(upstream: str, host: str, port: int) -> None:
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        return await forward(http, upstream, request, await request.read())
+    try:
+        await serve(relay, "bare proxy", host, port)
+    finally:
         await http.close()
 
 
