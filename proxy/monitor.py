@@ -294,6 +294,5 @@ def high_water_mark(pid: int) -> int:
 def relieve_memory(state) -> dict[str, int]:
     """Shed in-memory state under memory pressure: recent-call windows, then a full collection."""
     dropped = len(state.stats.recent)
-    state.stats.recent.clear()
-    state.rolling.clear()
+    state.rolling.clear()   # the window (stats.recent) and its kept figures
     return {"dropped_recent_records": dropped, "gc_collected": gc.collect()}

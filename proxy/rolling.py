@@ -7,7 +7,7 @@ same figures up to date as each record enters the window and the oldest
 leaves it (about 20 µs a call): sums and counts move by one record, each
 phase's values stay in a sorted list (a binary search and a move in C), and
 the chart's ten-second buckets keep their own, so a push reads them off in a
-fraction of a millisecond. Nobody watching, a call costs an append, and a
+fraction of a millisecond. Nobody watching, a call costs nothing here, and a
 one-off read (/_sidecar/overview) computes from the records. The figures are
 `stats.summarize`'s and `batch_chart`'s (tests compare them); the sums of
 dollars and seconds are summed again each time the window has turned over,
@@ -145,16 +145,17 @@ def batch_chart(records, now: float, span: int, step: int = CHART_STEP) -> dict:
 
 
 class Rolling:
-    """The last `window` records; while someone watches, their summary (overall and by `by`) and chart kept.
+    """A window of records (`Stats.recent`: its owner appends each record, then calls `add`); while someone
+    watches, its summary (overall and by `by`) and chart kept.
 
-    Kept only while watched (`watch`, `unwatch`: the live page's viewers), so a call costs an append when
+    Kept only while watched (`watch`, `unwatch`: the live page's viewers), so a call costs nothing here when
     nobody looks. A first viewer waits while the window is counted in, BUILD_SLICE records per turn of the
     event loop (no turn held long); until then, and for one-off reads while nobody watches, the figures
     are computed from the records (`summarize`, `batch_chart`)."""
 
-    def __init__(self, window: int, by: str = "model", step: int = CHART_STEP):
-        self.window, self.by, self.step = window, by, step
-        self.records: deque[dict] = deque(maxlen=window)
+    def __init__(self, records: deque, by: str = "model", step: int = CHART_STEP):
+        self.records = records   # read, never appended to here
+        self.window, self.by, self.step = records.maxlen, by, step
         self.watchers = 0
         self.live = False                      # the aggregates cover the window
         self._backlog: deque | None = None     # records still to count in while they are being built
@@ -175,7 +176,7 @@ class Rolling:
             self._backlog.clear()
 
     def add(self, record: dict) -> None:
-        self.records.append(record)
+        """`record` has just entered the window."""
         if self.live:
             try:
                 self._count_in(record)

@@ -62,7 +62,7 @@ class ProxyState:
     bodies: BodyParser = field(default_factory=BodyParser)   # request bodies, parsed reusing the last turn's
     counters: Counter = field(default_factory=Counter)   # retries, ...
     stats: Stats = field(default_factory=Stats)
-    rolling: Rolling = field(default_factory=lambda: Rolling(Stats.WINDOW))   # the live summary, kept as calls end
+    rolling: Rolling = field(init=False)   # the live summary of stats.recent, kept as calls end while watched
     records: RecordLog | None = None
     monitor: Monitor | None = None
     sessions: Sessions | None = None
@@ -77,6 +77,9 @@ class ProxyState:
     stage_hooks: dict = field(default_factory=dict)   # the pipeline's side stages, hook by hook
     telemetry: Any = None                              # the OpenTelemetry exporter, when [telemetry] is on
     _fault_seen: dict = field(default_factory=dict)   # (stage, error type) -> when its last event went out
+
+    def __post_init__(self) -> None:
+        self.rolling = Rolling(self.stats.recent)
 
     @classmethod
     def build(cls, config: Config) -> "ProxyState":

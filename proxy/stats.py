@@ -146,9 +146,7 @@ class SeriesKeys:
 class Stats:
     """Live counters and histograms, plus the most recent records for summaries."""
 
-    WINDOW = 5000   # recent records kept for summaries
-
-    def __init__(self, window: int = WINDOW, max_agents: int = MAX_AGENT_LABELS, max_models: int = MAX_MODEL_LABELS):
+    def __init__(self, window: int = 5000, max_agents: int = MAX_AGENT_LABELS, max_models: int = MAX_MODEL_LABELS):
         self.recent: deque[dict] = deque(maxlen=window)
         self.max_agents = max_agents
         self.max_models = max_models

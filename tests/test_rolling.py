@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 
 from hypothesis import given, settings, strategies as st
 
@@ -43,9 +44,20 @@ def same(kept: dict, batch: dict) -> None:
     assert set(kept) == set(batch)
 
 
+def window_of(size: int) -> Rolling:
+    """A Rolling over a window of its own (in the proxy: Stats.recent)."""
+    return Rolling(deque(maxlen=size))
+
+
+def add(rolling: Rolling, record: dict) -> None:
+    """As the proxy does: the record enters the window, then the Rolling is told."""
+    rolling.records.append(record)
+    rolling.add(record)
+
+
 def watched(window: int) -> Rolling:
     """A Rolling with a viewer, its build done (run on a loop of its own)."""
-    rolling = Rolling(window)
+    rolling = window_of(window)
 
     async def watch():
         await rolling.watch()
@@ -57,9 +69,9 @@ def watched(window: int) -> Rolling:
 @settings(max_examples=200, deadline=None)
 def test_the_kept_summary_and_chart_are_the_batch_ones(records, window, before):
     """Records before the viewer came (counted in by the build) and after it (one by one)."""
-    rolling = Rolling(window)
+    rolling = window_of(window)
     for one in records[:before]:
-        rolling.add(one)
+        add(rolling, one)
 
     async def watch():
         await rolling.watch()
@@ -67,7 +79,7 @@ def test_the_kept_summary_and_chart_are_the_batch_ones(records, window, before):
     assert rolling.live
     for n, one in enumerate(records):
         if n >= before:
-            rolling.add(one)
+            add(rolling, one)
         if n + 1 < before:
             continue
         kept = list(records[max(0, n + 1 - window):n + 1])
@@ -85,9 +97,9 @@ async def test_kept_only_while_watched_and_built_a_slice_at_a_time():
     """Nobody watching: an append per call, nothing kept; a viewer: the window counted in over several turns
     of the loop (no turn holding it long), then kept; the last viewer gone: dropped."""
     from agent_sidecar.proxy.rolling import BUILD_SLICE
-    rolling = Rolling(5000)
+    rolling = window_of(5000)
     for n in range(3 * BUILD_SLICE):
-        rolling.add({"ts": 1_000_000.0 + n, "model": "m", "cache": "miss", "status": 200, "total_ms": float(n)})
+        add(rolling, {"ts": 1_000_000.0 + n, "model": "m", "cache": "miss", "status": 200, "total_ms": float(n)})
     assert not rolling.live and not rolling.parts
     ready = rolling.watch()
     turns = 0
@@ -103,7 +115,7 @@ async def test_kept_only_while_watched_and_built_a_slice_at_a_time():
     assert rolling.live
     rolling.unwatch()
     assert not rolling.live and not rolling.parts and len(rolling.records) == 3 * BUILD_SLICE
-    rolling.add({"ts": 1_000_999.0, "model": "m", "cache": "hit", "status": 200})
+    add(rolling, {"ts": 1_000_999.0, "model": "m", "cache": "hit", "status": 200})
     assert not rolling.parts and rolling.summary() == summarize(rolling.records, by="model")
 
 
@@ -117,7 +129,7 @@ def test_a_read_of_a_watched_full_window_visits_no_record():
             visited.append(args[0])
             return super().get(*args)
     for n in range(6000):
-        rolling.add(Counting(ts=1_000_000.0 + n / 10, model="m", cache="miss", status=200, error="", input_tokens=1,
+        add(rolling, Counting(ts=1_000_000.0 + n / 10, model="m", cache="miss", status=200, error="", input_tokens=1,
                              output_tokens=1, retries=0, total_ms=float(n % 97), cost_usd=0.001, saved_s=None))
     visited.clear()
     rolling.summary()
@@ -131,15 +143,15 @@ def test_a_record_that_breaks_the_kept_figures_leaves_correct_ones():
     dropped: reads go back to the records, and a good window reads right."""
     rolling = watched(100)
     good = {"ts": 1_000_000.0, "model": "m", "cache": "miss", "status": 200, "total_ms": 5.0}
-    rolling.add(good)
+    add(rolling, good)
     try:
-        rolling.add({**good, "total_ms": "five"})
+        add(rolling, {**good, "total_ms": "five"})
     except TypeError:
         pass
     else:
         raise AssertionError("the broken record was taken")
     assert not rolling.live and not rolling.parts
     rolling.records.pop()   # (summarize itself cannot sort such a total either)
-    rolling.add(good)
+    add(rolling, good)
     assert rolling.summary() == summarize(list(rolling.records), by="model")
     assert rolling.summary()["all"]["calls"] == 2
