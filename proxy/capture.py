@@ -7,6 +7,9 @@ the only kind worth storing or checkpointing;
 anything malformed (an event that is not JSON, a shape the API never sends,
 an `error` event, bytes after the end) is relayed as it came and marked so.
 It notes the first content token and the token counts for the call's record.
+It is handed the call with each chunk and keeps no reference to it: a call
+holding its capture holding the call would be a cycle, which only the cyclic
+collector frees (a stall, and the request's body kept until it runs).
 """
 
 from __future__ import annotations
@@ -43,11 +46,11 @@ def well_formed(path: str, doc: Any) -> bool:
 
 
 class Capture:
-    __slots__ = ("call", "sse", "encoding", "pacing", "complete", "malformed", "answer", "responses", "_parser",
+    __slots__ = ("api", "path", "sse", "encoding", "pacing", "complete", "malformed", "answer", "responses", "_parser",
                  "_inflate", "_events", "_t0", "_flavor", "_usage_block")
 
     def __init__(self, call: Call, sse: bool, encoding: str, keep_pacing: bool):
-        self.call = call
+        self.api, self.path = call.route.api, call.route.path
         self.sse = sse
         self.encoding = encoding.strip().lower()
         self.pacing: list[tuple[float, int]] | None = [] if keep_pacing else None   # (s after first chunk, length)
@@ -67,8 +70,8 @@ class Capture:
     def storable(self) -> bool:
         return self.complete and not self.malformed and self.answer is not None
 
-    def feed(self, chunk: bytes) -> bool:
-        """Take one chunk; True exactly once: when this chunk completes a stream."""
+    def feed(self, call: Call, chunk: bytes) -> bool:
+        """Take one chunk of `call`'s answer; True exactly once: when this chunk completes a stream."""
         if self.pacing is not None:
             now = time.monotonic()
             if not self.pacing:
@@ -92,20 +95,20 @@ class Capture:
                 continue
             self._events.append((name, data))
             try:
-                self._on_event(name, data)
+                self._on_event(call, name, data)
             except ValueError:
                 self.malformed = True
         if self.complete:
             tail = chunk.rstrip(b"\r\n")   # this chunk must end with the final event's data
-            last = b"}" if self.call.route.api == "anthropic" or self.responses else OPENAI_END
+            last = b"}" if self.api == "anthropic" or self.responses else OPENAI_END
             if tail and not tail.endswith(last):
                 self.malformed = True
             self._assemble()
             return True
         return False
 
-    def end(self, body: bytes) -> bool:
-        """The upstream's body is over (`body`, for a JSON answer); True when that completes the answer."""
+    def end(self, call: Call, body: bytes) -> bool:
+        """`call`'s upstream body is over (`body`, for a JSON answer); True when that completes the answer."""
         if self.sse:
             return self._end_of_stream()
         try:
@@ -113,19 +116,19 @@ class Capture:
         except ValueError:
             self.malformed = True
             return False
-        if not well_formed(self.call.route.path, doc):
+        if not well_formed(self.path, doc):
             self.malformed = True
             return False
         self.complete = True
         self.answer = doc
         usage = of_answer(self._flavor, doc)
         if usage is not None:
-            self.call.usage = usage
+            call.usage = usage
         return True
 
     def _end_of_stream(self) -> bool:
         """A Gemini stream has no end event: it is complete when it ends with no event left open."""
-        if self.call.route.api != "gemini" or self._parser is None or self.complete:
+        if self.api != "gemini" or self._parser is None or self.complete:
             return False
         if self._inflate is not None and (not self._inflate.eof or self._inflate.unused_data):
             self.malformed = True
@@ -135,33 +138,32 @@ class Capture:
         self._assemble()
         return self.storable
 
-    def _on_event(self, name: str, data: bytes) -> None:
-        call = self.call
+    def _on_event(self, call: Call, name: str, data: bytes) -> None:
         if self.responses:
             self.answer = responses_api.on_event(call, data)
             if self.answer is not None:
                 self.complete = True
-                self._usage(self.answer.get("usage"))
-        elif call.route.api == "anthropic":
+                self._usage(call, self.answer.get("usage"))
+        elif self.api == "anthropic":
             if name == "content_block_delta":
                 if not call.t_first_token:
                     call.t_first_token = time.monotonic()
             elif name == "message_start":
                 message = orjson.loads(data).get("message")
-                self._usage(message.get("usage") if isinstance(message, dict) else None)
+                self._usage(call, message.get("usage") if isinstance(message, dict) else None)
             elif name == "message_delta":
-                self._usage(orjson.loads(data).get("usage"))
+                self._usage(call, orjson.loads(data).get("usage"))
             elif name == "error":
                 self.malformed = True
             elif name == ANTHROPIC_END:
                 self.complete = True
-        elif call.route.api == "gemini":
+        elif self.api == "gemini":
             if not call.t_first_token and b'"text"' in data:
                 call.t_first_token = time.monotonic()
             if gemini_api.error_in(data):
                 self.malformed = True
             elif b'"usageMetadata"' in data:
-                self._usage(orjson.loads(data).get("usageMetadata"))
+                self._usage(call, orjson.loads(data).get("usageMetadata"))
         elif data == OPENAI_END:
             self.complete = True
         elif not call.t_first_token or b'"usage"' in data:
@@ -169,25 +171,25 @@ class Capture:
             if not call.t_first_token and any(isinstance(c, dict) and (c.get("delta") or {}).get("content")
                                               for c in chunk.get("choices") or ()):
                 call.t_first_token = time.monotonic()
-            self._usage(chunk.get("usage"))
+            self._usage(call, chunk.get("usage"))
 
-    def _usage(self, block: Any) -> None:
+    def _usage(self, call: Call, block: Any) -> None:
         """A stream event's usage: merged into what earlier events said (Anthropic splits it in two)."""
         if isinstance(block, dict):
             self._usage_block = merge(self._usage_block, block)
-            self.call.usage = usage_of(self._flavor, self._usage_block)
+            call.usage = usage_of(self._flavor, self._usage_block)
 
     def _assemble(self) -> None:
         if self.malformed:
             return
-        api = self.call.route.api
+        api = self.api
         assemble = assemble_anthropic if api == "anthropic" else gemini_api.assemble if api == "gemini" else \
             assemble_openai
         try:
             answer = self.answer if self.responses else assemble(self._events)
         except ValueError:
             answer = None
-        if not well_formed(self.call.route.path, answer):
+        if not well_formed(self.path, answer):
             self.malformed = True
         self.answer = answer
         self._events = []

@@ -109,6 +109,8 @@ async def serve(config: Config, sock: socket.socket, *, control_fd: int | None =
         loop.add_reader(control_fd, on_readable)
     if idle_timeout:
         _stop_when_idle(app[STATE], idle_timeout, stop)
+    # Start-up is over once the price table is in: what it left is frozen, out of every later collection.
+    app[STATE].priced.add_done_callback(lambda _: app[STATE].collector.freeze())
     port = sock.getsockname()[1]
     log.info("listening on %s:%d", config.proxy.host, port)
     if on_ready:

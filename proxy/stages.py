@@ -105,11 +105,11 @@ class Capture(Stage):
             call.capture = AnswerCapture(call, head.sse, head.headers.get("content-encoding", ""), keep_pacing)
 
     def chunk(self, call: Call, chunk: bytes) -> None:
-        if call.capture is not None and call.capture.feed(chunk) and call.capture.storable:
+        if call.capture is not None and call.capture.feed(call, chunk) and call.capture.storable:
             call.answer = call.capture.answer
 
     def end(self, call: Call) -> None:
-        if call.capture is not None and call.capture.end(call.body_out) and call.capture.storable:
+        if call.capture is not None and call.capture.end(call, call.body_out) and call.capture.storable:
             call.answer = call.capture.answer
 
 

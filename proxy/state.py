@@ -22,6 +22,7 @@ from .cache import Cache
 from .last_miss import LAST_MISS, LastMiss
 from .circuit import Circuits
 from .headroom import Pacer
+from .heap import Collector
 from .backends import Backends, open_backends
 from .cache_key import KeyMaker
 from .config import Config
@@ -61,6 +62,7 @@ class ProxyState:
     flights: Flights = field(default_factory=Flights)
     bodies: BodyParser = field(default_factory=BodyParser)   # request bodies, parsed reusing the last turn's
     counters: Counter = field(default_factory=Counter)   # retries, ...
+    collector: Collector = field(default_factory=Collector)   # the garbage collector's pauses (heap.py)
     stats: Stats = field(default_factory=Stats)
     rolling: Rolling = field(init=False)   # the live summary of stats.recent, kept as calls end while watched
     records: RecordLog | None = None
@@ -101,6 +103,7 @@ class ProxyState:
         # before it are recorded the moment it is there.
         self.priced = asyncio.ensure_future(self.prices.load())
         self.priced.add_done_callback(lambda _: self._record_waiting())
+        self.collector.watch()
         self.monitor = Monitor(self.config.monitor, EventLog(self.config.state_dir), self.limiter,
                                relieve=lambda: relieve_memory(self), upstreams=self.upstreams.bases)
         try:
@@ -256,6 +259,7 @@ class ProxyState:
                                          messages=len(self.sessions.armed.messages) if found else 0))
 
     async def close(self) -> None:
+        self.collector.unwatch()
         await self.client.close()
         await self.settled()
         if self.monitor is not None:

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -146,6 +147,14 @@ class Sidecar:
         proc = await self.spawn(*args, env=env, stdin=asyncio.subprocess.PIPE if input is not None else None, **kw)
         out, err = await asyncio.wait_for(proc.communicate(input), timeout)
         return Done(proc.returncode, out, err)
+
+    async def serve(self, *args: str, env: dict[str, str] | None = None) -> str:
+        """`sidecar serve` on a free port, once it serves: its URL (from the line it says so on stderr)."""
+        server = await self.spawn("serve", *args, env=env)
+        line = await asyncio.wait_for(server.stderr.readline(), 20)
+        found = re.search(rb"serving on (http://127\.0\.0\.1:\d+)", line)
+        assert found, line
+        return found.group(1).decode()
 
     async def python(self, script: Path, env: dict[str, str] | None = None, timeout: float = 30.0) -> Done:
         """Run an agent script directly (no sidecar), for comparison."""

@@ -62,15 +62,9 @@ async def test_run_reports_the_peak_usr_bin_time_gives(sidecar, script, mock, is
     assert abs(exited[0]["peak_rss"] - measured) < 0.1 * measured, (exited, measured)
 
 
-async def _serve(sidecar, env) -> str:
-    server = await sidecar.spawn("serve", env=env)
-    line = await asyncio.wait_for(server.stderr.readline(), 20)
-    return re.search(rb"serving on (http://127\.0\.0\.1:\d+)", line).group(1).decode()
-
-
 @pytest.mark.timeout(180)
 async def test_an_attached_agent_has_its_exit_status_and_real_peak(sidecar, script, mock, isolated_env):
-    url = await _serve(sidecar, upstream_env(mock))
+    url = await sidecar.serve(env=upstream_env(mock))
     done = await sidecar.run("run", "--connect", url, "--", PY, str(script(HUNGRY)), timeout=150)
     assert done.returncode == 3, done.err
     agent_id = done.out.split()[1]
@@ -85,7 +79,7 @@ async def test_an_attached_agent_has_its_exit_status_and_real_peak(sidecar, scri
 
 async def test_an_agent_whose_launcher_is_killed_still_exits_in_the_table(sidecar, script, mock, isolated_env):
     """No launcher left to report: the exit is recorded once both are gone (status unknown, so null)."""
-    url = await _serve(sidecar, upstream_env(mock))
+    url = await sidecar.serve(env=upstream_env(mock))
     agent = script("import time; print('up', flush=True); time.sleep(2)", "sleeper.py")
     launcher = await sidecar.spawn("run", "--connect", url, "--", PY, str(agent))
     assert await asyncio.wait_for(launcher.stdout.readline(), 20) == b"up\n"

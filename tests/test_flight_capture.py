@@ -95,10 +95,10 @@ async def test_a_flight_that_ends_without_head_or_error_still_wakes_its_waiters(
 def test_a_stream_completes_once_with_its_usage():
     call = call_for()
     capture = Capture(call, sse=True, encoding="", keep_pacing=True)
-    completions = [capture.feed(chunk) for chunk in anthropic_stream()]
-    completions.append(capture.feed(b"\n"))            # trailing bytes after the end: no second completion
+    completions = [capture.feed(call, chunk) for chunk in anthropic_stream()]
+    completions.append(capture.feed(call, b"\n"))            # trailing bytes after the end: no second completion
     assert completions.count(True) == 1 and completions[-2] is True
-    capture.end(b"")
+    capture.end(call, b"")
     assert capture.storable and capture.answer["content"] == [{"type": "text", "text": "hi"}]
     assert (call.input_tokens, call.output_tokens) == (7, 3) and call.t_first_token
     assert len(capture.pacing) == len(anthropic_stream()) + 1
@@ -115,10 +115,11 @@ def test_a_stream_completes_once_with_its_usage():
      *anthropic_stream()[3:]],
 ], ids=["cut", "two-ends", "after-end", "not-json", "message-list", "message-null", "error-event"])
 def test_a_malformed_or_partial_stream_is_never_storable(chunks):
-    capture = Capture(call_for(), sse=True, encoding="", keep_pacing=False)
+    call = call_for()
+    capture = Capture(call, sse=True, encoding="", keep_pacing=False)
     for chunk in chunks:
-        capture.feed(chunk)
-    capture.end(b"")
+        capture.feed(call, chunk)
+    capture.end(call, b"")
     assert not capture.storable
 
 
@@ -129,7 +130,7 @@ def test_openai_keepalive_data_is_malformed_but_usage_still_counts():
              "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}],
              "usage": {"prompt_tokens": 4, "completion_tokens": 2}}
     for data in (b"data: keepalive\n\n", b"data: " + orjson.dumps(chunk) + b"\n\n", b"data: [DONE]\n\n"):
-        capture.feed(data)
+        capture.feed(call, data)
     assert not capture.storable and (call.input_tokens, call.output_tokens) == (4, 2)
 
 
@@ -146,8 +147,8 @@ def test_openai_keepalive_data_is_malformed_but_usage_still_counts():
 def test_a_json_answer_is_storable_only_when_well_formed_and_readable(body, encoding, storable):
     call = call_for()
     capture = Capture(call, sse=False, encoding=encoding, keep_pacing=False)
-    capture.feed(body)
-    assert capture.end(body) is storable and capture.storable is storable
+    capture.feed(call, body)
+    assert capture.end(call, body) is storable and capture.storable is storable
     if storable and not encoding:
         assert (call.input_tokens, call.output_tokens) == (1, 2)
 
@@ -156,4 +157,4 @@ def test_usage_of_the_wrong_type_counts_as_zero():
     call = call_for()
     body = orjson.dumps({"type": "message", "content": [], "usage": {"input_tokens": "12", "output_tokens": None}})
     capture = Capture(call, sse=False, encoding="", keep_pacing=False)
-    assert capture.end(body) and (call.input_tokens, call.output_tokens) == (0, 0)
+    assert capture.end(call, body) and (call.input_tokens, call.output_tokens) == (0, 0)

@@ -5,17 +5,27 @@
   mock saw each turn once.
 - test_a_growing_conversation_is_parsed_by_what_it_adds: from the second turn on the earlier messages are
   not parsed again (body_json.py, counted in the overview), and the checkpoint holds every message exactly.
+- test_a_finished_call_is_freed_at_once: nothing of a call (its body, its parse, its answer) waits for the
+  cyclic collector: a collection over calls of every kind finds none of them (it would be a stall, and the
+  4 MB bodies would stay in memory until it ran).
+- test_serve_freezes_what_start_up_left: `sidecar serve`, once its price table is in, has frozen the start-up
+  heap (no collection traverses it again) and says so, with the collector's pauses, in the overview.
 - test_key_ignores_formatting_not_order: the same JSON with other whitespace is the same request (the key
   is taken from the parsed body); the ignored per-run fields (metadata.user_id) leave the key alone.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
+
 import aiohttp
 import orjson
 
 from agent_sidecar.bench.conversation import bodies
+from conftest import upstream_env
 from agent_sidecar.bench.mock_upstream import MockUpstream
+from agent_sidecar.proxy.call import Call
 
 HEADERS = {"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01", "content-type": "application/json"}
 
@@ -63,3 +73,38 @@ async def test_a_growing_conversation_is_parsed_by_what_it_adds(proxy_url: str, 
     assert parsing["bodies_kept"] >= 1
     last = orjson.loads(turns[-1])["messages"]
     assert checkpoint["messages"][:len(last)] == last and len(checkpoint["messages"]) == len(last) + 1
+
+
+async def test_a_finished_call_is_freed_at_once(proxy_url: str, mock: MockUpstream):
+    turns = bodies("freed", 3, 1024)
+    json_turn = orjson.dumps({**orjson.loads(turns[0]), "stream": False})
+    chat = orjson.dumps({"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    async with aiohttp.ClientSession() as http:
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)   # what a collection finds is kept in gc.garbage, to be looked at
+        try:
+            for body in (*turns, json_turn, turns[0], json_turn):   # streamed and JSON misses, then hits
+                assert (await post(http, proxy_url, body))[0] == 200
+            async with http.post(proxy_url + "/v1/chat/completions", data=chat, headers=HEADERS) as resp:
+                assert resp.status == 200 and b"[DONE]" in await resp.read()
+            await asyncio.sleep(0.05)   # the records, after the last byte
+            gc.collect()
+            left = [o for o in gc.garbage if isinstance(o, Call)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert left == [], f"{len(left)} calls were freed only by the cyclic collector"
+
+
+async def test_serve_freezes_what_start_up_left(sidecar, mock: MockUpstream):
+    url = await sidecar.serve(env=upstream_env(mock))
+    async with aiohttp.ClientSession() as http:
+        assert (await post(http, url, bodies("frozen", 1, 76)[0]))[0] == 200
+        for _ in range(400):   # the price table loads in a thread, a second or so after start
+            async with http.get(url + "/_sidecar/overview") as resp:
+                collector = (await resp.json())["collector"]
+            if collector["frozen"] > 10_000:   # the modules and the price table: tens of thousands of objects
+                break
+            await asyncio.sleep(0.05)
+    assert collector["frozen"] > 10_000, collector
+    assert len(collector["collections"]) == len(collector["longest_ms"]) == 3 and collector["collections"][0] > 0
