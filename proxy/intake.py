@@ -7,6 +7,7 @@ is checked here for what no API accepts.
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import orjson
@@ -24,6 +25,9 @@ LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
 SIMPLE_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
 # A NUL (raw or percent-encoded) or a raw control character: no API takes one, and HTTP stacks choke on it.
 BAD_TARGET = re.compile(r"%00|[\x00-\x20\x7f]")
+# A body this large takes milliseconds to copy (aiohttp joins it), to parse and to key: each in its own loop
+# turn, so that the other agents' streams go on between them.
+LARGE_BODY = 512 << 10
 
 
 def check_target(request: web.Request, allow_remote: bool) -> None:
@@ -85,6 +89,9 @@ async def read_body(request: web.Request, call: Call, limit: int, parser: BodyPa
         raise _too_large(None, limit) from None
     call.body = body
     if body and _is_json(request) and "content-encoding" not in request.headers:
+        large = len(body) >= LARGE_BODY
+        if large:
+            await asyncio.sleep(0)
         try:
             parsed = parser.parse(body, turns_field(call.route.path))
             call.json, call.turn_rows = parsed.json, parsed.rows
@@ -95,6 +102,8 @@ async def read_body(request: web.Request, call: Call, limit: int, parser: BodyPa
             detail = "invalid UTF-8" if "utf-8" in detail.lower() else detail
             raise Refusal("invalid_request", f"sidecar: request body is not valid JSON ({detail}); "
                                              f"send a JSON object encoded as UTF-8") from None
+        if large:
+            await asyncio.sleep(0)
 
 
 def _is_json(request: web.Request) -> bool:
