@@ -209,7 +209,10 @@ DAYS = number(float, 0, noun="a number of days (0 or more)")
 CONFIG_HELP = "config file (default: $SIDECAR_CONFIG, else built-in defaults)"
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. The commands whose parsers live in their own modules (cache, sessions,
+    stats, events) are left out when `argv` names another: `sidecar run` starts every agent, and their
+    imports would cost it 30 ms."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     top = argparse.ArgumentParser(prog="sidecar", description="A sidecar for LLM agents: cache, limits, timings, checkpoints.")
@@ -252,10 +255,11 @@ def parser() -> argparse.ArgumentParser:
     watch = add("top")
     watch.add_argument("--url", help="the sidecar's URL (default: the shared sidecar, else the newest 'sidecar run')")
     watch.add_argument("--once", action="store_true", help="print the overview once, as plain text, and exit")
-    from . import cache_cmd, sessions_cmd, stats_cmd
-    cache_cmd.add_parser(sub, common)
-    sessions_cmd.add_parser(sub, common)
-    stats_cmd.add_parsers(sub, common)
+    if argv is None or not argv or argv[0] not in sub.choices:
+        from . import cache_cmd, sessions_cmd, stats_cmd
+        cache_cmd.add_parser(sub, common)
+        sessions_cmd.add_parser(sub, common)
+        stats_cmd.add_parsers(sub, common)
     for command_parser in sub.choices.values():
         _own(command_parser)
     return top
@@ -275,7 +279,7 @@ def _own(parser: argparse.ArgumentParser, nested: bool = False) -> None:
 def dispatch(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:   # every option after it belongs to python -m bench
         return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
-    args, extra = parser().parse_known_args(argv)
+    args, extra = parser(argv).parse_known_args(argv)
     if extra:
         args.own_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return COMMANDS[args.command](args)

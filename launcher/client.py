@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Any
@@ -70,6 +68,8 @@ def call(base: str, path: str, doc: Any = None, timeout: float = 3.0, token: str
     if token is not None:
         headers[TOKEN_HEADER] = token
     check_url(base)
+    import urllib.error   # here, not at start: `sidecar run` without --connect never needs them (20 ms)
+    import urllib.request
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via an HTTP proxy
     try:
         request = urllib.request.Request(base.rstrip("/") + path, data=data, headers=headers)

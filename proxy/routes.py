@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from yarl import URL
 
 from . import gemini_api
 from .config import CACHE_MODES
+
+if TYPE_CHECKING:
+    from yarl import URL
 
 AGENT_PREFIX = re.compile(r"^/a/([A-Za-z0-9][A-Za-z0-9._-]{0,63})(?:/cache=(" + "|".join(CACHE_MODES) + r"))?(/.*|)$")
 AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -74,10 +77,12 @@ class Upstreams:
         self.bases = {"anthropic": anthropic.rstrip("/"), "openai": openai.rstrip("/"), "gemini": gemini.rstrip("/")}
         # OPENAI_BASE_URL conventionally ends in /v1 and so does the path the SDK appends to.
         self._openai_has_v1 = self.bases["openai"].endswith("/v1")
+        from yarl import URL   # only the proxy makes upstream URLs: the launcher, importing this module, never
+        self._url = URL        # loads yarl (10 ms of every `sidecar run`'s start)
 
     def url(self, route: Route) -> URL:
         base = self.bases[route.api]
         path = route.path_qs
         if route.api == "openai" and self._openai_has_v1 and (path.startswith("/v1/") or path == "/v1"):
             path = path[3:]
-        return URL(base + path, encoded=True)   # encoded: the target goes upstream byte for byte
+        return self._url(base + path, encoded=True)   # encoded: the target goes upstream byte for byte

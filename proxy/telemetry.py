@@ -12,8 +12,6 @@ import logging
 from importlib.util import find_spec
 from typing import Callable
 
-from yarl import URL
-
 from .config import TelemetrySection
 from .routes import Upstreams
 
@@ -24,6 +22,7 @@ NEEDED = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
 
 def shown(endpoint: str) -> str:
     """The endpoint as events and logs may show it: without any credentials in its user part or query."""
+    from yarl import URL   # here: the launcher imports this module, and yarl costs it 10 ms at every start
     try:
         return str(URL(endpoint).with_user(None).with_query(None))
     except (ValueError, TypeError):

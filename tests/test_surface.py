@@ -394,6 +394,21 @@ def test_the_launcher_stays_free_of_aiohttp(code):
     assert done.stdout.strip() == "False"
 
 
+def test_sidecar_run_loads_only_what_it_runs(tmp_path, isolated_env):
+    """`sidecar run -- true` starts every agent: it loads neither the other commands' modules, nor yarl nor
+    urllib.request (30 ms of imports between them, measured), which only the proxy or --connect need."""
+    import subprocess
+    code = ("import runpy, sys; unwanted = tuple(sys.argv[1:]); sys.argv = ['sidecar', 'run', '--quiet', '--', 'true']\n"
+            "try:\n    runpy.run_module('agent_sidecar.launcher', run_name='__main__')\n"
+            "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+            "print(' '.join(sorted(n for n in sys.modules if n in unwanted or n.startswith(unwanted))))")
+    unwanted = ["aiohttp", "yarl", "urllib.request", "agent_sidecar.launcher.cache_cmd",
+                "agent_sidecar.launcher.sessions_cmd", "agent_sidecar.launcher.stats_cmd", "agent_sidecar.proxy.store"]
+    done = subprocess.run([PY, "-c", code, *unwanted], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"sidecar run loaded {done.stdout.strip()}"
+
+
 def test_installed_under_one_import_name_of_its_own(tmp_path):
     """The distribution claims agent_sidecar only: no top-level proxy, launcher or bench to collide with
     (the PyPI project proxy.py installs a top-level `proxy`)."""
