@@ -19,11 +19,15 @@ The result is exactly `orjson.loads(body)`, or the body is parsed whole:
 - anything else (no array, a client that does not write compact JSON as
   orjson does, a parse error) falls back to a whole parse.
 A message's bytes as orjson writes them (`rows`) come with the parse: the
-checkpoint stores them without serialising the conversation again.
+checkpoint stores them without serialising the conversation again. Each body
+remembered has a serial number, and a parse says which remembered body its
+leading messages repeat (`lineage`): the checkpoint then knows those rows
+equal the ones it stored from that body, without comparing them.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +43,7 @@ COMMA, CLOSE = ord(","), ord("]")
 class Seen:
     """A recent body and the messages at the start of its array whose bytes are orjson's for them."""
     body: bytes
+    serial: int           # this body's number, in the order bodies were remembered
     start: int            # offset of the array's first element
     ends: list[int]       # ends[i]: offset (from start) just past message i, where a `,` or `]` is
     messages: list        # their parsed objects
@@ -85,6 +90,10 @@ class Parsed:
     rows: list | None = None   # orjson's bytes (bytes or memoryviews) of the array's first messages (all, for a compact client)
     reused: int = 0                   # of them, those taken from an earlier parse
     ends: list[int] | None = None     # where they end (see Seen.ends)
+    reused_from: int = 0              # the serial of the body they were taken from
+    # (this body's serial, the serial of the body whose first `reused` messages it repeats byte for byte, or
+    # 0, and `reused`): None when the body is not remembered
+    lineage: tuple[int, int, int] | None = None
 
 
 class BodyParser:
@@ -93,6 +102,7 @@ class BodyParser:
     def __init__(self, max_kept: int = MAX_KEPT, max_kept_bytes: int = MAX_KEPT_BYTES, min_bytes: int = MIN_BYTES):
         self.max_kept, self.max_kept_bytes, self.min_bytes = max_kept, max_kept_bytes, min_bytes
         self._seen: list[Seen] = []   # most recent last
+        self._serials = itertools.count(1)
         self.reused = 0               # messages not parsed again, in all
 
     def snapshot(self) -> dict:
@@ -141,7 +151,7 @@ class BodyParser:
         doc[key] = best.messages[:count] + rest
         doc.update(after)
         self.reused += count
-        return Parsed(doc, best.rows(count), count, best.ends[:count])
+        return Parsed(doc, best.rows(count), count, best.ends[:count], best.serial)
 
     def _learn(self, body: bytes, key: str, start: int, parsed: Parsed) -> None:
         """Remember the messages of this body whose bytes are orjson's (all of them, for a compact client)."""
@@ -162,7 +172,9 @@ class BodyParser:
         parsed.rows, parsed.ends = rows, ends
         if not ends:
             return
-        self._seen.append(Seen(body, start, ends, messages[:len(ends)]))
+        seen = Seen(body, next(self._serials), start, ends, messages[:len(ends)])
+        self._seen.append(seen)
+        parsed.lineage = (seen.serial, parsed.reused_from, parsed.reused)
         kept = sum(len(seen.body) for seen in self._seen)
         while len(self._seen) > self.max_kept or kept > self.max_kept_bytes:
             kept -= len(self._seen.pop(0).body)

@@ -56,6 +56,7 @@ class Call:
     restored: bool = False        # a checkpointed conversation was put in front of this call's messages
     forwarded_messages: list | None = None
     turn_rows: list | None = None      # orjson's bytes of the request's first turns, when known (body_json.py)
+    turns_lineage: tuple | None = None  # which earlier body its first turns repeat (body_json.Parsed.lineage)
     accept_encoding: str = ""     # the client's Accept-Encoding: which stored codings it may be sent
     headers: Any = None           # the request's headers, as the agent sent them
     # What the answer stages learn (proxy/stages.py):

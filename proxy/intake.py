@@ -94,7 +94,7 @@ async def read_body(request: web.Request, call: Call, limit: int, parser: BodyPa
             await asyncio.sleep(0)
         try:
             parsed = parser.parse(body, turns_field(call.route.path))
-            call.json, call.turn_rows = parsed.json, parsed.rows
+            call.json, call.turn_rows, call.turns_lineage = parsed.json, parsed.rows, parsed.lineage
         except orjson.JSONDecodeError as exc:
             detail = str(exc)
             if "depth" in detail.lower():   # valid JSON, just deeper than the parser goes: forwarded uncached

@@ -18,4 +18,5 @@ def overview(state: ProxyState) -> dict:
             "active_events": sorted(state.monitor.active), "events": list(state.monitor.recent_events)[-20:],
             "system_memory_percent": state.monitor.system_memory,
             "headroom": state.pacer.snapshot(), "overload": state.circuits.snapshot(),
-            "parsing": state.bodies.snapshot(), "collector": state.collector.snapshot()}
+            "parsing": state.bodies.snapshot(), "collector": state.collector.snapshot(),
+            "checkpoints": state.sessions.snapshot()}

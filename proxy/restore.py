@@ -98,7 +98,7 @@ class Restore:
         body = with_turns(path, call.json, forwarded)
         raw = orjson.dumps(body)   # first: should it fail, the call goes on as it came, whole
         call.forwarded_messages, call.json, call.body, call.restored = forwarded, body, raw, True
-        call.turn_rows = None   # the bytes of the request as it came: not those of the restored one
+        call.turn_rows = call.turns_lineage = None   # the request as it came: not the restored one
         self.root = root
 
     def _continued_by(self, shape: Shape) -> bool:

@@ -13,7 +13,11 @@ The merge is exact: each message's bytes (orjson's, as the request's parse
 gave them, body_json.py; else serialised once) are compared with its stored row
 (read in one cursor walk; several times cheaper than hashing them), and only
 rows that differ are written; a message the agent rewrote in the middle
-(compacted, edited) replaces the stored one. The `u:` index also gives the
+(compacted, edited) replaces the stored one. The leading messages a request
+repeats byte for byte from the previous request this process checkpointed for
+the conversation (body_json.py's lineage) are not compared again, as long as
+the conversation is as this process left it (its `updated` stamp unchanged:
+no other sidecar on the state wrote it since): a turn costs what it adds. The `u:` index also gives the
 latest conversations (the live page's) without reading every one. A request that repeats an
 earlier turn unchanged (a replay through the cache) leaves the later turns.
 
@@ -83,6 +87,11 @@ class Sessions:
         self.armed: Restore | None = None    # for the next conversation that continues a checkpoint
         # The last turn checkpointed per conversation (its request hash): a hit repeating it is already kept.
         self._last_turn: dict[str, bytes] = {}
+        # Per conversation, the serial of the request body (body_json.py) whose messages its stored rows begin
+        # with, and the `updated` stamp of that checkpoint.
+        self._stored_from: dict[str, tuple[int, float]] = {}
+        self.rows_compared = 0   # stored rows compared with a request's, in all ...
+        self.rows_known = 0      # ... and those known equal, not compared
 
     @property
     def _db(self):
@@ -134,22 +143,35 @@ class Sessions:
         # A Responses answer's id: the next turn may name it as its previous_response_id.
         ends = answer.get("id") if meta.get("format") and isinstance(answer.get("id"), str) else None
         change: dict = {}
+        lineage = call.turns_lineage if known else None   # (this body, the body its first turns repeat, how many)
+        remembered = self._stored_from.get(sid)
+        same = (lineage[2], remembered[1]) if lineage and remembered and lineage[1] == remembered[0] and not start \
+            else None
         size = sum(map(len, rows)) + 256 * len(rows) + len(orjson.dumps(system)) + 4096   # rows, keys, meta
-        await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system, start, ends, change), size)
+        updated = await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system, start, ends, change,
+                                                                same), size)
         if change:   # what changed since the previous turn, in the order a prompt cache reads a request
             call.prefix_change = [name for name in ("tools", "system") if change[name]] + [
                 "system" if isinstance(messages[i - start], dict) and messages[i - start].get("role") in SYSTEM_ROLES
                 else f"messages[{i}]" for i in change["messages"]]
-        if len(self._last_turn) >= 10_000:   # bounded: forgetting only costs a redundant merge
+        if len(self._last_turn) >= 10_000:   # bounded: forgetting only costs a redundant merge (or compare)
             self._last_turn.clear()
+            self._stored_from.clear()
         self._last_turn[sid] = call.request_hash
+        if lineage and updated:
+            self._stored_from[sid] = (lineage[0], updated)
+        else:
+            self._stored_from.pop(sid, None)
         if self.mirror is not None:
             await self.mirror.append(sid, messages if not start else self.messages(sid), {**meta, "system": system})
 
     def _merge(self, txn: lmdb.Transaction, sid: str, rows: list[bytes], meta: dict, system, start: int = 0,
-               ends: str | None = None, change: dict | None = None) -> None:
+               ends: str | None = None, change: dict | None = None,
+               same: tuple[int, float] | None = None) -> float | None:
         """Rows are the messages from index `start` on; `ends`: the id of the answer they end with. Into
-        `change`: what differs from the previous turn (tools, system, messages beyond their cache markers)."""
+        `change`: what differs from the previous turn (tools, system, messages beyond their cache markers).
+        `same`: (n, stamp): the first n rows equal the stored ones if the checkpoint's `updated` is still
+        stamp. Returns the checkpoint's `updated` stamp."""
         key = f"s:{sid}".encode()
         old = txn.get(key, db=self._db)
         stored = orjson.loads(old) if old else {**meta, "created": time.time()}
@@ -160,11 +182,13 @@ class Sessions:
             txn.put(b"p:" + ends.encode(), orjson.dumps([sid, total]), db=self._db)
             txn.put(b"q:" + sid.encode() + b":" + ends.encode(), b"", db=self._db)   # p: rows go with it
         changed: list[int] = []   # differing beyond their prompt-cache markers
-        differ = self._differing(txn, sid, rows, changed, start)
+        known = min(same[0], count) if same and old and stored.get("updated") == same[1] else 0
+        self.rows_known += max(0, known - start)
+        differ = self._differing(txn, sid, rows, changed, start, known)
         if count > total and (not differ or differ[0] == total - 1):
-            return   # an earlier turn sent again, unchanged up to its answer: the later turns stay
+            return stored.get("updated")   # an earlier turn sent again, unchanged up to its answer: the later stay
         if count == total and not differ:
-            return   # the same turn again (a cache hit, a coalesced call): nothing new to keep
+            return stored.get("updated")   # the same turn again (a hit, a coalesced call): nothing new to keep
         for index in [*differ, *range(max(count, start), total)]:
             txn.put(self._message_key(sid, index), rows[index - start], db=self._db)
         for index in range(total, count):
@@ -187,19 +211,23 @@ class Sessions:
                       else stored.get("turns", 0) + 1)
         txn.put(key, orjson.dumps(stored), db=self._db)
         txn.put(index_key(stored["updated"], sid), str(stored.get("agent", "")).encode(), db=self._db)
+        return stored["updated"]
 
     def _differing(self, txn: lmdb.Transaction, sid: str, rows: list[bytes], changed: list[int],
-                   start: int = 0) -> list[int]:
+                   start: int = 0, known: int = 0) -> list[int]:
         """The indices from `start` whose stored row differs from rows[index - start], in order (rows are
-        stored densely from 0); into `changed` those that differ by more than where the prompt-cache markers are."""
+        stored densely from 0), leaving out the first `known`, known to be equal; into `changed` those that
+        differ by more than where the prompt-cache markers are."""
         prefix = f"m:{sid}:".encode()
         cursor = txn.cursor(db=self._db)
         differ = []
-        if cursor.set_range(self._message_key(sid, start)):
-            for index, (key, value) in enumerate(cursor, start):
+        first = max(start, known)
+        if cursor.set_range(self._message_key(sid, first)):
+            for index, (key, value) in enumerate(cursor, first):
                 if index >= start + len(rows) or not key.startswith(prefix):
                     break
                 row = rows[index - start]   # bytes, or a view of the request's body (body_json.py)
+                self.rows_compared += 1
                 if len(value) != len(row) or not value.startswith(row):   # one memcmp either way
                     differ.append(index)
                     if without_markers(value) != without_markers(row):
@@ -209,6 +237,9 @@ class Sessions:
     @staticmethod
     def _message_key(sid: str, index: int) -> bytes:
         return f"m:{sid}:".encode() + index.to_bytes(4, "big")
+
+    def snapshot(self) -> dict:
+        return {"rows_compared": self.rows_compared, "rows_known": self.rows_known}
 
     # -- reading --
     def list(self) -> list[dict]:

@@ -5,6 +5,9 @@
   mock saw each turn once.
 - test_a_growing_conversation_is_parsed_by_what_it_adds: from the second turn on the earlier messages are
   not parsed again (body_json.py, counted in the overview), and the checkpoint holds every message exactly.
+- test_a_turn_compares_only_what_it_adds: the checkpoint of a growing conversation compares only the rows
+  a turn adds (the messages it repeats from the previous request are known equal), and stays exact when
+  the agent rewrites a middle message or another writer changed the checkpoint in between.
 - test_a_finished_call_is_freed_at_once: nothing of a call (its body, its parse, its answer) waits for the
   cyclic collector: a collection over calls of every kind finds none of them (it would be a stall, and the
   4 MB bodies would stay in memory until it ran).
@@ -108,3 +111,41 @@ async def test_serve_freezes_what_start_up_left(sidecar, mock: MockUpstream):
             await asyncio.sleep(0.05)
     assert collector["frozen"] > 10_000, collector
     assert len(collector["collections"]) == len(collector["longest_ms"]) == 3 and collector["collections"][0] > 0
+
+
+async def messages_of(http: aiohttp.ClientSession, url: str) -> list:
+    async with http.get(url + "/_sidecar/sessions/last/messages") as resp:
+        return (await resp.json())["messages"]
+
+
+async def test_a_turn_compares_only_what_it_adds(start_app, mock: MockUpstream):
+    px = await start_app(mock.url)
+    turns = bodies("lineage", 6, 1024)
+    docs = [orjson.loads(body) for body in turns]
+    sessions = px.state.sessions
+    async with aiohttp.ClientSession() as http:
+        for body in turns[:4]:
+            assert (await post(http, px.url, body))[:2] == (200, "miss")
+        stored = sum(len(doc["messages"]) for doc in docs[:3])   # what turns 2-4 found stored before them
+        assert sessions.rows_known >= stored - 3, sessions.snapshot()   # all but each moved cache marker
+        assert sessions.rows_compared <= 3 * 4, sessions.snapshot()     # a few per turn, not the conversation
+        assert (await messages_of(http, px.url))[:len(docs[3]["messages"])] == docs[3]["messages"]
+
+        # Another writer changed the first stored message (and so the checkpoint's stamp): compared again.
+        sid = sessions.latest(1)[0]["id"]
+        key = sessions._message_key(sid, 0)
+
+        def tamper(txn) -> None:
+            txn.put(key, b'{"role":"user","content":"tampered"}', db=sessions._db)
+            meta = orjson.loads(txn.get(f"s:{sid}".encode(), db=sessions._db))
+            txn.put(f"s:{sid}".encode(), orjson.dumps({**meta, "updated": meta["updated"] + 1}), db=sessions._db)
+        sessions.lmdb.write_now(tamper)
+        assert (await post(http, px.url, turns[4]))[:2] == (200, "miss")
+        assert (await messages_of(http, px.url))[:len(docs[4]["messages"])] == docs[4]["messages"]
+
+        # The agent rewrote a middle message (compacted it): the stored one is replaced.
+        edited = {**docs[5], "messages": [*docs[5]["messages"]]}
+        middle = edited["messages"][3]   # an assistant turn: its text shortened, its tool call kept
+        edited["messages"][3] = {**middle, "content": [{"type": "text", "text": "compacted"}, *middle["content"][1:]]}
+        assert (await post(http, px.url, orjson.dumps(edited)))[:2] == (200, "miss")
+        assert (await messages_of(http, px.url))[:len(edited["messages"])] == edited["messages"]
