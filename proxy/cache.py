@@ -76,7 +76,8 @@ class Cache:
             return
         try:
             turns = (turns_field(call.route.path), call.turn_rows) if call.turn_rows else None
-            canonical = self.keys.canonical(call.method, call.route.path, call.route.query, headers, call.json, turns)
+            parts = self.keys.canonical_parts(call.method, call.route.path, call.route.query, headers, call.json,
+                                              turns)
         except Uncacheable as exc:   # too deep to canonicalise: forwarded as it is, never stored
             if mode == "replay":
                 raise Refusal("replay_miss", f"sidecar: this request cannot be cached ({exc}), so replay mode "
@@ -84,13 +85,16 @@ class Cache:
             call.cache_outcome = "bypass"
             return
         call.cache_mode = mode
-        call.canonical = canonical
-        if len(canonical) >= HASH_IN_THREAD:
-            return self._keyed_in_thread(call, canonical, headers)
-        self._keyed(call, self.keys.request_hash(canonical), headers)
+        if len(parts) > 1 and sum(map(len, parts)) >= HASH_IN_THREAD:   # never joined: no copy of the body
+            call.canonical_parts = parts
+            return self._keyed_in_thread(call, parts, headers)
+        call.canonical = parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(call.canonical) >= HASH_IN_THREAD:
+            return self._keyed_in_thread(call, call.canonical, headers)
+        self._keyed(call, self.keys.request_hash(call.canonical), headers)
         return None
 
-    async def _keyed_in_thread(self, call: Call, canonical: bytes, headers) -> None:
+    async def _keyed_in_thread(self, call: Call, canonical: bytes | list, headers) -> None:
         """A large request is hashed off the event loop (hashlib releases the GIL): other calls' streams go on."""
         digest = await asyncio.get_running_loop().run_in_executor(None, self.keys.request_hash, canonical)
         self._keyed(call, digest, headers)
@@ -117,7 +121,8 @@ class Cache:
         """Keep the last miss's canonical request (last_miss.py: with the loop turn's commit, or a file)."""
         if self.last_miss is not None:
             self.last_miss.note({"key": call.cache_key.hex(), "hash": call.request_hash.hex(), "ts": time.time(),
-                                 "agent": call.route.agent, "mode": call.cache_mode}, call.canonical, self._spawn)
+                                 "agent": call.route.agent, "mode": call.cache_mode},
+                                call.canonical_parts or [call.canonical], self._spawn)
 
     def refuse_in_replay(self, call: Call) -> None:
         """Replay mode never reaches the upstream: a miss (or an entry that cannot serve) is an error."""

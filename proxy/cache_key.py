@@ -96,16 +96,16 @@ def field_path(text: str) -> tuple[str, ...]:
 _PLACE = orjson.dumps(f"\0sidecar turns {secrets.token_hex(16)}\0")   # no body holds it: a random name
 
 
-def _spliced(doc: dict, body: dict, field: str, rows: list) -> bytes:
-    """orjson.dumps(doc), with body[field] written as its elements' known bytes."""
+def _spliced(doc: dict, body: dict, field: str, rows: list) -> list:
+    """The parts of orjson.dumps(doc), with body[field] written as its elements' known bytes."""
     doc = {**doc, "body": {**body, field: orjson.loads(_PLACE)}}
     written = orjson.dumps(doc)
     at = written.index(_PLACE)
-    parts = [written[:at], b"[", rows[0]]
+    parts = [written[:at] + b"[", rows[0]]
     for row in rows[1:]:
         parts += (b",", row)
-    parts += (b"]", written[at + len(_PLACE):])
-    return b"".join(parts)
+    parts.append(b"]" + written[at + len(_PLACE):])
+    return parts
 
 
 def without(body: Any, paths: Iterable[tuple[str, ...]]) -> Any:
@@ -142,8 +142,15 @@ class KeyMaker:
 
     def canonical(self, method: str, path: str, query: str, headers, body: Any,
                   turns: tuple[str, list] | None = None) -> bytes:
-        """`turns`: (field, rows), orjson's bytes of every element of body[field] (body_json.py), spliced in
-        instead of written again: the same bytes, for the cost of a copy."""
+        """The canonical request: what the key is the hash of (and what `sidecar cache why` compares)."""
+        parts = self.canonical_parts(method, path, query, headers, body, turns)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def canonical_parts(self, method: str, path: str, query: str, headers, body: Any,
+                        turns: tuple[str, list] | None = None) -> list:
+        """`canonical` as the parts it is made of, joined by nobody that needs not: `turns`: (field, rows),
+        orjson's bytes of every element of body[field] (body_json.py), which are parts as they are (views
+        of the request's body): a large request's canonical form costs no copy of it."""
         if QUERY_KEY in query:   # a credential: it goes to the partition, never into the request hash
             query = "&".join(part for part in query.split("&") if not part.startswith(QUERY_KEY))
         path, query = key_target(path, query)
@@ -155,7 +162,7 @@ class KeyMaker:
                 field, rows = turns
                 if kept.get(field) is body.get(field) and len(rows) == len(body.get(field) or ()) > 0:
                     return _spliced(doc, kept, field, rows)
-            return orjson.dumps(doc)
+            return [orjson.dumps(doc)]
         except TypeError as exc:
             raise Uncacheable(str(exc)) from exc
 
@@ -178,9 +185,15 @@ class KeyMaker:
         return found
 
     @staticmethod
-    def request_hash(canonical: bytes) -> bytes:
+    def request_hash(canonical: bytes | list) -> bytes:
         """The key without a partition: what export carries. SHA-256 (hardware-accelerated where the CPU has
-        SHA extensions: 2.5 times BLAKE2b's speed here), cut to 16 bytes."""
+        SHA extensions: 2.5 times BLAKE2b's speed here) of the canonical request (or of its parts, in
+        order), cut to 16 bytes."""
+        if isinstance(canonical, list):
+            digest = hashlib.sha256()
+            for part in canonical:
+                digest.update(part)
+            return digest.digest()[:16]
         return hashlib.sha256(canonical).digest()[:16]
 
     @staticmethod

@@ -45,6 +45,7 @@ class Call:
     cache_key: bytes | None = None
     request_hash: bytes = b""
     canonical: bytes = b""        # the canonical request the key was made of (no credential in it)
+    canonical_parts: list | None = None   # instead, for a large request: its parts (views of the body)
     streamed: bool = False
     usage: Usage | None = None    # the tokens the API reported (proxy/usage.py); a hit: the original call's
     bytes_out: int = 0

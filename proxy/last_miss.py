@@ -38,11 +38,12 @@ class LastMiss:
         self._writing: asyncio.Future | None = None
         store.riders.append(self)
 
-    def note(self, head: dict[str, Any], canonical: bytes, spawn: Callable) -> None:
-        if len(canonical) <= IN_STORE and self.store.env is not None:   # (a store that could not open: the file)
-            self.pending = orjson.dumps(head) + b"\n" + canonical
+    def note(self, head: dict[str, Any], canonical: list, spawn: Callable) -> None:
+        """`canonical`: the canonical request's parts (written one after the other, never joined)."""
+        if sum(map(len, canonical)) <= IN_STORE and self.store.env is not None:   # (no store: the file)
+            self.pending = b"".join((orjson.dumps(head), b"\n", *canonical))
         elif self._writing is None or self._writing.done():
-            self._writing = spawn(asyncio.to_thread(_write, self.path, orjson.dumps(head) + b"\n", canonical))
+            self._writing = spawn(asyncio.to_thread(_write, self.path, orjson.dumps(head) + b"\n", *canonical))
 
     def pending_size(self) -> int:
         return len(self.pending or b"") + 64
@@ -54,10 +55,10 @@ class LastMiss:
             txn.put(KEY, note, db=self.store.db["meta"])
 
 
-def _write(path: Path, head: bytes, canonical: bytes) -> None:
+def _write(path: Path, head: bytes, *canonical: bytes) -> None:
     """A full or read-only disk only costs `sidecar cache why` its latest miss."""
     try:
-        write_private(path, head, canonical)
+        write_private(path, head, *canonical)
     except OSError as exc:
         log.debug("could not note the last miss in %s: %s", path, exc)
 

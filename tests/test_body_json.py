@@ -149,7 +149,8 @@ def test_scalar_elements_end_where_their_bytes_end():
        ignore=st.sampled_from([(), ("metadata.user_id",), ("messages[*].id",), ("temperature",)]))
 @settings(max_examples=150, deadline=None)
 def test_the_cache_key_spliced_from_known_rows_is_the_written_one(start, more, ignore):
-    """KeyMaker.canonical with the parse's rows spliced in gives the bytes it writes without them."""
+    """KeyMaker.canonical with the parse's rows spliced in gives the bytes it writes without them; its parts,
+    hashed one after the other, the same key."""
     from agent_sidecar.proxy.cache_key import KeyMaker
     keys = KeyMaker(b"s" * 32, ignore, ["anthropic-version"])
     parser = BodyParser(min_bytes=0)
@@ -159,6 +160,8 @@ def test_the_cache_key_spliced_from_known_rows_is_the_written_one(start, more, i
         headers = {"anthropic-version": "2023-06-01"}
         plain = keys.canonical("POST", "/v1/messages", "", headers, parsed.json)
         assert keys.canonical("POST", "/v1/messages", "", headers, parsed.json, ("messages", parsed.rows)) == plain
+        parts = keys.canonical_parts("POST", "/v1/messages", "", headers, parsed.json, ("messages", parsed.rows))
+        assert b"".join(parts) == plain and keys.request_hash(parts) == keys.request_hash(plain)   # never joined
 
 
 @given(message, st.booleans())

@@ -8,6 +8,9 @@
 - test_a_turn_compares_only_what_it_adds: the checkpoint of a growing conversation compares only the rows
   a turn adds (the messages it repeats from the previous request are known equal), and stays exact when
   the agent rewrites a middle message or another writer changed the checkpoint in between.
+- test_the_last_miss_of_a_large_request_is_its_canonical_request: the canonical form of a 4 MB request is
+  hashed and noted as its parts, never joined: the note holds the very bytes `canonical` makes, and the
+  key is their hash.
 - test_a_finished_call_is_freed_at_once: nothing of a call (its body, its parse, its answer) waits for the
   cyclic collector: a collection over calls of every kind finds none of them (it would be a stall, and the
   4 MB bodies would stay in memory until it ran).
@@ -149,3 +152,18 @@ async def test_a_turn_compares_only_what_it_adds(start_app, mock: MockUpstream):
         edited["messages"][3] = {**middle, "content": [{"type": "text", "text": "compacted"}, *middle["content"][1:]]}
         assert (await post(http, px.url, orjson.dumps(edited)))[:2] == (200, "miss")
         assert (await messages_of(http, px.url))[:len(edited["messages"])] == edited["messages"]
+
+
+async def test_the_last_miss_of_a_large_request_is_its_canonical_request(start_app, mock: MockUpstream):
+    from agent_sidecar.proxy import last_miss
+    px = await start_app(mock.url)
+    turns = bodies("noted", 4, 2048)
+    async with aiohttp.ClientSession() as http:
+        for body in turns:
+            assert (await post(http, px.url, body))[:2] == (200, "miss")
+    cache = px.state.cache
+    await cache.drain()
+    head, noted = last_miss.read(px.state.lmdb, px.state_dir)
+    canonical = cache.keys.canonical("POST", "/v1/messages", "", HEADERS, orjson.loads(turns[-1]))
+    assert len(canonical) > 2 << 20 and noted == canonical
+    assert head["hash"] == cache.keys.request_hash(canonical).hex()
