@@ -105,6 +105,10 @@ class BodyParser:
         self._serials = itertools.count(1)
         self.reused = 0               # messages not parsed again, in all
 
+    def forget(self) -> None:
+        """Memory relief: no body is kept (the next turn of each conversation is parsed whole)."""
+        self._seen.clear()
+
     def snapshot(self) -> dict:
         return {"messages_reused": self.reused, "bodies_kept": len(self._seen),
                 "kept_mb": round(sum(len(seen.body) for seen in self._seen) / 2**20, 2)}

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import re
 import time
+from collections import OrderedDict
 from typing import Awaitable
 
 from .cache_key import ANY_KEY, KeyMaker, Uncacheable
@@ -34,6 +35,11 @@ READS = {"read-write", "read-only", "replay"}
 KEPT_REQUEST = 16 << 10   # (larger ones made the state outgrow its byte budget: tests/test_state_store.py long run)
 HASH_IN_THREAD = 256 << 10   # bytes of canonical request above which hashing (~0.1 ms) leaves the loop
 WRITES = {"read-write", "refresh"}
+# Recently hit entries stay decoded (with what replays made of them), each checked against the stored bytes
+# at every hit (one memcmp): a hit decodes nothing again. Bounded: only entries up to DECODED_MAX bytes,
+# DECODED_KEPT_BYTES of them at most (their bytes are kept twice: as stored, and decoded).
+DECODED_MAX = 64 << 10
+DECODED_KEPT_BYTES = 4 << 20
 
 
 class Cache:
@@ -51,6 +57,8 @@ class Cache:
         self.has_shared_entries = bool(store and store.shared_entries())
         self.writes: set[asyncio.Task] = set()
         self.write_errors = 0
+        self._decoded: OrderedDict[bytes, tuple[bytes, Entry]] = OrderedDict()   # key -> (stored bytes, entry)
+        self._decoded_bytes = 0
         self.on_fault = lambda stage, exc: None   # the pipeline's fault report (log line and event)
 
     def is_model_route(self, path: str) -> bool:
@@ -135,16 +143,39 @@ class Cache:
         blob = await self.store.get(key)
         if blob is None:
             return None
-        try:
-            entry = Entry.decode(blob)
-        except CorruptEntry as exc:
-            log.warning("cache entry %s unreadable (%s): removed", key.hex(), exc)
-            self._spawn(self.store.delete(key))
-            return None
+        kept = self._decoded.get(key)
+        if kept is not None and kept[0] == blob:   # the very bytes decoded before: the entry as it was
+            self._decoded.move_to_end(key)
+            entry = kept[1]
+        else:
+            try:
+                entry = Entry.decode(blob)
+            except CorruptEntry as exc:
+                log.warning("cache entry %s unreadable (%s): removed", key.hex(), exc)
+                self._spawn(self.store.delete(key))
+                return None
+            self._keep_decoded(key, blob, entry)
         ttl = self.settings.ttl_seconds
         if ttl and time.time() - entry.created > ttl:
             return None
         return entry
+
+    def _keep_decoded(self, key: bytes, blob: bytes, entry: Entry) -> None:
+        old = self._decoded.pop(key, None)
+        if old is not None:
+            self._decoded_bytes -= len(old[0])
+        if len(blob) > DECODED_MAX:
+            return
+        self._decoded[key] = (blob, entry)
+        self._decoded_bytes += len(blob)
+        while self._decoded_bytes > DECODED_KEPT_BYTES:
+            _, (dropped, _) = self._decoded.popitem(last=False)
+            self._decoded_bytes -= len(dropped)
+
+    def forget_decoded(self) -> None:
+        """Memory relief (monitor.py): the decoded entries go; hits decode again."""
+        self._decoded.clear()
+        self._decoded_bytes = 0
 
     def should_store(self, call: Call) -> bool:
         return call.cache_key is not None and call.cache_mode in WRITES

@@ -43,6 +43,9 @@ class Entry:
     meta: dict[str, Any] = field(default_factory=dict)  # path, model, usage, upstream_s, include_usage, hash
     created: float = field(default_factory=time.time)
     request: bytes | memoryview = b""      # the canonical request (JSON), b"" for an entry stored without it
+    # Not stored: what replays made of it (another form's body, the recorded chunks: replay.py), kept with
+    # the decoded entry for the hits to come (cache.py keeps recent decoded entries).
+    made: dict | None = None
 
     def encode(self) -> bytes:
         head = {"status": self.status, "headers": self.headers, "stream": self.stream,

@@ -292,7 +292,11 @@ def high_water_mark(pid: int) -> int:
 
 
 def relieve_memory(state) -> dict[str, int]:
-    """Shed in-memory state under memory pressure: recent-call windows, then a full collection."""
+    """Shed in-memory state under memory pressure: recent-call windows, the decoded cache entries, the
+    bodies kept for parsing the next turns (body_json.py), then a full collection."""
     dropped = len(state.stats.recent)
     state.rolling.clear()   # the window (stats.recent) and its kept figures
+    if state.cache is not None:
+        state.cache.forget_decoded()
+    state.bodies.forget()
     return {"dropped_recent_records": dropped, "gc_collected": gc.collect()}

@@ -4,6 +4,8 @@ Everything is decided before the first byte goes out (`prepare`): an entry
 that cannot be served to this request (an unreadable conversion) is a miss,
 and the call goes upstream as if nothing were stored. A client is sent the
 stored coding only if its Accept-Encoding takes it, else the decoded body.
+What a replay makes of an entry (a body in another form, the recorded
+chunks) is made once and kept with it (`Entry.made`) for the next hits.
 """
 
 from __future__ import annotations
@@ -49,15 +51,33 @@ def prepare(call: Call, entry: Entry, pacing: bool) -> Replay | None:
             if not as_stored:
                 return Replay(entry.status, [*SSE_HEADERS, *headers], [decoded(entry.body, coding)], sse=True)
             timing = entry.pacing if pacing and entry.pacing else None
-            return Replay(entry.status, [*SSE_HEADERS, *headers], _recorded_chunks(entry), sse=True, pacing=timing)
-        message = convert.message_of(entry, call.route.api)
+            chunks = _made(entry, ("chunks",), lambda: _recorded_chunks(entry))
+            return Replay(entry.status, [*SSE_HEADERS, *headers], chunks, sse=True, pacing=timing)
+        body = _made(entry, (call.route.api, *want), lambda: _converted(entry, call.route.api, want))
         if want[0] == "json":
-            return Replay(entry.status, [("Content-Type", "application/json"), *headers],
-                          [convert.as_json(message)], sse=False)
-        body = convert.as_stream(message, call.route.api, want[-1] if len(want) > 1 else False)
+            return Replay(entry.status, [("Content-Type", "application/json"), *headers], [body], sse=False)
         return Replay(entry.status, [*SSE_HEADERS, *headers], [body], sse=True)
     except (convert.Unconvertible, UndecodableBody):
         return None
+
+
+def _made(entry: Entry, what: tuple, make):
+    """What `make` makes of `entry`, made once: kept with the entry (an Unconvertible is not kept)."""
+    made = entry.made
+    if made is None:
+        made = entry.made = {}
+    found = made.get(what)
+    if found is None:
+        found = made[what] = make()
+    return found
+
+
+def _converted(entry: Entry, api: str, want: tuple) -> bytes:
+    """The entry's answer in the form `want`, other than the one it was stored in."""
+    message = convert.message_of(entry, api)
+    if want[0] == "json":
+        return convert.as_json(message)
+    return convert.as_stream(message, api, want[-1] if len(want) > 1 else False)
 
 
 def account(call: Call, entry: Entry) -> None:

@@ -95,6 +95,21 @@ def test_reuse_happens_and_is_exact_at_agent_sizes():
     assert parser.reused > 0
 
 
+def test_a_body_says_which_earlier_body_it_repeats_and_relief_forgets_them():
+    """Each remembered body has its serial; the next turn's lineage names it and how many messages it repeats.
+    Under memory relief (forget) nothing is kept: the next turn is parsed whole, with no lineage to trust."""
+    from agent_sidecar.bench.conversation import bodies
+    parser = BodyParser()
+    _, first, second, third = bodies("lineage", 4, 512)   # (the first turn's one message moves its marker)
+    one, two = parser.parse(first, "messages"), parser.parse(second, "messages")
+    assert one.lineage[1:] == (0, 0) and two.lineage[1] == one.lineage[0] != two.lineage[0]
+    assert two.lineage[2] == two.reused >= len(orjson.loads(first)["messages"]) - 1
+    parser.forget()
+    assert parser.snapshot()["bodies_kept"] == 0
+    three = parser.parse(third, "messages")
+    assert three.reused == 0 and three.lineage[1:] == (0, 0) and three.json == orjson.loads(third)
+
+
 def test_a_duplicate_top_level_key_is_parsed_whole():
     """Two top-level "messages" keys: orjson keeps the last; reusing the first one's messages would be wrong."""
     parser = BodyParser(min_bytes=0)

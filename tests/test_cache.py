@@ -28,6 +28,7 @@ from conftest import AppProxy, until, upstream_env
 from agent_sidecar.proxy.app import make_app
 from agent_sidecar.proxy.config import load_layers
 from agent_sidecar.proxy.entry import Entry
+from agent_sidecar.proxy.monitor import relieve_memory
 from agent_sidecar.proxy.state import STATE
 from agent_sidecar.proxy.response_store import ResponseStore
 from agent_sidecar.proxy.store import open_lmdb
@@ -609,6 +610,36 @@ async def test_refresh_header_goes_upstream_and_replaces_the_entry(px, mock):
     assert await a_json(px.url) == ("hit", refreshed)
     assert mock.count() == 2
     assert len(px.stored()) == 1
+
+
+async def test_hits_decode_and_convert_an_entry_once_until_it_changes(px, mock, monkeypatch):
+    """A hit keeps the decoded entry and what it made of it (here, a stream from a JSON answer): the next hits
+    decode and convert nothing; an entry replaced under the same key (a refresh) is decoded afresh."""
+    from agent_sidecar.proxy import convert
+    made = {"decode": 0, "as_stream": 0}
+    decode, as_stream = Entry.decode.__func__, convert.as_stream
+
+    def counted_decode(cls, blob):
+        made["decode"] += 1
+        return decode(cls, blob)
+
+    def counted_as_stream(*args):
+        made["as_stream"] += 1
+        return as_stream(*args)
+    monkeypatch.setattr(Entry, "decode", classmethod(counted_decode))
+    monkeypatch.setattr(convert, "as_stream", counted_as_stream)
+    state, stored = await a_json(px.url)
+    await px.settle()
+    hits = [await a_stream(px.url) for _ in range(3)]
+    assert [h[0] for h in hits] == ["hit"] * 3 and all(h[1] == stored for h in hits)
+    assert made == {"decode": 1, "as_stream": 1}
+    _, refreshed = await a_json(px.url, extra_headers={"x-sidecar-cache": "refresh"})
+    await px.settle()
+    assert await a_stream(px.url) == ("hit", refreshed) and refreshed["id"] != stored["id"]
+    assert made == {"decode": 2, "as_stream": 2}
+    relieved = relieve_memory(px.state)   # memory pressure: the decoded entries go, hits decode again
+    assert relieved["dropped_recent_records"] >= 1
+    assert await a_stream(px.url) == ("hit", refreshed) and made == {"decode": 3, "as_stream": 3}
 
 
 async def test_header_overrides_replay_mode(start_cache, mock):
