@@ -51,7 +51,7 @@ def prepare(call: Call, entry: Entry, pacing: bool) -> Replay | None:
             if not as_stored:
                 return Replay(entry.status, [*SSE_HEADERS, *headers], [decoded(entry.body, coding)], sse=True)
             timing = entry.pacing if pacing and entry.pacing else None
-            chunks = _made(entry, ("chunks",), lambda: _recorded_chunks(entry))
+            chunks = _made(entry, ("chunks",), lambda: _recorded_chunks(entry)) if timing else [entry.body]
             return Replay(entry.status, [*SSE_HEADERS, *headers], chunks, sse=True, pacing=timing)
         body = _made(entry, (call.route.api, *want), lambda: _converted(entry, call.route.api, want))
         if want[0] == "json":
@@ -107,7 +107,7 @@ async def send(request: web.Request, call: Call, replay: Replay) -> web.StreamRe
     await response.prepare(request)
     call.t_first_byte = time.monotonic()
     if replay.pacing is None:
-        await response.write(b"".join(replay.chunks))
+        await response.write(replay.chunks[0] if len(replay.chunks) == 1 else b"".join(replay.chunks))
     else:
         start = time.monotonic()
         for (offset, _), chunk in zip(replay.pacing, replay.chunks):
