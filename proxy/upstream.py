@@ -7,6 +7,7 @@ of headers.py. Connection failures become `UpstreamError` (errors.from_library).
 
 from __future__ import annotations
 
+import asyncio
 import warnings
 
 import aiohttp
@@ -20,6 +21,10 @@ from .errors import from_library
 warnings.filterwarnings("ignore", "Sending a large body directly with raw bytes", ResourceWarning, "aiohttp")
 # Added by aiohttp when missing; the agent's own choice must go upstream unchanged.
 SKIP_AUTO = ("Accept-Encoding", "User-Agent", "Content-Type")
+# A body this large goes upstream piece by piece, each in its own loop turn: one write of 4 MB is a kernel
+# copy of milliseconds that would stall every other agent's stream. Same bytes, same Content-Length framing.
+LARGE_BODY = 1 << 20
+PIECE = 256 << 10
 
 
 class UpstreamClient:
@@ -41,12 +46,24 @@ class UpstreamClient:
     async def send(self, method: str, url, headers: CIMultiDict, body: bytes,
                    api: str | None = None) -> aiohttp.ClientResponse:
         """Send one request to `api`'s upstream; the caller must release the response."""
+        data = body or None
+        if len(body) >= LARGE_BODY:
+            headers["Content-Length"] = str(len(body))   # framed as bytes are, not chunked
+            data = _pieces(body)
         try:
-            return await self.session.request(method, url, headers=headers, data=body or None,
+            return await self.session.request(method, url, headers=headers, data=data,
                                               skip_auto_headers=SKIP_AUTO, allow_redirects=False,
                                               compress=None)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             raise from_library(exc, url, api) from exc
+
+
+async def _pieces(body: bytes):
+    view = memoryview(body)
+    for at in range(0, len(body), PIECE):
+        if at:
+            await asyncio.sleep(0)
+        yield view[at:at + PIECE]
 
 
 def end_body_with_connection(response: aiohttp.ClientResponse) -> None:

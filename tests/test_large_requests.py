@@ -2,7 +2,7 @@
 
 - test_growing_conversation_misses_then_hits: every turn of a conversation growing to 4 MB is answered and
   stored (a large request's key is hashed off the event loop), the same turns again are all hits, and the
-  mock saw each turn once.
+  mock saw each turn once, byte for byte and framed by its length (a large body goes up in pieces).
 - test_a_growing_conversation_is_parsed_by_what_it_adds: from the second turn on the earlier messages are
   not parsed again (body_json.py, counted in the overview), and the checkpoint holds every message exactly.
 - test_a_turn_compares_only_what_it_adds: the checkpoint of a growing conversation compares only the rows
@@ -11,6 +11,8 @@
 - test_the_last_miss_of_a_large_request_is_its_canonical_request: the canonical form of a 4 MB request is
   hashed and noted as its parts, never joined: the note holds the very bytes `canonical` makes, and the
   key is their hash.
+- test_a_large_body_is_sent_whole_again_on_a_retry: a 2 MB request rate-limited once reaches the upstream
+  twice, the same bytes both times.
 - test_a_finished_call_is_freed_at_once: nothing of a call (its body, its parse, its answer) waits for the
   cyclic collector: a collection over calls of every kind finds none of them (it would be a stall, and the
   4 MB bodies would stay in memory until it ran).
@@ -52,6 +54,9 @@ async def test_growing_conversation_misses_then_hits(proxy_url: str, mock: MockU
     assert [(s, c) for s, c, _ in second] == [(200, "hit")] * len(turns)
     assert [answer for _, _, answer in second] == [answer for _, _, answer in first]
     assert mock.count("/v1/messages") == len(turns)
+    last = mock.received[-1]   # sent upstream piece by piece: the same bytes, framed by their length
+    assert last.body == turns[-1] and last.headers.get("content-length") == str(len(turns[-1]))
+    assert "transfer-encoding" not in last.headers
 
 
 async def test_key_ignores_formatting_not_order(proxy_url: str, mock: MockUpstream):
@@ -167,3 +172,13 @@ async def test_the_last_miss_of_a_large_request_is_its_canonical_request(start_a
     canonical = cache.keys.canonical("POST", "/v1/messages", "", HEADERS, orjson.loads(turns[-1]))
     assert len(canonical) > 2 << 20 and noted == canonical
     assert head["hash"] == cache.keys.request_hash(canonical).hex()
+
+
+async def test_a_large_body_is_sent_whole_again_on_a_retry(start_app, mock: MockUpstream):
+    px = await start_app(mock.url, retry={"base_delay": 0.01, "max_delay": 0.05})
+    body = bodies("retried", 3, 2048)[-1]
+    mock.inject("rate_limit", times=1, retry_after=0.01)
+    async with aiohttp.ClientSession() as http:
+        status, outcome, _ = await post(http, px.url, body)
+    assert (status, outcome) == (200, "miss") and mock.count("/v1/messages") == 2
+    assert [r.body for r in mock.received] == [body, body]
