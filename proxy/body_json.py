@@ -45,6 +45,7 @@ class Seen:
     body: bytes
     serial: int           # this body's number, in the order bodies were remembered
     start: int            # offset of the array's first element
+    head: dict | None     # the members before the array's key, parsed (a body parsed whole: None)
     ends: list[int]       # ends[i]: offset (from start) just past message i, where a `,` or `]` is
     messages: list        # their parsed objects
 
@@ -91,6 +92,7 @@ class Parsed:
     reused: int = 0                   # of them, those taken from an earlier parse
     ends: list[int] | None = None     # where they end (see Seen.ends)
     reused_from: int = 0              # the serial of the body they were taken from
+    head: dict | None = None          # the members before the array's key, parsed alone
     # (this body's serial, the serial of the body whose first `reused` messages it repeats byte for byte, or
     # 0, and `reused`): None when the body is not remembered
     lineage: tuple[int, int, int] | None = None
@@ -137,25 +139,29 @@ class BodyParser:
                 best, count = seen, n
         if best is None:
             return None
-        head = body[:at]
         end = start + best.ends[count - 1]
         tail = body[end + 1:] if body[end] == COMMA else body[end:]
         if b'"' + key.encode() + b'"' in tail:   # a second key of that name would be the one that counts
             return None
         try:   # the array's key is at the top level: what precedes it closes as an object; what follows
             # it opens as one. Merged in order, as orjson fills a dict (a repeated key: its first place, last value)
-            doc = orjson.loads(head[:-1] + b"}" if head.endswith(b",") else head + b"}")
+            if best.head is not None and best.start == start and body.startswith(memoryview(best.body)[:at]):
+                head_doc = best.head   # the same bytes before the array (system prompt, tools): parsed before
+            else:
+                head = body[:at]
+                head_doc = orjson.loads(head[:-1] + b"}" if head.endswith(b",") else head + b"}")
             after = orjson.loads(b"{" + body[at:start] + tail)
         except orjson.JSONDecodeError:
             return None
         rest = after.pop(key, None) if isinstance(after, dict) else None
-        if not isinstance(doc, dict) or not isinstance(rest, list):
+        if not isinstance(head_doc, dict) or not isinstance(rest, list):
             return None
+        doc = dict(head_doc)   # the kept head stays as parsed: the next turn may take it again
         self._seen.remove(best)   # the conversation moved on: its newer body replaces it
         doc[key] = best.messages[:count] + rest
         doc.update(after)
         self.reused += count
-        return Parsed(doc, best.rows(count), count, best.ends[:count], best.serial)
+        return Parsed(doc, best.rows(count), count, best.ends[:count], best.serial, head_doc)
 
     def _learn(self, body: bytes, key: str, start: int, parsed: Parsed) -> None:
         """Remember the messages of this body whose bytes are orjson's (all of them, for a compact client)."""
@@ -176,7 +182,7 @@ class BodyParser:
         parsed.rows, parsed.ends = rows, ends
         if not ends:
             return
-        seen = Seen(body, next(self._serials), start, ends, messages[:len(ends)])
+        seen = Seen(body, next(self._serials), start, parsed.head, ends, messages[:len(ends)])
         self._seen.append(seen)
         parsed.lineage = (seen.serial, parsed.reused_from, parsed.reused)
         kept = sum(len(seen.body) for seen in self._seen)

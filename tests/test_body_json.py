@@ -34,6 +34,7 @@ edit = st.one_of(
     st.tuples(st.just("rewrite"), st.integers(0, 50), message),
     st.tuples(st.just("drop"), st.integers(1, 4)),
     st.tuples(st.just("same")),
+    st.tuples(st.just("system"), text),   # the fields before the messages change (a new system prompt)
 )
 encoding = st.sampled_from(["orjson", "orjson", "orjson", "spaced", "ascii"])
 
@@ -62,14 +63,17 @@ def test_a_growing_conversation_parses_as_orjson_does(start, edits, messages_las
     parser = BodyParser(min_bytes=0)
     messages = list(start)
     tools = [{"name": "t", "input_schema": {"messages": {"type": "array"}} if nested else {"type": "object"}}]
+    system = "You are."
     for step in [("same",), *edits]:
+        if step[0] == "system":
+            system = step[1]
         if step[0] == "grow":
             messages += step[1]
         elif step[0] == "rewrite":
             messages[step[1] % len(messages)] = step[2]
         elif step[0] == "drop":
             messages = messages[:max(1, len(messages) - step[1])]
-        fields = {"model": "claude-x", "max_tokens": 100, "system": [{"type": "text", "text": "You are."}],
+        fields = {"model": "claude-x", "max_tokens": 100, "system": [{"type": "text", "text": system}],
                   "tools": tools}
         doc = {**fields, "messages": marked(messages)} if messages_last else {"messages": marked(messages), **fields}
         body = encode(doc, how)
