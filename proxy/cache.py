@@ -37,7 +37,8 @@ HASH_IN_THREAD = 256 << 10   # bytes of canonical request above which hashing (~
 WRITES = {"read-write", "refresh"}
 # Recently hit entries stay decoded (with what replays made of them), each checked against the stored bytes
 # at every hit (one memcmp): a hit decodes nothing again. Bounded: only entries up to DECODED_MAX bytes,
-# DECODED_KEPT_BYTES of them at most (their bytes are kept twice: as stored, and decoded).
+# DECODED_KEPT_BYTES of stored bytes at most (kept twice, as stored and decoded, and with the other forms a
+# replay made: a few times that in memory, at the very most).
 DECODED_MAX = 64 << 10
 DECODED_KEPT_BYTES = 4 << 20
 
