@@ -23,6 +23,7 @@ class Collector:
     def __init__(self):
         self.collections = [0, 0, 0]
         self.longest_ms = [0.0, 0.0, 0.0]
+        self.frozen = 0   # objects frozen, counted once at the freeze (gc.get_freeze_count walks them all)
         self._began = 0.0
 
     def watch(self) -> None:
@@ -32,10 +33,10 @@ class Collector:
         if self._observe in gc.callbacks:
             gc.callbacks.remove(self._observe)
 
-    @staticmethod
-    def freeze() -> None:
+    def freeze(self) -> None:
         """Everything alive now is out of the collector's reach (start-up's modules and tables)."""
         gc.freeze()
+        self.frozen = gc.get_freeze_count()
 
     def _observe(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -48,5 +49,5 @@ class Collector:
             self.longest_ms[generation] = ms
 
     def snapshot(self) -> dict:
-        return {"frozen": gc.get_freeze_count(), "collections": list(self.collections),
+        return {"frozen": self.frozen, "collections": list(self.collections),
                 "longest_ms": [round(ms, 2) for ms in self.longest_ms]}
