@@ -71,6 +71,33 @@ def digest(value: Any) -> str:
     return hashlib.blake2b(orjson.dumps(value), digest_size=8).hexdigest()
 
 
+# What a call derives from the large parts of its body (tools, system prompt, first message: 70 KB and more
+# for Claude Code), by the part's identity: body_json.py hands the next turn the very same objects while
+# their bytes stay the same, and nothing in the proxy changes a parsed body in place. Each entry holds its
+# part, so an id is never another object's. Bounded: forgetting only costs working it out again.
+_DERIVED: dict[tuple[int, str], tuple[Any, Any]] = {}
+MAX_DERIVED = 64
+
+
+def derived(part: Any, what: str, make) -> Any:
+    """make(part), worked out once for this very object (a list or dict; anything else every time)."""
+    if not isinstance(part, (list, dict)):
+        return make(part)
+    key = (id(part), what)
+    kept = _DERIVED.get(key)
+    if kept is not None and kept[0] is part:
+        return kept[1]
+    value = make(part)
+    if len(_DERIVED) >= MAX_DERIVED:
+        _DERIVED.clear()
+    _DERIVED[key] = (part, value)
+    return value
+
+
+def _unmarked_bytes(value: Any) -> bytes:
+    return orjson.dumps(unmarked(value))
+
+
 def client_session(body: dict, headers) -> str | None:
     """The session id a client sends itself, if any (Claude Code does, two ways)."""
     user_id = (body.get("metadata") or {}).get("user_id")
@@ -89,9 +116,13 @@ def session_id(agent: str, body: dict, headers, path: str = "") -> str:
     if own:
         return "c" + digest(["client", own])[:15]
     system, messages = turns_of(path, body)
-    first_user = unmarked(next((m for m in messages or () if isinstance(m, dict) and m.get("role") == "user"), None))
-    head = system[:4096] if isinstance(system, str) else orjson.dumps(unmarked(system))[:4096].decode("utf-8", "ignore")
-    return "r" + digest([agent, head, first_user])[:15]
+    first_user = next((m for m in messages or () if isinstance(m, dict) and m.get("role") == "user"), None)
+    head = system[:4096] if isinstance(system, str) else \
+        derived(system, "head", _unmarked_bytes)[:4096].decode("utf-8", "ignore")
+    # digest([agent, head, unmarked(first_user)]), its JSON array written from parts: the same bytes
+    root = b"[" + orjson.dumps(agent) + b"," + orjson.dumps(head) + b"," + \
+        derived(first_user, "unmarked", _unmarked_bytes) + b"]"
+    return "r" + hashlib.blake2b(root, digest_size=8).hexdigest()[:15]
 
 
 def unmarked(value: Any) -> Any:
@@ -123,7 +154,10 @@ def answer_message(api: str, answer: dict | None) -> dict | None:
 def tools_digest(body: dict) -> str:
     """The tool set by kind and name: a sub-agent or a title call has another; descriptions may change
     with the agent's version between two lives, and hashing only names keeps this cheap per turn."""
-    tools = body.get("tools")
+    return derived(body.get("tools"), "names", _tool_names_digest)
+
+
+def _tool_names_digest(tools: Any) -> str:
     names = [(t.get("type"), t.get("name") or (t.get("function") or {}).get("name"))
              for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
     names += [("function", d.get("name")) for t in tools if isinstance(t, dict)   # Gemini's

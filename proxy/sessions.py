@@ -38,8 +38,8 @@ import orjson
 
 from .call import Call
 from . import gemini_api, responses_api
-from .conversation import (ASSISTANT_ROLES, CHAT_ROUTES, RESPONSES, SYSTEM_ROLES, answer_turns, client_session, digest,
-                           session_id, tools_digest, turns_field, turns_of, unmarked)
+from .conversation import (ASSISTANT_ROLES, CHAT_ROUTES, RESPONSES, SYSTEM_ROLES, answer_turns, client_session, derived,
+                           digest, session_id, tools_digest, turns_field, turns_of, unmarked)
 from .restore import Restore
 from .store import Lmdb
 
@@ -135,7 +135,7 @@ class Sessions:
         rows = [*known, *(orjson.dumps(m) for m in messages[len(known):])]
         meta = {"id": sid, "agent": call.route.agent, "api": call.route.api, "model": call.model,
                 "client_session": client_session(call.json, headers), "tools_digest": tools_digest(call.json),
-                "tools_hash": digest(call.json.get("tools")),
+                "tools_hash": derived(call.json.get("tools"), "digest", digest),
                 # the conversation's turns are its answers, however many calls (a restore, a retry) made them
                 "turns": sum(1 for m in messages if isinstance(m, dict) and m.get("role") in ASSISTANT_ROLES)}
         if path == responses_api.PATH:
@@ -193,7 +193,7 @@ class Sessions:
             txn.put(self._message_key(sid, index), rows[index - start], db=self._db)
         for index in range(total, count):
             txn.delete(self._message_key(sid, index), db=self._db)
-        system_digest = digest(system)
+        system_digest = derived(system, "digest", digest)
         if old and change is not None:
             before = txn.get(f"y:{sid}".encode(), db=self._db) if stored.get("system_digest") != system_digest else None
             change.update(tools=stored.get("tools_hash", meta.get("tools_hash")) != meta.get("tools_hash"),

@@ -207,3 +207,17 @@ def test_a_key_repeated_around_the_array_keeps_orjsons_place_and_value():
     parsed = parser.parse(body, "messages")
     assert parsed.reused == 1
     assert orjson.dumps(parsed.json) == orjson.dumps(orjson.loads(body))
+
+
+@given(agent=text, system=st.one_of(st.none(), text, st.lists(block, max_size=2)), messages=st.lists(message, max_size=4))
+@settings(max_examples=200, deadline=None)
+def test_a_conversation_id_is_the_digest_of_its_root_however_it_is_worked_out(agent, system, messages):
+    """session_id writes its root's JSON from parts kept per object (conversation.derived): the same id as
+    the digest of [agent, system head, first user message] written whole, the first time and the next."""
+    from agent_sidecar.proxy.conversation import digest, session_id, unmarked
+    body = {"system": system, "messages": marked(messages) if messages else []}
+    first_user = next((m for m in body["messages"] if m.get("role") == "user"), None)
+    head = system[:4096] if isinstance(system, str) else \
+        orjson.dumps(unmarked(system))[:4096].decode("utf-8", "ignore")
+    expected = "r" + digest([agent, head, unmarked(first_user)])[:15]
+    assert session_id(agent, body, {}) == expected == session_id(agent, body, {})
