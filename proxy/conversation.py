@@ -94,6 +94,11 @@ def derived(part: Any, what: str, make) -> Any:
     return value
 
 
+def forget_derived() -> None:
+    """Memory relief (monitor.py): the parts are let go; the next turn works them out again."""
+    _DERIVED.clear()
+
+
 def _unmarked_bytes(value: Any) -> bytes:
     return orjson.dumps(unmarked(value))
 

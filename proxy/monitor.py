@@ -25,6 +25,7 @@ import orjson
 import psutil
 
 from .config import MonitorSection
+from .conversation import forget_derived
 from .events import EventLog, make_event
 
 log = logging.getLogger("sidecar")
@@ -299,4 +300,5 @@ def relieve_memory(state) -> dict[str, int]:
     if state.cache is not None:
         state.cache.forget_decoded()
     state.bodies.forget()
+    forget_derived()
     return {"dropped_recent_records": dropped, "gc_collected": gc.collect()}
