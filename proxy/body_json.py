@@ -93,9 +93,13 @@ class Parsed:
     ends: list[int] | None = None     # where they end (see Seen.ends)
     reused_from: int = 0              # the serial of the body they were taken from
     head: dict | None = None          # the members before the array's key, parsed alone
-    # (this body's serial, the serial of the body whose first `reused` messages it repeats byte for byte, or
-    # 0, and `reused`): None when the body is not remembered
-    lineage: tuple[int, int, int] | None = None
+    serial: int = 0                   # this body's serial, once remembered
+
+    @property
+    def lineage(self) -> tuple[int, int, int] | None:
+        """(this body's serial, the serial of the body whose first `reused` messages it repeats byte for
+        byte, or 0, and `reused`); None when the body is not remembered."""
+        return (self.serial, self.reused_from, self.reused) if self.serial else None
 
 
 class BodyParser:
@@ -184,7 +188,7 @@ class BodyParser:
             return
         seen = Seen(body, next(self._serials), start, parsed.head, ends, messages[:len(ends)])
         self._seen.append(seen)
-        parsed.lineage = (seen.serial, parsed.reused_from, parsed.reused)
+        parsed.serial = seen.serial
         kept = sum(len(seen.body) for seen in self._seen)
         while len(self._seen) > self.max_kept or kept > self.max_kept_bytes:
             kept -= len(self._seen.pop(0).body)

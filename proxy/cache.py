@@ -94,16 +94,14 @@ class Cache:
             call.cache_outcome = "bypass"
             return
         call.cache_mode = mode
-        if len(parts) > 1 and sum(map(len, parts)) >= HASH_IN_THREAD:   # never joined: no copy of the body
+        if sum(map(len, parts)) >= HASH_IN_THREAD:   # never joined: no copy of the body
             call.canonical_parts = parts
             return self._keyed_in_thread(call, parts, headers)
         call.canonical = parts[0] if len(parts) == 1 else b"".join(parts)
-        if len(call.canonical) >= HASH_IN_THREAD:
-            return self._keyed_in_thread(call, call.canonical, headers)
         self._keyed(call, self.keys.request_hash(call.canonical), headers)
         return None
 
-    async def _keyed_in_thread(self, call: Call, canonical: bytes | list, headers) -> None:
+    async def _keyed_in_thread(self, call: Call, canonical: list, headers) -> None:
         """A large request is hashed off the event loop (hashlib releases the GIL): other calls' streams go on."""
         digest = await asyncio.get_running_loop().run_in_executor(None, self.keys.request_hash, canonical)
         self._keyed(call, digest, headers)

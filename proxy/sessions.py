@@ -85,11 +85,10 @@ class Sessions:
         self.lmdb = lmdb_env
         self.mirror = mirror     # RedisCheckpoints for a fleet, or None
         self.armed: Restore | None = None    # for the next conversation that continues a checkpoint
-        # The last turn checkpointed per conversation (its request hash): a hit repeating it is already kept.
-        self._last_turn: dict[str, bytes] = {}
-        # Per conversation, the serial of the request body (body_json.py) whose messages its stored rows begin
-        # with, and the `updated` stamp of that checkpoint.
-        self._stored_from: dict[str, tuple[int, float]] = {}
+        # The last turn checkpointed per conversation: its request hash (a hit repeating it is already kept),
+        # the serial of the request body (body_json.py) whose messages the stored rows begin with (0: none
+        # known) and the checkpoint's `updated` stamp then.
+        self._last_turn: dict[str, tuple[bytes, int, float | None]] = {}
         self.rows_compared = 0   # stored rows compared with a request's, in all ...
         self.rows_known = 0      # ... and those known equal, not compared
 
@@ -106,7 +105,8 @@ class Sessions:
     def has_turn(self, call: Call) -> bool:
         """Whether this very request was the conversation's last checkpointed turn (so its answer is kept)."""
         call.session = call.session or self._place(call, call.headers)[0]
-        return bool(call.request_hash) and self._last_turn.get(call.session) == call.request_hash
+        last = self._last_turn.get(call.session)
+        return bool(call.request_hash) and last is not None and last[0] == call.request_hash
 
     def _place(self, call: Call, headers) -> tuple[str, int]:
         """The conversation this call continues, and the index its first message has in it."""
@@ -144,9 +144,8 @@ class Sessions:
         ends = answer.get("id") if meta.get("format") and isinstance(answer.get("id"), str) else None
         change: dict = {}
         lineage = call.turns_lineage if known else None   # (this body, the body its first turns repeat, how many)
-        remembered = self._stored_from.get(sid)
-        same = (lineage[2], remembered[1]) if lineage and remembered and lineage[1] == remembered[0] and not start \
-            else None
+        last = self._last_turn.get(sid)
+        same = (lineage[2], last[2]) if lineage and last and last[1] and lineage[1] == last[1] and not start else None
         size = sum(map(len, rows)) + 256 * len(rows) + len(orjson.dumps(system)) + 4096   # rows, keys, meta
         updated = await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system, start, ends, change,
                                                                 same), size)
@@ -156,12 +155,7 @@ class Sessions:
                 else f"messages[{i}]" for i in change["messages"]]
         if len(self._last_turn) >= 10_000:   # bounded: forgetting only costs a redundant merge (or compare)
             self._last_turn.clear()
-            self._stored_from.clear()
-        self._last_turn[sid] = call.request_hash
-        if lineage and updated:
-            self._stored_from[sid] = (lineage[0], updated)
-        else:
-            self._stored_from.pop(sid, None)
+        self._last_turn[sid] = (call.request_hash, lineage[0] if lineage and updated else 0, updated)
         if self.mirror is not None:
             await self.mirror.append(sid, messages if not start else self.messages(sid), {**meta, "system": system})
 

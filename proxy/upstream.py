@@ -8,7 +8,6 @@ of headers.py. Connection failures become `UpstreamError` (errors.from_library).
 from __future__ import annotations
 
 import asyncio
-import warnings
 
 import aiohttp
 from multidict import CIMultiDict
@@ -16,13 +15,11 @@ from multidict import CIMultiDict
 from .config import ProxySection, env_proxy_configured
 from .errors import from_library
 
-# A request body is sent as the bytes that arrived, whatever its size: one write to the transport, which
-# copies nothing more and blocks nothing (aiohttp warns above 1 MB; a BytesIO would cost a thread per read).
-warnings.filterwarnings("ignore", "Sending a large body directly with raw bytes", ResourceWarning, "aiohttp")
 # Added by aiohttp when missing; the agent's own choice must go upstream unchanged.
 SKIP_AUTO = ("Accept-Encoding", "User-Agent", "Content-Type")
 # A body this large goes upstream piece by piece, each in its own loop turn: one write of 4 MB is a kernel
 # copy of milliseconds that would stall every other agent's stream. Same bytes, same Content-Length framing.
+# (Smaller ones go as the bytes that arrived, in one write; aiohttp warns only about larger raw bytes.)
 LARGE_BODY = 1 << 20
 PIECE = 256 << 10
 
