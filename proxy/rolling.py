@@ -9,9 +9,10 @@ phase's values stay in a sorted list (a binary search and a move in C), and
 the chart's ten-second buckets keep their own, so a push reads them off in a
 fraction of a millisecond. Nobody watching, a call costs nothing here, and a
 one-off read (/_sidecar/overview) computes from the records. The figures are
-`stats.summarize`'s and `batch_chart`'s (tests compare them); the sums of
-dollars and seconds are summed again each time the window has turned over,
-so the rounding of a running sum cannot drift.
+`stats.summarize`'s and `batch_chart`'s (tests compare them). Dollars and
+seconds are summed exactly, as integers of 2**-1074 (every float is a whole
+number of them): a running sum never drifts however often the window turns
+over, and reads as the correctly rounded sum that `stats.exact_sum` gives.
 """
 
 from __future__ import annotations
@@ -45,7 +46,16 @@ def sorted_percentile(ordered: list[float], q: float) -> float | None:
 # A record's part in the additive figures, in this order (see `part_of`).
 FIELDS = ("calls", "hits", "cacheable", "input_tokens", "output_tokens", "saved_tokens", "retries", "cost_unknown",
           "saved_unknown", "upstream_read", "upstream_sent", *TOKEN_KINDS, "saved_s", "cost", "saved_usd")
-FLOAT_SUMS = FIELDS.index("saved_s")   # from here on, sums of floats (summed again as the window turns over)
+EXACT = FIELDS.index("saved_s")   # from here on, sums of floats, kept as exact integers (`exact`)
+UNIT = 1 << 1074                  # 2**-1074, the smallest float, is the unit of the exact sums
+
+
+def exact(value: float | None) -> int:
+    """A float as a whole number of 2**-1074 (None and inf as nothing, as `stats.exact_sum` counts them)."""
+    if not value or not math.isfinite(value):
+        return 0
+    numerator, denominator = value.as_integer_ratio()   # the denominator is a power of two, at most 2**1074
+    return numerator << (1075 - denominator.bit_length())
 
 
 def part_of(record: dict) -> tuple[tuple, str | None, tuple]:
@@ -58,7 +68,7 @@ def part_of(record: dict) -> tuple[tuple, str | None, tuple]:
     numbers = (1, hit, cache in CACHEABLE, inputs, outputs, inputs + outputs if hit else 0, get("retries", 0),
                cost is None, saved is None, 0 if hit else get("cache_read_tokens") or 0,
                0 if hit else get("input_tokens") or 0, *(get(kind) or 0 for kind in TOKEN_KINDS),
-               (get("saved_s") or 0) if hit else 0, cost or 0.0, saved or 0.0)
+               exact(get("saved_s")) if hit else 0, exact(cost), exact(saved))
     error = (get("error") or f"http_{get('status')}") if is_error(record) else None
     return numbers, error, tuple(get(phase) for phase in PHASES)
 
@@ -69,7 +79,7 @@ class Totals:
     __slots__ = ("sums", "errors", "phases")
 
     def __init__(self):
-        self.sums = [0] * FLOAT_SUMS + [0.0] * (len(FIELDS) - FLOAT_SUMS)
+        self.sums = [0] * len(FIELDS)
         self.errors: Counter[str] = Counter()
         self.phases: tuple[list[float], ...] = tuple([] for _ in PHASES)
 
@@ -95,13 +105,8 @@ class Totals:
                 else:
                     del ordered[bisect.bisect_left(ordered, value)]
 
-    def resum(self, parts) -> None:
-        """The sums of floats, summed again from the parts (as summarize sums them, in order)."""
-        for index in range(FLOAT_SUMS, len(FIELDS)):
-            self.sums[index] = sum(numbers[index] for numbers, _, _ in parts)
-
     def summary(self) -> dict[str, Any]:
-        f = dict(zip(FIELDS, self.sums))
+        f = dict(zip(FIELDS, self.sums[:EXACT] + [total / UNIT for total in self.sums[EXACT:]]))
         out: dict[str, Any] = {
             "calls": f["calls"], "hits": f["hits"],
             "hit_rate": round(f["hits"] / f["cacheable"], 4) if f["cacheable"] else None,
@@ -167,7 +172,6 @@ class Rolling:
         self.all = Totals()
         self.groups: dict[str, Totals] = {}
         self.buckets: dict[int, Bucket] = {}   # int(ts // step) -> the window's calls in those seconds
-        self._turned = 0   # records counted since the float sums were last summed again
 
     def clear(self) -> None:
         self.records.clear()
@@ -230,12 +234,6 @@ class Rolling:
                  record.get("cache") in HITS, total)
         self.parts.append(entry)
         self._move(entry, 1)
-        self._turned += 1
-        if self._turned >= self.window:   # the window turned over: no running sum older than it
-            self._turned = 0
-            self.all.resum([part for part, *_ in self.parts])
-            for name, totals in self.groups.items():
-                totals.resum([part for part, group, *_ in self.parts if group == name])
 
     def _move(self, entry: tuple, sign: int) -> None:
         part, name, index, hit, total = entry

@@ -80,7 +80,7 @@ def _summary(records: list[dict]) -> dict[str, Any]:
         "input_tokens": sum(r.get("input_tokens", 0) for r in records),
         "output_tokens": sum(r.get("output_tokens", 0) for r in records),
         "saved_tokens": sum(r.get("input_tokens", 0) + r.get("output_tokens", 0) for r in hits),
-        "saved_upstream_s": round(sum(r.get("saved_s") or 0 for r in hits), 3),
+        "saved_upstream_s": round(exact_sum(r.get("saved_s") for r in hits), 3),
         "errors": dict(errors), "retries": sum(r.get("retries", 0) for r in records),
         **_money(records, hits),
     }
@@ -98,11 +98,17 @@ def _money(records: list[dict], hits: list[dict]) -> dict[str, Any]:
     spent = [r.get("cost_usd", 0.0) for r in records]
     saved = [r.get("saved_usd", 0.0) for r in hits]
     sent = sum(r.get("input_tokens") or 0 for r in upstream)
-    out.update(cost_usd=round(sum(c for c in spent if c is not None), 8), cost_unknown=spent.count(None),
-               saved_usd=round(sum(c for c in saved if c is not None), 8), saved_unknown=saved.count(None),
+    out.update(cost_usd=round(exact_sum(spent), 8), cost_unknown=spent.count(None),
+               saved_usd=round(exact_sum(saved), 8), saved_unknown=saved.count(None),
                prompt_cache_ratio=round(sum(r.get("cache_read_tokens") or 0 for r in upstream) / sent, 4)
                if sent else None)
     return out
+
+
+def exact_sum(values) -> float:
+    """The correctly rounded sum of the finite values (None and inf count as nothing): the same whatever the
+    order, so figures kept as records come and go (rolling.py) equal the ones summed from the records."""
+    return math.fsum(v for v in values if v is not None and math.isfinite(v))
 
 
 def _round(value: float | None) -> float | None:
