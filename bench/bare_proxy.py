@@ -3,7 +3,8 @@
     python -m bench.bare_proxy --upstream http://127.0.0.1:9000 --port 0
 
 One pooled ClientSession; method, path, query, body and end-to-end headers go
-upstream; SSE answers are relayed chunk by chunk, other bodies whole.
+upstream; SSE answers are relayed chunk by chunk, other bodies whole. One path
+of its own, /_bare/health, answers "ok" from this process.
 """
 
 import argparse
@@ -15,6 +16,7 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
+HEALTH = "/_bare/health"   # answered here, not forwarded: the realistic scenario probes this loop's stalls
 DROP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
         "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length"}
 
@@ -62,6 +64,8 @@ async def main(upstream: str, host: str, port: int) -> None:
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
 
     async def relay(request: web.Request) -> web.StreamResponse:
+        if request.path == HEALTH:
+            return web.Response(text="ok")
         return await forward(http, upstream, request, await request.read())
     try:
         await serve(relay, "bare proxy", host, port)
