@@ -97,7 +97,7 @@ class Cache:
         if sum(map(len, parts)) >= HASH_IN_THREAD:   # never joined: no copy of the body
             call.canonical_parts = parts
             return self._keyed_in_thread(call, parts, headers)
-        call.canonical = parts[0] if len(parts) == 1 else b"".join(parts)
+        call.canonical = b"".join(parts)   # (a single bytes part is returned as it is, not copied)
         self._keyed(call, self.keys.request_hash(call.canonical), headers)
         return None
 

@@ -143,8 +143,7 @@ class KeyMaker:
     def canonical(self, method: str, path: str, query: str, headers, body: Any,
                   turns: tuple[str, list] | None = None) -> bytes:
         """The canonical request: what the key is the hash of (and what `sidecar cache why` compares)."""
-        parts = self.canonical_parts(method, path, query, headers, body, turns)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return b"".join(self.canonical_parts(method, path, query, headers, body, turns))   # one part: itself
 
     def canonical_parts(self, method: str, path: str, query: str, headers, body: Any,
                         turns: tuple[str, list] | None = None) -> list:

@@ -146,7 +146,8 @@ class Sessions:
         lineage = call.turns_lineage if known else None   # (this body, the body its first turns repeat, how many)
         last = self._last_turn.get(sid)
         same = (lineage[2], last[2]) if lineage and last and last[1] and lineage[1] == last[1] and not start else None
-        size = sum(map(len, rows)) + 256 * len(rows) + len(orjson.dumps(system)) + 4096   # rows, keys, meta
+        system_bytes = derived(system, "bytes", orjson.dumps)   # the very system object of the turn before: once
+        size = sum(map(len, rows)) + 256 * len(rows) + len(system_bytes) + 4096   # rows, keys, meta
         updated = await self.lmdb.write(lambda txn: self._merge(txn, sid, rows, meta, system, start, ends, change,
                                                                 same), size)
         if change:   # what changed since the previous turn, in the order a prompt cache reads a request
