@@ -35,30 +35,38 @@ class Replay:
 
 
 def prepare(call: Call, entry: Entry, pacing: bool) -> Replay | None:
-    """How to answer `call` from `entry`; None when this entry cannot serve it."""
+    """How to answer `call` from `entry`; None when this entry cannot serve it. Made once per form, coding
+    and pacing, and kept with the entry: the next hit of the same kind reuses it (nothing in it is changed)."""
     want = convert.form_of(call)
-    headers = [(k, v) for k, v in entry.headers if k.lower() not in ("content-type", "content-encoding")]
-    coding = entry.header("content-encoding")
+    coding = _made(entry, ("coding",), lambda: entry.header("content-encoding"))
+    as_stored = accepts(call.accept_encoding, coding)
+    timed = pacing and bool(entry.pacing)
     try:
-        if want == convert.stored_form(entry):
-            as_stored = accepts(call.accept_encoding, coding)
-            if as_stored and coding:
-                headers.append(("Content-Encoding", coding))
-            if not entry.stream:
-                body = entry.body if as_stored else decoded(entry.body, coding)
-                content_type = entry.header("content-type") or "application/json"
-                return Replay(entry.status, [("Content-Type", content_type), *headers], [body], sse=False)
-            if not as_stored:
-                return Replay(entry.status, [*SSE_HEADERS, *headers], [decoded(entry.body, coding)], sse=True)
-            timing = entry.pacing if pacing and entry.pacing else None
-            chunks = _made(entry, ("chunks",), lambda: _recorded_chunks(entry)) if timing else [entry.body]
-            return Replay(entry.status, [*SSE_HEADERS, *headers], chunks, sse=True, pacing=timing)
-        body = _made(entry, (call.route.api, *want), lambda: _converted(entry, call.route.api, want))
-        if want[0] == "json":
-            return Replay(entry.status, [("Content-Type", "application/json"), *headers], [body], sse=False)
-        return Replay(entry.status, [*SSE_HEADERS, *headers], [body], sse=True)
+        return _made(entry, ("replay", want, as_stored, timed), lambda: _replay(call.route.api, entry, want,
+                                                                                  coding, as_stored, timed))
     except (convert.Unconvertible, UndecodableBody):
         return None
+
+
+def _replay(api: str, entry: Entry, want: tuple, coding: str, as_stored: bool, timed: bool) -> Replay:
+    headers = [(k, v) for k, v in entry.headers if k.lower() not in ("content-type", "content-encoding")]
+    if want == convert.stored_form(entry):
+        if as_stored and coding:
+            headers.append(("Content-Encoding", coding))
+        if not entry.stream:
+            body = entry.body if as_stored else decoded(entry.body, coding)
+            content_type = entry.header("content-type") or "application/json"
+            return Replay(entry.status, [("Content-Type", content_type), *headers], [body], sse=False)
+        if not as_stored:
+            return Replay(entry.status, [*SSE_HEADERS, *headers], [decoded(entry.body, coding)], sse=True)
+        if timed:
+            return Replay(entry.status, [*SSE_HEADERS, *headers], _recorded_chunks(entry), sse=True,
+                          pacing=entry.pacing)
+        return Replay(entry.status, [*SSE_HEADERS, *headers], [entry.body], sse=True)
+    body = _made(entry, (api, *want), lambda: _converted(entry, api, want))
+    if want[0] == "json":
+        return Replay(entry.status, [("Content-Type", "application/json"), *headers], [body], sse=False)
+    return Replay(entry.status, [*SSE_HEADERS, *headers], [body], sse=True)
 
 
 def _made(entry: Entry, what: tuple, make):
@@ -84,7 +92,7 @@ def account(call: Call, entry: Entry) -> None:
     """A hit's record: the tokens and the upstream time the original call cost, now saved."""
     call.cache_outcome = "hit"
     call.saved_s = entry.meta.get("upstream_s", 0.0)
-    call.usage = from_meta(entry.meta)
+    call.usage = _made(entry, ("usage",), lambda: from_meta(entry.meta))   # never changed once made
 
 
 def _recorded_chunks(entry: Entry) -> list[bytes]:

@@ -613,11 +613,12 @@ async def test_refresh_header_goes_upstream_and_replaces_the_entry(px, mock):
 
 
 async def test_hits_decode_and_convert_an_entry_once_until_it_changes(px, mock, monkeypatch):
-    """A hit keeps the decoded entry and what it made of it (here, a stream from a JSON answer): the next hits
-    decode and convert nothing; an entry replaced under the same key (a refresh) is decoded afresh."""
-    from agent_sidecar.proxy import convert
-    made = {"decode": 0, "as_stream": 0}
-    decode, as_stream = Entry.decode.__func__, convert.as_stream
+    """A hit keeps the decoded entry and what it made of it (here, a stream from a JSON answer, and the replay
+    prepared from it): the next hits decode, convert and prepare nothing; an entry replaced under the same key
+    (a refresh) is decoded afresh."""
+    from agent_sidecar.proxy import convert, replay
+    made = {"decode": 0, "as_stream": 0, "prepared": 0}
+    decode, as_stream, prepared = Entry.decode.__func__, convert.as_stream, replay._replay
 
     def counted_decode(cls, blob):
         made["decode"] += 1
@@ -626,22 +627,26 @@ async def test_hits_decode_and_convert_an_entry_once_until_it_changes(px, mock, 
     def counted_as_stream(*args):
         made["as_stream"] += 1
         return as_stream(*args)
+    def counted_prepared(*args):
+        made["prepared"] += 1
+        return prepared(*args)
     monkeypatch.setattr(Entry, "decode", classmethod(counted_decode))
     monkeypatch.setattr(convert, "as_stream", counted_as_stream)
+    monkeypatch.setattr(replay, "_replay", counted_prepared)
     state, stored = await a_json(px.url)
     await px.settle()
     hits = [await a_stream(px.url) for _ in range(3)]
     assert [h[0] for h in hits] == ["hit"] * 3 and all(h[1] == stored for h in hits)
-    assert made == {"decode": 1, "as_stream": 1}
+    assert made == {"decode": 1, "as_stream": 1, "prepared": 1}
     _, refreshed = await a_json(px.url, extra_headers={"x-sidecar-cache": "refresh"})
     await px.settle()
     assert await a_stream(px.url) == ("hit", refreshed) and refreshed["id"] != stored["id"]
-    assert made == {"decode": 2, "as_stream": 2}
+    assert made == {"decode": 2, "as_stream": 2, "prepared": 2}
     from agent_sidecar.proxy import conversation
     assert conversation._DERIVED   # what the checkpoints worked out from the bodies' parts
     relieved = relieve_memory(px.state)   # memory pressure: the decoded entries go, hits decode again
     assert relieved["dropped_recent_records"] >= 1 and not conversation._DERIVED
-    assert await a_stream(px.url) == ("hit", refreshed) and made == {"decode": 3, "as_stream": 3}
+    assert await a_stream(px.url) == ("hit", refreshed) and made == {"decode": 3, "as_stream": 3, "prepared": 3}
 
 
 async def test_header_overrides_replay_mode(start_cache, mock):

@@ -919,6 +919,17 @@ async def no_accept_hit_of_gzip_entry(ctx):
     assert reply.body == CASES["json_gzip"].decoded
 
 
+@client_case("a gzip entry hit by a gzip client, then by one without Accept-Encoding: the later is not gzip")
+async def gzip_hit_then_plain_hit(ctx):
+    text = f"gzip entry {nonce()}"
+    for accept in ("gzip", "gzip", None, "identity"):   # the replay a hit prepared is kept per coding
+        reply = await ctx.sidecar.call(model_request(ctx.port, "nasty-json_gzip", accept=accept, text=text))
+        encoding = reply.header("content-encoding").lower()
+        assert reply.status == 200 and encoding in accepted(accept or ""), (accept, encoding, reply)
+        assert decode(reply.body, encoding) == CASES["json_gzip"].decoded
+    assert reply.header("x-sidecar-cache") == "hit" and reply.body == CASES["json_gzip"].decoded
+
+
 @client_case("a gzip entry served to a gzip client: decodes to the answer")
 async def gzip_hit_of_gzip_entry(ctx):
     reply = await gzip_entry_then(ctx, "gzip, deflate")
