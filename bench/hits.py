@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import statistics
 
-from .overhead import _job, _met
+from .overhead import _job, _met, proc_cpu
 from .plan import Ctx, alternate
-from .procs import http
+from .procs import http, with_cpu
 from .stats import Fig, Result, Series, p50, p99, paired, rps, vs
 
 TARGET_HIT_MS = 1.0
@@ -47,13 +47,14 @@ def hits(ctx: Ctx) -> Result:
                  ("json_c8", False, 8, plan.n_c8), ("json_c32", False, 32, plan.n_c32)]
     data: dict[str, dict[str, Series]] = {}
     for w, stream, c, n in workloads:
-        def job(url: str, kind: str, same: bool = False, stream=stream, c=c, n=n, w=w):
+        def job(proc, kind: str, same: bool = False, stream=stream, c=c, n=n, w=w):
             tag = f"s3-hit-{stream}" if same else f"s3-{w}-{kind}"
-            return lambda r: load.run(_job(url, n, c, stream, tag if same else f"{tag}-r{r}", same=same))
-        jobs = {"direct": job(mock.url, "direct"), "bare": job(bare.url, "bare"), "miss": job(side.url, "miss"),
-                "hit": job(side.url, "hit", same=True)}
+            return lambda r: with_cpu(proc, lambda: load.run(_job(proc.url, n, c, stream,
+                                                                  tag if same else f"{tag}-r{r}", same=same)))
+        jobs = {"direct": job(mock, "direct"), "bare": job(bare, "bare"), "miss": job(side, "miss"),
+                "hit": job(side, "hit", same=True)}
         if not stream:
-            jobs["cache_hit"] = job(cache.url, "cache", same=True)
+            jobs["cache_hit"] = job(cache, "cache", same=True)
         data[w] = alternate(plan, jobs, expect={"miss": "miss", "hit": "hit"})
         bare.check()
         side.check()
@@ -110,6 +111,12 @@ def hits(ctx: Ctx) -> Result:
         yard.append([label, measure, res.put(f"{w}.{key}.cache_hit", d["cache_hit"].fig(fn, unit)),
                      res.put(f"{w}.{key}.hit", d["hit"].fig(fn, unit)),
                      res.put(f"{w}.{key}.hit_vs_cache", ratio, text, met), text, _met(ratio, met)])
+    d = data["json_c32"]   # what a hit costs the proxy's own process: steadier than its rate on a shared machine
+    yard.append(["JSON, c=32", "CPU time per hit (the proxy alone)",
+                 res.put("json_c32.cpu_us.cache_hit", d["cache_hit"].fig(proc_cpu, "µs")),
+                 res.put("json_c32.cpu_us.hit", d["hit"].fig(proc_cpu, "µs")),
+                 res.put("json_c32.cpu_us.hit_vs_cache", paired(d["cache_hit"], d["hit"], proc_cpu, "ratio", "x")),
+                 "", ""])
     res.table(["workload", "measure", "bare LMDB cache hit", "sidecar hit", "sidecar vs bare cache", "target",
                "met?"], yard)
     sizes = [r["avg_bytes"] for r in data["json_c1"]["hit"].rounds]

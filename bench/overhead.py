@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from .plan import Ctx, alternate
+from .procs import with_cpu
 from .stats import Result, Series, p50, p99, paired, rps, vs
 
 TARGET_ADDED_MS = 0.5
@@ -39,7 +40,7 @@ def overhead(ctx: Ctx) -> Result:
     data: dict[str, dict[str, Series]] = {}
     for w, stream, c, n in workloads:
         jobs = {t: (lambda r, t=t, p=p, w=w, stream=stream, c=c, n=n:
-                    load.run(_job(p.url, n, c, stream, f"s1-{w}-{t}-r{r}")))
+                    with_cpu(p, lambda: load.run(_job(p.url, n, c, stream, f"s1-{w}-{t}-r{r}"))))
                 for t, p in targets.items()}
         data[w] = alternate(plan, jobs, expect={"sidecar": "miss"})
         for p in (mock, bare, on, off):
@@ -88,6 +89,18 @@ def overhead(ctx: Ctx) -> Result:
     res.table(["workload", "measure", "direct", "bare proxy", "vs direct", "sidecar (cache on, misses)",
                "vs direct", "vs bare", "sidecar (cache off)", "vs direct", "vs bare",
                f"target: added ≤ {TARGET_ADDED_MS} ms", "target: sidecar ≤ bare"], rows)
+    # The proxy's own CPU per call (its process alone): what each call costs it, steadier than a rate here.
+    cpu_rows = []
+    for w, label in (("json_c32", "JSON, c=32"), ("stream_c32", "stream, c=32")):
+        d = data[w]
+        cells = [label, res.put(f"{w}.cpu_us.mock", d["direct"].fig(proc_cpu, "µs"))]
+        for t in ("bare", "sidecar", "cache_off"):
+            cells.append(res.put(f"{w}.cpu_us.{t}", d[t].fig(proc_cpu, "µs")))
+            if t != "bare":
+                cells.append(res.put(f"{w}.cpu_us.{t}_vs_bare", paired(d["bare"], d[t], proc_cpu, "ratio", "x")))
+        cpu_rows.append(cells)
+    res.table(["CPU time per call (each process alone)", "mock (direct calls)", "bare proxy",
+               "sidecar (cache on, misses)", "vs bare", "sidecar (cache off)", "vs bare"], cpu_rows)
     n_rounds = len(data["json_c1"]["direct"].rounds)
     res.notes.append(f"{n_rounds} measured rounds after {plan.warmup} warm-up, the four targets alternated in "
                      f"each; figure = median of the per-round values (min–max of rounds); 'vs direct' and "
@@ -134,6 +147,10 @@ def ttft(ctx: Ctx) -> Result:
         rows.append(cells)
     res.table(["measure", "direct", "sidecar", "vs direct", "target", "met?"], rows)
     return res
+
+
+def proc_cpu(result: dict) -> float:
+    return result["proc_cpu_us"]
 
 
 def _met(fig, met: bool) -> str:

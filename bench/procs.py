@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -61,6 +62,30 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def cpu_seconds(ps: psutil.Process) -> float:
+    """A process's CPU time so far: the kernel's nanosecond run times of its threads where Linux has them
+    (/proc/PID/task/*/schedstat), else user + system in clock ticks (10 ms steps)."""
+    try:
+        total = 0
+        for task in os.scandir(f"/proc/{ps.pid}/task"):
+            with open(f"{task.path}/schedstat", "rb") as fh:
+                total += int(fh.read().split()[0])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        times = ps.cpu_times()
+        return times.user + times.system
+
+
+def with_cpu(proc: "Proc", run: Callable[[], dict]) -> dict:
+    """run()'s result with `proc_cpu_us`: that process's own CPU time per answered call, steadier than a
+    rate on a shared machine (the load generator and the mock are not in it)."""
+    before = cpu_seconds(proc.ps)
+    result = run()
+    used = max(0.0, cpu_seconds(proc.ps) - before)
+    result["proc_cpu_us"] = used / max(result.get("ok", 0), 1) * 1e6
+    return result
 
 
 class Proc:
