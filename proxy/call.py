@@ -54,6 +54,7 @@ class Call:
     rate_limited: bool = False    # the upstream answered 429/529 at least once
     saved_s: float = 0.0          # upstream seconds a hit saved (the original call's duration)
     session: str = ""             # conversation id, once checkpointed
+    place: tuple | None = None    # (conversation id, index of its first message), once worked out (sessions.py)
     restored: bool = False        # a checkpointed conversation was put in front of this call's messages
     forwarded_messages: list | None = None
     turn_rows: list | None = None      # orjson's bytes of the request's first turns, when known (body_json.py)

@@ -104,9 +104,15 @@ class Sessions:
 
     def has_turn(self, call: Call) -> bool:
         """Whether this very request was the conversation's last checkpointed turn (so its answer is kept)."""
-        call.session = call.session or self._place(call, call.headers)[0]
+        call.session = self._placed(call, call.headers)[0]
         last = self._last_turn.get(call.session)
         return bool(call.request_hash) and last is not None and last[0] == call.request_hash
+
+    def _placed(self, call: Call, headers) -> tuple[str, int]:
+        """`_place`, worked out once per call (a hit asks `has_turn` and may then be checkpointed)."""
+        if call.place is None:
+            call.place = self._place(call, headers)
+        return call.place
 
     def _place(self, call: Call, headers) -> tuple[str, int]:
         """The conversation this call continues, and the index its first message has in it."""
@@ -125,7 +131,7 @@ class Sessions:
         replies = answer_turns(path, call.route.api, answer)
         if not replies:
             return
-        sid, start = self._place(call, headers)
+        sid, start = self._placed(call, headers)
         call.session = sid
         system, turns = turns_of(path, call.json)
         messages = [*(call.forwarded_messages or turns), *replies]

@@ -372,3 +372,20 @@ def test_the_latest_conversations_come_from_the_index_as_the_list_gives_them(tmp
         assert sessions.latest(5) == sessions.list()[:5]
     finally:
         env.close()
+
+
+async def test_a_hit_works_out_its_conversation_once(store, monkeypatch):
+    """A hit asks whether it repeats the turn just kept and, when it does not (this process did not keep
+    it), is checkpointed: which conversation it continues is worked out once for the call, not twice."""
+    from agent_sidecar.proxy import sessions as sessions_module
+    worked_out, real = [], sessions_module.session_id
+    monkeypatch.setattr(sessions_module, "session_id", lambda *args: worked_out.append(args) or real(*args))
+    call = chat_call([user("u0")])
+    call.headers, call.request_hash = {}, b"h" * 16
+    assert not store.has_turn(call)
+    await store.checkpoint(call, {"content": [{"type": "text", "text": "a0"}]}, call.headers)
+    assert len(worked_out) == 1
+    assert store.messages(call.session) == [user("u0"), assistant("a0")]
+    again = chat_call([user("u0")])
+    again.headers, again.request_hash = {}, b"h" * 16
+    assert store.has_turn(again) and again.session == call.session and len(worked_out) == 2
