@@ -7,6 +7,8 @@ the only kind worth storing or checkpointing;
 anything malformed (an event that is not JSON, a shape the API never sends,
 an `error` event, bytes after the end) is relayed as it came and marked so.
 It notes the first content token and the token counts for the call's record.
+A stream's answer is built event by event as its chunks pass (sse.py's
+assemblies), so the chunk that ends a long answer costs what its own events do.
 It is handed the call with each chunk and keeps no reference to it: a call
 holding its capture holding the call would be a cycle, which only the cyclic
 collector frees (a stall, and the request's body kept until it runs).
@@ -23,10 +25,11 @@ import orjson
 from . import gemini_api, responses_api
 from .call import Call
 from .encoding import STORABLE, decoded
-from .sse import ANTHROPIC_END, OPENAI_END, EventParser, assemble_anthropic, assemble_openai
+from .sse import ANTHROPIC_END, OPENAI_END, AnthropicAssembly, Assembly, EventParser, OpenAIAssembly
 from .usage import flavor_of, merge, of_answer, usage_of
 
 
+ASSEMBLY = {"anthropic": AnthropicAssembly, "openai": OpenAIAssembly, "gemini": gemini_api.GeminiAssembly}
 WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
@@ -47,7 +50,7 @@ def well_formed(path: str, doc: Any) -> bool:
 
 class Capture:
     __slots__ = ("api", "path", "sse", "encoding", "pacing", "complete", "malformed", "answer", "responses", "_parser",
-                 "_inflate", "_events", "_t0", "_flavor", "_usage_block")
+                 "_inflate", "_assembly", "_t0", "_flavor", "_usage_block")
 
     def __init__(self, call: Call, sse: bool, encoding: str, keep_pacing: bool):
         self.api, self.path = call.route.api, call.route.path
@@ -61,7 +64,8 @@ class Capture:
         # A compressed stream is read through a decompressor; what is relayed stays compressed.
         self._parser = EventParser() if sse and not self.malformed else None
         self._inflate = zlib.decompressobj(WBITS[self.encoding]) if self._parser and self.encoding in WBITS else None
-        self._events: list[tuple[str, bytes]] = []
+        # The answer a stream makes, built event by event as it goes by (the Responses API's: by on_event).
+        self._assembly: Assembly | None = None if self._parser is None or self.responses else ASSEMBLY[self.api]()
         self._t0 = 0.0
         self._flavor = flavor_of(call.route.api, call.route.path)
         self._usage_block: dict | None = None   # a stream's usage so far
@@ -93,10 +97,11 @@ class Capture:
             if self.complete:        # anything after the end: relayed, but not an answer to keep
                 self.malformed = True
                 continue
-            self._events.append((name, data))
             try:
                 self._on_event(call, name, data)
-            except ValueError:
+                if self._assembly is not None and not self.malformed:
+                    self._assembly.add(name, data)
+            except ValueError:   # MalformedStream included
                 self.malformed = True
         if self.complete:
             tail = chunk.rstrip(b"\r\n")   # this chunk must end with the final event's data
@@ -180,16 +185,13 @@ class Capture:
             call.usage = usage_of(self._flavor, self._usage_block)
 
     def _assemble(self) -> None:
+        assembly, self._assembly = self._assembly, None
         if self.malformed:
             return
-        api = self.api
-        assemble = assemble_anthropic if api == "anthropic" else gemini_api.assemble if api == "gemini" else \
-            assemble_openai
         try:
-            answer = self.answer if self.responses else assemble(self._events)
+            answer = self.answer if assembly is None else assembly.result()
         except ValueError:
             answer = None
         if not well_formed(self.path, answer):
             self.malformed = True
         self.answer = answer
-        self._events = []

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from .sse import MalformedStream, _object, _total
+from .sse import Assembly, MalformedStream, _object, _total, assembled
 
 # /v1beta/models/{model}:{method} (the google-genai SDK 3 calls /v1/..., the Gemini CLI /v1beta/...)
 MODEL_METHOD = re.compile(r"^/(?:v1beta|v1alpha|v1)/(?:models|tunedModels)/([^/:]+):([A-Za-z]+)$")
@@ -107,17 +107,23 @@ def error_in(data: bytes) -> bool:
     return b'"error"' in data and isinstance(doc := orjson.loads(data), dict) and "error" in doc
 
 
-@_total
-def assemble(events: list[tuple[str, bytes]]) -> dict[str, Any] | None:
+class GeminiAssembly(Assembly):
     """The GenerateContentResponse a generateContent call returns, from a stream's chunks."""
-    response: dict[str, Any] | None = None
-    candidates: dict[int, dict] = {}
-    for _, data in events:
+
+    __slots__ = ("response", "candidates")
+
+    def __init__(self) -> None:
+        self.response: dict[str, Any] | None = None
+        self.candidates: dict[int, dict] = {}
+
+    @_total
+    def add(self, name: str, data: bytes) -> None:
         chunk = _object(orjson.loads(data), "chunk")
         if "error" in chunk:
             raise MalformedStream("an error chunk")
-        if response is None:
-            response = {}
+        if self.response is None:
+            self.response = {}
+        response = self.response
         for field, value in chunk.items():
             if field != "candidates":
                 response[field] = value   # usageMetadata, modelVersion, responseId, promptFeedback: the last
@@ -126,12 +132,17 @@ def assemble(events: list[tuple[str, bytes]]) -> dict[str, Any] | None:
             index = piece.get("index", position)
             if type(index) is not int or index < 0:
                 raise MalformedStream(f"candidate index {index!r}")
-            _merge(candidates.setdefault(index, {}), piece)
-    if response is None:
-        return None
-    if candidates:
-        response = {"candidates": [candidates[i] for i in sorted(candidates)], **response}
-    return response
+            _merge(self.candidates.setdefault(index, {}), piece)
+
+    def result(self) -> dict[str, Any] | None:
+        if self.response is None or not self.candidates:
+            return self.response
+        return {"candidates": [self.candidates[i] for i in sorted(self.candidates)], **self.response}
+
+
+def assemble(events: list[tuple[str, bytes]]) -> dict[str, Any] | None:
+    """The GenerateContentResponse a generateContent call returns, from a stream's chunks."""
+    return assembled(GeminiAssembly(), events)
 
 
 def _merge(candidate: dict, piece: dict) -> None:

@@ -9,13 +9,18 @@ sequence the official SDKs parse.
 Assembling is total: input that breaks its API's event grammar (data that is
 not JSON, wrong types, block indexes out of range) raises MalformedStream and
 nothing else, so a caller relays such an answer as it came and stores nothing.
+It is incremental: an assembly takes each event as the stream brings it
+(`add`) and joins the pieces once the stream has ended (`result`), so a long
+answer's work is spread over its chunks, never done at once at its end, and
+no event is kept after it was taken. `assemble_*(events)` do both for a
+recorded stream.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import orjson
 
@@ -93,20 +98,39 @@ class EventParser:
         return events
 
 
-Assemble = Callable[[list[tuple[str, bytes]]], "dict[str, Any] | None"]
+T = TypeVar("T", bound=Callable)
 
 
-def _total(assemble: Assemble) -> Assemble:
+def _total(step: T) -> T:
     """The one place where hostile input's decoding and lookup errors become MalformedStream."""
-    @functools.wraps(assemble)
-    def checked(events: list[tuple[str, bytes]]) -> dict[str, Any] | None:
+    @functools.wraps(step)
+    def checked(*args):
         try:
-            return assemble(events)
+            return step(*args)
         except MalformedStream:
             raise
         except (ValueError, LookupError, TypeError, AttributeError) as exc:
-            raise MalformedStream(f"{assemble.__name__}: {type(exc).__name__}: {exc}") from exc
-    return checked
+            raise MalformedStream(f"{step.__qualname__}: {type(exc).__name__}: {exc}") from exc
+    return checked   # type: ignore[return-value]
+
+
+class Assembly:
+    """An answer built event by event (`add`), finished once its stream has ended (`result`)."""
+
+    __slots__ = ()
+
+    def add(self, name: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def result(self) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+
+def assembled(assembly: Assembly, events: list[tuple[str, bytes]]) -> dict[str, Any] | None:
+    """A recorded stream's events, all taken by `assembly`: the answer they make."""
+    for name, data in events:
+        assembly.add(name, data)
+    return assembly.result()
 
 
 def _object(value: Any, what: str) -> dict:
@@ -135,46 +159,62 @@ ANTHROPIC_DELTAS = {
 }
 
 
-@_total
-def assemble_anthropic(events: list[tuple[str, bytes]]) -> dict[str, Any] | None:
+class AnthropicAssembly(Assembly):
     """The Message a non-streaming call returns, built from a complete event sequence."""
-    message: dict[str, Any] | None = None
-    content: list[dict] = []
-    pieces: list[dict[str, list]] = []    # per block: field -> its deltas, joined once at the end
-    for name, data in events:
+
+    __slots__ = ("message", "content", "pieces")
+
+    def __init__(self) -> None:
+        self.message: dict[str, Any] | None = None
+        self.content: list[dict] = []
+        self.pieces: list[dict[str, list]] = []    # per block: field -> its deltas, joined once at the end
+
+    @_total
+    def add(self, name: str, data: bytes) -> None:
         if name in ("ping", "error"):
-            continue
+            return
         event = _object(orjson.loads(data), f"{name} event")
         kind = event.get("type", name)
+        message, content = self.message, self.content
         if kind == "content_block_delta" and message is not None:   # the most frequent event, first
             delta = _object(event["delta"], "delta")
             known = ANTHROPIC_DELTAS.get(delta.get("type"))
             if known is not None:
                 key, field = known
-                pieces[_index(event, "content_block_delta", below=len(content))].setdefault(field, []).append(delta[key])
+                self.pieces[_index(event, "content_block_delta", below=len(content))].setdefault(field, []) \
+                    .append(delta[key])
         elif kind == "message_start":
-            message = dict(_object(event["message"], "message_start.message"))
-            message["content"] = content = []
-            pieces = []
+            self.message = dict(_object(event["message"], "message_start.message"))
+            self.message["content"] = self.content = []
+            self.pieces = []
         elif message is None:
-            continue
+            return
         elif kind == "content_block_start":
             if _index(event, "content_block_start", below=len(content) + 1) < len(content):
                 raise MalformedStream(f"content_block_start repeats index {event['index']}")
             block = dict(_object(event["content_block"], "content_block"))
             content.append(block)
-            pieces.append({"input": []} if block.get("type") in ("tool_use", "server_tool_use") else {})
+            self.pieces.append({"input": []} if block.get("type") in ("tool_use", "server_tool_use") else {})
         elif kind == "content_block_stop":
             _index(event, "content_block_stop", below=len(content))
         elif kind == "message_delta":
             message.update(_object(event.get("delta", {}), "message_delta.delta"))
             message["usage"] = {**message.get("usage", {}), **event.get("usage", {})}
-    if message is None:
-        return None
-    for block, fields in zip(content, pieces):
-        for field, parts in fields.items():
-            block[field] = _joined(block, field, parts)
-    return message
+
+    @_total
+    def result(self) -> dict[str, Any] | None:
+        if self.message is None:
+            return None
+        for block, fields in zip(self.content, self.pieces):
+            for field, parts in fields.items():
+                block[field] = _joined(block, field, parts)
+        self.pieces = [{} for _ in self.content]   # joined: a second result() joins nothing again
+        return self.message
+
+
+def assemble_anthropic(events: list[tuple[str, bytes]]) -> dict[str, Any] | None:
+    """The Message a non-streaming call returns, built from a complete event sequence."""
+    return assembled(AnthropicAssembly(), events)
 
 
 def _joined(block: dict, field: str, parts: list) -> Any:
@@ -231,17 +271,25 @@ def _deltas_of(block: dict) -> list[dict]:
 
 # -- OpenAI ------------------------------------------------------------------
 
-@_total
-def assemble_openai(events: list[tuple[str, bytes]]) -> dict[str, Any] | None:
-    """The chat.completion a non-streaming call returns, built from its chunks."""
-    completion: dict[str, Any] | None = None
-    choices: dict[int, _Choice] = {}
-    for _, data in events:
-        if data == OPENAI_END:
-            break
+class OpenAIAssembly(Assembly):
+    """The chat.completion a non-streaming call returns, built from its chunks (up to `[DONE]`)."""
+
+    __slots__ = ("completion", "choices", "done")
+
+    def __init__(self) -> None:
+        self.completion: dict[str, Any] | None = None
+        self.choices: dict[int, _Choice] = {}
+        self.done = False
+
+    @_total
+    def add(self, name: str, data: bytes) -> None:
+        if self.done or data == OPENAI_END:
+            self.done = True
+            return
         chunk = _object(orjson.loads(data), "chunk")
+        completion = self.completion
         if completion is None:
-            completion = {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
+            completion = self.completion = {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
             completion["object"] = "chat.completion"
             completion["system_fingerprint"] = chunk.get("system_fingerprint")
         if chunk.get("usage"):
@@ -251,11 +299,19 @@ def assemble_openai(events: list[tuple[str, bytes]]) -> dict[str, Any] | None:
             raise MalformedStream(f"choices is {type(pieces).__name__}, not a list")
         for piece in pieces:
             index = _index(_object(piece, "choice"), "choice")
-            choices.setdefault(index, _Choice()).add(piece)
-    if completion is None:
-        return None
-    completion["choices"] = [choices[i].built(i) for i in sorted(choices)]
-    return completion
+            self.choices.setdefault(index, _Choice()).add(piece)
+
+    @_total
+    def result(self) -> dict[str, Any] | None:
+        if self.completion is None:
+            return None
+        self.completion["choices"] = [self.choices[i].built(i) for i in sorted(self.choices)]
+        return self.completion
+
+
+def assemble_openai(events: list[tuple[str, bytes]]) -> dict[str, Any] | None:
+    """The chat.completion a non-streaming call returns, built from its chunks."""
+    return assembled(OpenAIAssembly(), events)
 
 
 class _Choice:

@@ -104,6 +104,27 @@ def test_a_stream_completes_once_with_its_usage():
     assert len(capture.pacing) == len(anthropic_stream()) + 1
 
 
+def test_a_long_stream_is_assembled_as_it_goes_not_at_its_end(monkeypatch):
+    """Each event is taken into the answer as its chunk passes: the chunk that ends a 2,000-event stream
+    parses only its own event, so the end of a long answer does not hold the loop for the whole of it."""
+    from agent_sidecar.proxy import sse
+    start, *rest = anthropic_stream()
+    deltas = [b"event: content_block_delta\ndata: " + orjson.dumps(
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"w{i} "}}) + b"\n\n"
+        for i in range(2000)]
+    chunks = [start, rest[0], *deltas, *rest[2:]]
+    call = call_for()
+    capture = Capture(call, sse=True, encoding="", keep_pacing=False)
+    assert not any(capture.feed(call, chunk) for chunk in chunks[:-1])
+    parsed, loads = [], sse.orjson.loads
+    monkeypatch.setattr(sse.orjson, "loads", lambda data: parsed.append(data) or loads(data))
+    assert capture.feed(call, chunks[-1]) is True
+    assert len(parsed) == 1   # message_stop's own data, nothing earlier again
+    assert capture.storable
+    assert capture.answer["content"] == [{"type": "text", "text": "".join(f"w{i} " for i in range(2000))}]
+    assert capture.answer["stop_reason"] == "end_turn" and capture.answer["usage"]["output_tokens"] == 3
+
+
 @pytest.mark.parametrize("chunks", [
     anthropic_stream(end=False),                                              # cut before message_stop
     anthropic_stream(extra=b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),   # two ends
