@@ -25,7 +25,7 @@ import orjson
 from . import gemini_api, responses_api
 from .call import Call
 from .encoding import STORABLE, decoded
-from .sse import ANTHROPIC_END, OPENAI_END, AnthropicAssembly, Assembly, EventParser, OpenAIAssembly
+from .sse import ANTHROPIC_END, MALFORMED, OPENAI_END, AnthropicAssembly, Assembly, EventParser, OpenAIAssembly
 from .usage import flavor_of, merge, of_answer, usage_of
 
 
@@ -101,7 +101,7 @@ class Capture:
                 self._on_event(call, name, data)
                 if self._assembly is not None and not self.malformed:
                     self._assembly.add(name, data)
-            except ValueError:   # MalformedStream included
+            except MALFORMED:
                 self.malformed = True
         if self.complete:
             tail = chunk.rstrip(b"\r\n")   # this chunk must end with the final event's data
@@ -190,7 +190,7 @@ class Capture:
             return
         try:
             answer = self.answer if assembly is None else assembly.result()
-        except ValueError:
+        except MALFORMED:
             answer = None
         if not well_formed(self.path, answer):
             self.malformed = True

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import orjson
 
-from .sse import Assembly, MalformedStream, _object, _total, assembled
+from .sse import Assembly, MalformedStream, _object, assembled
 
 # /v1beta/models/{model}:{method} (the google-genai SDK 3 calls /v1/..., the Gemini CLI /v1beta/...)
 MODEL_METHOD = re.compile(r"^/(?:v1beta|v1alpha|v1)/(?:models|tunedModels)/([^/:]+):([A-Za-z]+)$")
@@ -116,7 +116,6 @@ class GeminiAssembly(Assembly):
         self.response: dict[str, Any] | None = None
         self.candidates: dict[int, dict] = {}
 
-    @_total
     def add(self, name: str, data: bytes) -> None:
         chunk = _object(orjson.loads(data), "chunk")
         if "error" in chunk:

@@ -18,9 +18,8 @@ recorded stream.
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Iterator
 
 import orjson
 
@@ -98,24 +97,14 @@ class EventParser:
         return events
 
 
-T = TypeVar("T", bound=Callable)
-
-
-def _total(step: T) -> T:
-    """The one place where hostile input's decoding and lookup errors become MalformedStream."""
-    @functools.wraps(step)
-    def checked(*args):
-        try:
-            return step(*args)
-        except MalformedStream:
-            raise
-        except (ValueError, LookupError, TypeError, AttributeError) as exc:
-            raise MalformedStream(f"{step.__qualname__}: {type(exc).__name__}: {exc}") from exc
-    return checked   # type: ignore[return-value]
+# What hostile input raises as it is decoded and looked into: any of them makes a stream malformed
+# (`assembled` raises MalformedStream for them, a capture marks its stream so).
+MALFORMED = (ValueError, LookupError, TypeError, AttributeError)
 
 
 class Assembly:
-    """An answer built event by event (`add`), finished once its stream has ended (`result`)."""
+    """An answer built event by event (`add`), finished once its stream has ended (`result`); either may
+    raise one of MALFORMED for input that breaks the API's grammar."""
 
     __slots__ = ()
 
@@ -127,10 +116,15 @@ class Assembly:
 
 
 def assembled(assembly: Assembly, events: list[tuple[str, bytes]]) -> dict[str, Any] | None:
-    """A recorded stream's events, all taken by `assembly`: the answer they make."""
-    for name, data in events:
-        assembly.add(name, data)
-    return assembly.result()
+    """A recorded stream's events, all taken by `assembly`: the answer they make (or MalformedStream)."""
+    try:
+        for name, data in events:
+            assembly.add(name, data)
+        return assembly.result()
+    except MalformedStream:
+        raise
+    except MALFORMED as exc:
+        raise MalformedStream(f"{type(assembly).__name__}: {type(exc).__name__}: {exc}") from exc
 
 
 def _object(value: Any, what: str) -> dict:
@@ -169,7 +163,6 @@ class AnthropicAssembly(Assembly):
         self.content: list[dict] = []
         self.pieces: list[dict[str, list]] = []    # per block: field -> its deltas, joined once at the end
 
-    @_total
     def add(self, name: str, data: bytes) -> None:
         if name in ("ping", "error"):
             return
@@ -201,7 +194,6 @@ class AnthropicAssembly(Assembly):
             message.update(_object(event.get("delta", {}), "message_delta.delta"))
             message["usage"] = {**message.get("usage", {}), **event.get("usage", {})}
 
-    @_total
     def result(self) -> dict[str, Any] | None:
         if self.message is None:
             return None
@@ -281,7 +273,6 @@ class OpenAIAssembly(Assembly):
         self.choices: dict[int, _Choice] = {}
         self.done = False
 
-    @_total
     def add(self, name: str, data: bytes) -> None:
         if self.done or data == OPENAI_END:
             self.done = True
@@ -301,7 +292,6 @@ class OpenAIAssembly(Assembly):
             index = _index(_object(piece, "choice"), "choice")
             self.choices.setdefault(index, _Choice()).add(piece)
 
-    @_total
     def result(self) -> dict[str, Any] | None:
         if self.completion is None:
             return None
