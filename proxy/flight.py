@@ -47,14 +47,18 @@ class Flight:
         self._waiters: list[asyncio.Future] = []
 
     # -- producer side --
+    # A body relayed whole (not incremental) is of use to nobody before it has ended: its head and chunks
+    # wake no subscriber, its end does (one wake-up per subscriber instead of one per step).
     def start_head(self, head: Head) -> None:
         if self.head is None:
             self.head = head
-            self._wake()
+            if head.incremental:
+                self._wake()
 
     def append(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
-        self._wake()
+        if self.head is None or self.head.incremental:
+            self._wake()
 
     def finish(self, failed: bool = False) -> None:
         if self.done:
@@ -92,7 +96,8 @@ class Flight:
                 self.task.cancel()
 
     async def wait_head(self) -> Head:
-        """The answer's status and headers, once the upstream sent them (or the call's error)."""
+        """The answer's status and headers, once the upstream sent them (or the call's error); for a body
+        relayed whole, once it has ended."""
         while self.head is None and not self.done:
             await self._changed()
         if self.head is None:

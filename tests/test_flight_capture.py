@@ -80,6 +80,40 @@ async def test_an_ended_or_cancelled_flight_cannot_be_joined():
         await cancelled.task
 
 
+async def test_a_body_relayed_whole_wakes_its_subscribers_once_at_its_end():
+    """A JSON answer's subscribers can do nothing with its head or a chunk: they are woken once, at the
+    end, with the head and the whole body; a stream's are woken at its head and at each chunk."""
+    for incremental, wakes in ((False, 1), (True, 4)):
+        flight = CountedFlight("k")
+        head = Head(200, "OK", CIMultiDict(), sse=incremental, incremental=incremental)
+
+        async def subscriber():
+            got = await flight.wait_head()
+            if not got.incremental:
+                return got, await flight.body()
+            return got, b"".join([chunk async for chunk in flight.stream()])
+        task = asyncio.create_task(subscriber())
+        await asyncio.sleep(0)
+        for step in (lambda: flight.start_head(head), lambda: flight.append(b'{"a":'),
+                     lambda: flight.append(b"1}"), flight.finish):
+            step()
+            await asyncio.sleep(0)
+        assert await task == (head, b'{"a":1}')
+        assert flight.waits == wakes, incremental   # each wait begun ends in a wake-up
+
+
+class CountedFlight(Flight):
+    """A flight that counts its subscribers' waits."""
+
+    def __init__(self, key):
+        super().__init__(key)
+        self.waits = 0
+
+    async def _changed(self) -> None:
+        self.waits += 1
+        await super()._changed()
+
+
 async def test_a_flight_that_ends_without_head_or_error_still_wakes_its_waiters():
     flight = Flight(None)
     wait = asyncio.create_task(flight.wait_head())
