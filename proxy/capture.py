@@ -24,12 +24,12 @@ import orjson
 
 from . import gemini_api, responses_api
 from .call import Call
+from .convert import ASSEMBLY
 from .encoding import STORABLE, decoded
-from .sse import ANTHROPIC_END, MALFORMED, OPENAI_END, AnthropicAssembly, Assembly, EventParser, OpenAIAssembly
+from .sse import ANTHROPIC_END, MALFORMED, OPENAI_END, Assembly, EventParser
 from .usage import flavor_of, merge, of_answer, usage_of
 
 
-ASSEMBLY = {"anthropic": AnthropicAssembly, "openai": OpenAIAssembly, "gemini": gemini_api.GeminiAssembly}
 WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 

@@ -15,9 +15,10 @@ from . import gemini_api, responses_api
 from .call import Call
 from .encoding import UndecodableBody, decoded
 from .entry import Entry
-from .sse import EventParser, assemble_anthropic, assemble_openai, synthesize_anthropic, synthesize_openai
+from .sse import AnthropicAssembly, EventParser, OpenAIAssembly, assembled, synthesize_anthropic, synthesize_openai
 
-ASSEMBLE = {"anthropic": assemble_anthropic, "openai": assemble_openai, "gemini": gemini_api.assemble}
+# Each API's assembly of a stream (sse.py): a stored one here, one going by in the capture (capture.py).
+ASSEMBLY = {"anthropic": AnthropicAssembly, "openai": OpenAIAssembly, "gemini": gemini_api.GeminiAssembly}
 
 
 class Unconvertible(ValueError):
@@ -55,7 +56,7 @@ def message_of(entry: Entry, api: str) -> dict:
             if entry.meta.get("path") == responses_api.PATH:
                 message = responses_api.assemble(events)
             else:
-                message = ASSEMBLE[api](events)
+                message = assembled(ASSEMBLY[api](), events)
     except (ValueError, UndecodableBody) as exc:
         raise Unconvertible(f"stored answer unreadable: {exc}") from exc
     if not isinstance(message, dict):

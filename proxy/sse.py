@@ -200,7 +200,6 @@ class AnthropicAssembly(Assembly):
         for block, fields in zip(self.content, self.pieces):
             for field, parts in fields.items():
                 block[field] = _joined(block, field, parts)
-        self.pieces = [{} for _ in self.content]   # joined: a second result() joins nothing again
         return self.message
 
 
