@@ -51,7 +51,7 @@ def is_gemini(path: str, headers, query: str) -> bool:
 
 def method_of(path: str) -> tuple[str, str] | None:
     """(model, method) of a model call's path."""
-    match = MODEL_METHOD.match(path)
+    match = MODEL_METHOD.match(path) if ":" in path else None   # every other API's path: no regex
     return (match.group(1), match.group(2)) if match else None
 
 
@@ -66,6 +66,8 @@ def streams(path: str, query: str) -> bool:
 
 
 def is_generate(path: str) -> bool:
+    if ":" not in path:   # the other APIs' paths, asked on every call: one scan in C
+        return False
     found = method_of(path)
     return found is not None and found[1] in GENERATE
 

@@ -98,13 +98,14 @@ def usage_of(flavor: str, block: Any) -> Usage | None:
     """The usage a block of this flavor reports; None when it is not a usage block."""
     if not isinstance(block, dict):
         return None
-    usage = Usage(raw=block if len(block) <= RAW_LIMIT else None)
+    totals = dict.fromkeys(COUNTS, 0)
     for path, name in MAPPINGS.get(flavor, ()):
         value: Any = block
         for key in path:
             value = value.get(key) if isinstance(value, dict) else None
-        setattr(usage, name, getattr(usage, name) + count(value))
-    return usage
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:   # count(), inline: every answer
+            totals[name] += value
+    return Usage(raw=block if len(block) <= RAW_LIMIT else None, **totals)
 
 
 def merge(block: dict | None, update: Any) -> dict | None:
