@@ -19,6 +19,7 @@ import importlib.util
 import signal
 import sys
 import time
+from pathlib import Path
 
 from agent_sidecar.bench import fleet, footprint, hits, livepage, overhead, overload, realistic, recording, report, storm
 from agent_sidecar.bench.plan import Ctx, make_plan
@@ -50,6 +51,9 @@ def parse(argv: list[str] | None, prog: str = "python -m bench") -> argparse.Nam
     p.add_argument("--ttft", type=float, help="realistic profile: seconds to first token (default 0.4)")
     p.add_argument("--tps", type=float, help="realistic profile: tokens per second (default 60)")
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with every process's log")
+    p.add_argument("--sidecar-from", metavar="DIR", type=Path,
+                   help="run the sidecars of another checkout (an older commit, say) against this bench's mock, "
+                        "load generator and yardsticks: before and after in one harness")
     args = p.parse_args(argv)
     names = [n.strip() for n in (args.only or ",".join(SCENARIOS)).split(",") if n.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
@@ -73,8 +77,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     m = report.machine()
+    if args.sidecar_from is not None:
+        m["sidecar_from"] = str(args.sidecar_from.resolve())
     report.say(f"# agent-sidecar benchmark ({mode})\n\n{report.machine_line(m, mode)}\n")
-    procs = Procs(keep=args.keep_logs)
+    if args.sidecar_from is not None:
+        report.say(f"Sidecars from another checkout: {args.sidecar_from.resolve()} (mock, load generator and "
+                   f"yardsticks from this one)\n")
+    try:
+        procs = Procs(keep=args.keep_logs, sidecar_from=args.sidecar_from)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
     results: list[Result] = []
     started = time.monotonic()
     try:

@@ -92,12 +92,12 @@ class Proc:
     """One child process whose stderr goes to a log file; `url` once it said where it listens."""
 
     def __init__(self, name: str, cmd: list[str], env: dict, logdir: Path, stdin=subprocess.DEVNULL, stdout=None,
-                 stdout_to_log: bool = False):
+                 stdout_to_log: bool = False, cwd: Path = ROOT):
         self.name = name
         self.log = logdir / f"{name}.log"
         self._log_fh = open(self.log, "wb")
         stdout = self._log_fh if stdout_to_log else stdout or subprocess.DEVNULL
-        self.popen = subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=stdin, stdout=stdout,
+        self.popen = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=stdin, stdout=stdout,
                                       stderr=self._log_fh, start_new_session=True, preexec_fn=_die_with_parent)
         self.ps = psutil.Process(self.popen.pid)
         self.url = ""
@@ -206,14 +206,36 @@ class Sampler:
         self._thread.join()
 
 
+def checkout(tree: Path, shim: Path) -> tuple[str, Path]:
+    """How to start the sidecar of another checkout of this repository: (its launcher module, the directory
+    to run it in, which is also its PYTHONPATH). Run from `shim`, where only that tree's packages are found:
+    `agent_sidecar.*` (today's layout) and the top-level `proxy`/`launcher` of trees from before it."""
+    tree = tree.resolve()
+    if not (tree / "launcher" / "cli.py").is_file() or not (tree / "proxy").is_dir():
+        raise BenchError(f"--sidecar-from {tree}: not a checkout of this repository (no launcher/cli.py, proxy/)")
+    (shim / "agent_sidecar").mkdir(parents=True)
+    for package in ("proxy", "launcher", "bench"):
+        if (tree / package).is_dir():
+            (shim / "agent_sidecar" / package).symlink_to(tree / package)
+            (shim / package).symlink_to(tree / package)
+    layout = (tree / "pyproject.toml").read_text(errors="replace") if (tree / "pyproject.toml").is_file() else ""
+    return ("agent_sidecar.launcher" if "agent_sidecar.launcher" in layout else "launcher"), shim
+
+
 class Procs:
     """Every process of a run, stopped together; a temp dir for logs and state."""
 
-    def __init__(self, keep: bool = False):
+    def __init__(self, keep: bool = False, sidecar_from: Path | None = None):
         self.tmp = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
         self.keep = keep
         self.all: list[Proc] = []
         self._n = 0
+        # Sidecars from another checkout (`--sidecar-from`): (module to run, directory to run it in).
+        try:
+            self._tree = checkout(sidecar_from, self.tmp / "sidecar-from") if sidecar_from is not None else None
+        except BenchError:
+            self.close()
+            raise
 
     def _name(self, base: str) -> str:
         self._n += 1
@@ -252,7 +274,10 @@ class Procs:
         state = state or self.tmp / f"{name}-state"
         env = clean_env(ANTHROPIC_BASE_URL=upstream, OPENAI_BASE_URL=upstream + "/v1", SIDECAR_STATE_DIR=str(state),
                         **{f"SIDECAR_{k.upper()}": str(v) for k, v in settings.items()})
-        proc = Proc(name, [sys.executable, "-m", "agent_sidecar.launcher", "serve", "--port", "0"], env, self.tmp)
+        module, cwd = self._tree or ("agent_sidecar.launcher", ROOT)
+        if self._tree is not None:
+            env["PYTHONPATH"] = str(cwd)
+        proc = Proc(name, [sys.executable, "-m", module, "serve", "--port", "0"], env, self.tmp, cwd=cwd)
         proc.state = state
         self.all.append(proc)
         return proc

@@ -64,3 +64,44 @@ def test_bench_smoke_runs_every_scenario(tmp_path: Path) -> None:
     for title in ("Pass-through overhead", "Cache hits", "Rate-limit storm", "Footprint", "Recording cost",
                   "Two sidecars on one Redis", "Realistic agent traffic", "Overload wall", "Machine:"):
         assert title in done.stdout
+
+
+def _checkout(root: Path, new_layout: bool) -> Path:
+    """A checkout whose launcher says where it runs from instead of serving."""
+    (root / "proxy").mkdir(parents=True)
+    (root / "proxy" / "__init__.py").write_text("")
+    (root / "launcher").mkdir()
+    (root / "launcher" / "__init__.py").write_text("")
+    (root / "launcher" / "cli.py").write_text("")
+    (root / "launcher" / "__main__.py").write_text(
+        "import os, sys\nprint('ran', __spec__.name, os.path.realpath(__file__), sys.argv[1:],"
+        " os.environ['SIDECAR_STATE_DIR'] != '',"
+        " file=sys.stderr)\n")
+    if new_layout:
+        (root / "pyproject.toml").write_text('[tool.setuptools]\npackages = ["agent_sidecar.launcher"]\n')
+    return root
+
+
+@pytest.mark.parametrize("new_layout", [True, False])
+def test_sidecar_from_starts_the_other_checkouts_sidecar(tmp_path: Path, new_layout: bool) -> None:
+    from agent_sidecar.bench.procs import Procs
+    tree = _checkout(tmp_path / "tree", new_layout)
+    procs = Procs(sidecar_from=tree)
+    try:
+        proc = procs.sidecar("http://127.0.0.1:9")
+        proc.popen.wait(30)
+        log = proc.log.read_text()
+    finally:
+        procs.close()
+    module = "agent_sidecar.launcher.__main__" if new_layout else "launcher.__main__"
+    # that tree's launcher (not the installed one), the way the bench starts a sidecar
+    assert f"ran {module} " in log and "['serve', '--port', '0'] True" in log, log
+    assert f" {tree.resolve() / 'launcher' / '__main__.py'} " in log, log
+
+
+def test_sidecar_from_a_directory_that_is_no_checkout_says_so(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "agent_sidecar.bench", "--smoke", "--only", "overhead",
+                           "--sidecar-from", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "not a checkout of this repository" in done.stderr, done.stderr
