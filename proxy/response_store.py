@@ -44,12 +44,15 @@ class ResponseStore:
 
     async def get(self, key: bytes) -> bytes | None:
         """A memory-mapped read, done inline: microseconds, never a thread hop."""
-        blob, access = self.lmdb.read(lambda txn: (txn.get(key, db=self._responses),
-                                                   txn.get(key, db=self._access)), (None, None))
+        if self.ttl:   # the access row says when the entry was made
+            blob, access = self.lmdb.read(lambda txn: (txn.get(key, db=self._responses),
+                                                       txn.get(key, db=self._access)), (None, None))
+        else:
+            blob, access = self.lmdb.read(lambda txn: txn.get(key, db=self._responses)), None
         if blob is None:
             return None
         now = time.time()
-        if self.ttl and access is not None and len(access) >= 24 and now - _unstamp(access[16:]) > self.ttl:
+        if access is not None and len(access) >= 24 and now - _unstamp(access[16:]) > self.ttl:
             self._expired.add(key)
             return None
         self._touched[key] = now
