@@ -60,6 +60,8 @@ def parse(argv: list[str] | None, prog: str = "python -m bench") -> argparse.Nam
     if unknown:
         p.error(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     args.names = names
+    if args.sidecar_from is not None:
+        args.sidecar_from = args.sidecar_from.resolve()
     return args
 
 
@@ -78,10 +80,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         signal.signal(sig, _interrupt)
     m = report.machine()
     if args.sidecar_from is not None:
-        m["sidecar_from"] = str(args.sidecar_from.resolve())
+        m["sidecar_from"] = str(args.sidecar_from)
     report.say(f"# agent-sidecar benchmark ({mode})\n\n{report.machine_line(m, mode)}\n")
     if args.sidecar_from is not None:
-        report.say(f"Sidecars from another checkout: {args.sidecar_from.resolve()} (mock, load generator and "
+        report.say(f"Sidecars from another checkout: {args.sidecar_from} (mock, load generator and "
                    f"yardsticks from this one)\n")
     try:
         procs = Procs(keep=args.keep_logs, sidecar_from=args.sidecar_from)

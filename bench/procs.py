@@ -208,18 +208,19 @@ class Sampler:
 
 def checkout(tree: Path, shim: Path) -> tuple[str, Path]:
     """How to start the sidecar of another checkout of this repository: (its launcher module, the directory
-    to run it in, which is also its PYTHONPATH). Run from `shim`, where only that tree's packages are found:
-    `agent_sidecar.*` (today's layout) and the top-level `proxy`/`launcher` of trees from before it."""
+    to run it in, which is also its PYTHONPATH). Run from `shim`, where only that tree's packages are found, as
+    its layout names them: `agent_sidecar.*` (today's), or the top-level `proxy`/`launcher` of older trees."""
     tree = tree.resolve()
     if not (tree / "launcher" / "cli.py").is_file() or not (tree / "proxy").is_dir():
         raise BenchError(f"--sidecar-from {tree}: not a checkout of this repository (no launcher/cli.py, proxy/)")
-    (shim / "agent_sidecar").mkdir(parents=True)
+    project = tree / "pyproject.toml"
+    packaged = project.is_file() and "agent_sidecar.launcher" in project.read_text(errors="replace")
+    home = shim / "agent_sidecar" if packaged else shim
+    home.mkdir(parents=True)
     for package in ("proxy", "launcher", "bench"):
         if (tree / package).is_dir():
-            (shim / "agent_sidecar" / package).symlink_to(tree / package)
-            (shim / package).symlink_to(tree / package)
-    layout = (tree / "pyproject.toml").read_text(errors="replace") if (tree / "pyproject.toml").is_file() else ""
-    return ("agent_sidecar.launcher" if "agent_sidecar.launcher" in layout else "launcher"), shim
+            (home / package).symlink_to(tree / package)
+    return ("agent_sidecar.launcher" if packaged else "launcher"), shim
 
 
 class Procs:
@@ -275,8 +276,7 @@ class Procs:
         env = clean_env(ANTHROPIC_BASE_URL=upstream, OPENAI_BASE_URL=upstream + "/v1", SIDECAR_STATE_DIR=str(state),
                         **{f"SIDECAR_{k.upper()}": str(v) for k, v in settings.items()})
         module, cwd = self._tree or ("agent_sidecar.launcher", ROOT)
-        if self._tree is not None:
-            env["PYTHONPATH"] = str(cwd)
+        env["PYTHONPATH"] = str(cwd)   # ROOT already, unless the sidecars come from another checkout
         proc = Proc(name, [sys.executable, "-m", module, "serve", "--port", "0"], env, self.tmp, cwd=cwd)
         proc.state = state
         self.all.append(proc)

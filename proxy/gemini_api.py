@@ -66,8 +66,6 @@ def streams(path: str, query: str) -> bool:
 
 
 def is_generate(path: str) -> bool:
-    if ":" not in path:   # the other APIs' paths, asked on every call: one scan in C
-        return False
     found = method_of(path)
     return found is not None and found[1] in GENERATE
 

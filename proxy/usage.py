@@ -103,8 +103,7 @@ def usage_of(flavor: str, block: Any) -> Usage | None:
         value: Any = block
         for key in path:
             value = value.get(key) if isinstance(value, dict) else None
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:   # count(), inline: every answer
-            totals[name] += value
+        totals[name] += count(value)
     return Usage(raw=block if len(block) <= RAW_LIMIT else None, **totals)
 
 
