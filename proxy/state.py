@@ -41,7 +41,7 @@ from .timing import record_of
 from .routes import Upstreams
 from .state_budget import StateBudget
 from .response_store import ResponseStore
-from .store import Lmdb, StoreError, map_size_of, open_lmdb
+from .store import Lmdb, StoreError, budget_of, map_size_of, open_lmdb
 from .errors import Fault
 from .upstream import UpstreamClient
 
@@ -107,10 +107,11 @@ class ProxyState:
         self.monitor = Monitor(self.config.monitor, EventLog(self.config.state_dir), self.limiter,
                                relieve=lambda: relieve_memory(self), upstreams=self.upstreams.bases)
         try:
-            self.lmdb = open_lmdb(self.config)
+            self.lmdb = open_lmdb(self.config, writemap=True)
         except StoreError as exc:   # the proxy starts anyway: calls are forwarded, nothing is stored
             log.error("sidecar: %s; forwarding calls uncached until then", exc)
-            self.lmdb = Lmdb.unavailable(self.config.state_dir, map_size_of(self.config), self.config.state.durable)
+            self.lmdb = Lmdb.unavailable(self.config.state_dir, map_size_of(self.config), self.config.state.durable,
+                                         budget_of(self.config))
             self._store_failed(exc)
         self.lmdb.report = self._store_failed
         self.budgets = Budgets(self.config.limits, self.monitor.emit)

@@ -8,19 +8,24 @@ The proxy's writes are group-committed: all those queued in one turn of the
 event loop share one transaction. Commits without fsync (the default) are
 done inline, on the event loop, in microseconds. Only with `[state] durable =
 true` do commits go to a writer thread (started by the first durable commit),
-so an fsync never blocks the event loop. The map is sized well above the cache's size limit and each
-store evicts least recently used entries inside its own transaction, so the
-map does not fill in normal use; if a commit still hits `MapFullError`, the
-map is doubled and the write retried (twice at most, then the error is
+so an fsync never blocks the event loop. Each store evicts least recently
+used entries inside its own transaction; a commit that finds the map full
+(`MapFullError`) grows it and is retried (twice at most, then the error is
 raised to the caller).
 
-No `writemap`: pages are written with pwrite(), so a full disk is a failed
-commit (an error), never a SIGBUS on a sparse mapping; it costs a few
-microseconds per commit. The proxy's writes (`Lmdb.submit`, `Lmdb.write`) fail open: a
-failing store is reported once through `report` (the `store_unavailable`
-event) and cleared by the next commit that succeeds with RESUME_FREE bytes
-free on its file system (on a nearly full disk small commits still pass
-between failing large ones: the event does not flap). A store that cannot be
+The proxy's store is written through its map (`writemap`: a commit is a memory
+copy, no pwrite() per page) where the file system rewrites blocks in place, with
+every byte of the map allocated before it is used (reserve.py): a full disk is
+then a failed commit (an error), never a SIGBUS on a sparse mapping. Its map
+starts small, is held within the state budget while the data fits, and grows
+(allocated first) when a commit finds it full. Elsewhere, with `[state] durable`,
+and for the CLI, pages are written with pwrite().
+
+The proxy's writes (`Lmdb.submit`, `Lmdb.write`) fail open: a failing store is
+reported once through `report` (the `store_unavailable` event) and cleared by
+the next commit that succeeds with RESUME_FREE bytes free on its file system,
+or the room the failed one lacked (on a nearly full disk small commits still
+pass between failing large ones: the event does not flap). A store that cannot be
 opened raises `StoreError` naming the file and the fix; the proxy then runs
 on `Lmdb.unavailable`, where reads find nothing and writes keep nothing,
 until the store can be opened again: a read or write tries once the file
@@ -49,10 +54,13 @@ import lmdb
 
 from . import migrations
 from .cache_key import KEY_VERSION
+from .reserve import Space, in_place
 
 log = logging.getLogger("sidecar")
 T = TypeVar("T")
 MIN_MAP = 256 << 20
+MB = 1 << 20
+START_MAP = 16 << 20   # a writemap store's first map (allocated on disk): grown as the data needs
 RESUME_FREE = 1 << 20   # bytes free the file system needs before a failing store counts as written again
 REOPEN_GAP = 30.0   # seconds between tries to open a store that could not be opened, unless its file changed
 # What a broken file raises: the store is not readable (as opposed to a full disk or a busy reader table).
@@ -62,6 +70,8 @@ BROKEN = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.I
 
 class StoreError(Exception):
     """The state store cannot be opened or read; the message names the file and says what to do."""
+
+    short = 0   # bytes of disk a write lacked, when that was why: the room its store waits for
 
 
 FIX = ("run 'sidecar cache clear' (it sets the broken store aside and starts afresh: cache, sessions and call "
@@ -94,8 +104,13 @@ class Lmdb:
 
     DATABASES = (b"meta", b"responses", b"access", b"lru", b"records", b"sessions", b"events", b"created")
 
-    def __init__(self, state_dir: Path, map_size: int, durable: bool = False):
+    def __init__(self, state_dir: Path, map_size: int, durable: bool = False, writemap_within: int | None = None):
         self.path = open_state_dir(state_dir) / "lmdb"
+        # Write through the map where the disk allows it, the map (all of it allocated) held within this many
+        # bytes (the state budget) while the data fits; None: pwrite() (the CLI's, and tests' default).
+        self.writemap_within = writemap_within
+        self.space: Space | None = None   # a writemap store's lock and reservation (reserve.py)
+        self._map = 0                      # a writemap store's map size, as this process last set it
         self.env = None
         self.db: dict = dict.fromkeys((name.decode() for name in self.DATABASES), None)
         self.report: Callable[[BaseException | None], None] | None = None   # the proxy's store_unavailable
@@ -122,9 +137,12 @@ class Lmdb:
         old_umask = os.umask(0o077)  # data.mdb and lock.mdb: 0600
         try:
             # sync=False: a commit is in the page cache when it returns, safe from any process crash (SIGKILL
-            # included); durable=true adds an fsync per commit, for power loss too. No writemap: see above.
-            self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=len(self.DATABASES) + 2,
-                                 max_readers=512, readahead=False, lock=True, sync=durable, metasync=durable)
+            # included); durable=true adds an fsync per commit, for power loss too.
+            options = dict(max_dbs=len(self.DATABASES) + 2, max_readers=512, readahead=False, lock=True,
+                           sync=durable, metasync=durable)
+            writemap = self.writemap_within is not None and not durable and in_place(self.path)
+            if not (writemap and self._open_writemap(data, options)):
+                self.env = lmdb.open(str(self.path), map_size=map_size, **options)
             self.db = {name.decode(): self.env.open_db(name) for name in self.DATABASES}
             self._check_version()
         except BROKEN as exc:
@@ -140,20 +158,45 @@ class Lmdb:
         finally:
             os.umask(old_umask)
 
+    def _open_writemap(self, data: Path, options: dict) -> bool:
+        """Open with writemap, the whole map allocated on disk; False (nothing open) where it cannot be."""
+        space = Space(data)
+        try:
+            with space.locked():   # never shorter than the file: another sidecar's map may reach its end
+                size = max(space.length(), min(START_MAP, self.writemap_within))
+                env = lmdb.open(str(self.path), map_size=size, writemap=True, **options)
+                size = env.info()["map_size"]   # at least the data's extent
+                if space.reserve(size):
+                    self.env, self.space, self._map = env, space, size
+                    return True
+                env.close()
+        except BaseException:
+            space.close()
+            raise
+        space.close()
+        log.info("sidecar: no room to reserve %d MB for the state store at %s: it is written with pwrite()",
+                 size // MB, self.path)
+        return False
+
     def _discard(self) -> None:
         if self.env is not None:
             self.env.close()
             self.env = None
+        if self.space is not None:
+            self.space.close()
+            self.space = None
         self.db = dict.fromkeys(self.db, None)
 
     @classmethod
-    def unavailable(cls, state_dir: Path, map_size: int = MIN_MAP, durable: bool = False) -> "Lmdb":
+    def unavailable(cls, state_dir: Path, map_size: int = MIN_MAP, durable: bool = False,
+                    writemap_within: int | None = None) -> "Lmdb":
         """A stand-in for a store that could not be opened: reads find nothing, writes keep nothing, until
         the store can be opened again (`reopen`)."""
         self = cls.__new__(cls)
         self.path, self.env, self.report, self.failing, self.budget = state_dir / "lmdb", None, None, None, None
         self.db = dict.fromkeys((name.decode() for name in cls.DATABASES), None)
         self.durable, self.map_size = durable, max(map_size, MIN_MAP)
+        self.writemap_within, self.space, self._map = writemap_within, None, 0
         self._resize, self._swap, self._writer, self._queued = threading.RLock(), threading.Lock(), None, []
         self.riders = []
         self._last_try, self._closed = (time.monotonic(), self._file_id()), False
@@ -228,7 +271,7 @@ class Lmdb:
                 try:
                     return self.env.begin()
                 except lmdb.MapResizedError:
-                    self.env.set_mapsize(0)
+                    self._adopt()
         raise lmdb.MapResizedError("the map kept changing size")
 
     def read(self, func: Callable[[lmdb.Transaction], T], default: T = None) -> T:
@@ -280,6 +323,8 @@ class Lmdb:
                 with self._swap:
                     if self.env is None:
                         raise StoreError(f"the state store at {self.path} is unavailable")
+                    if self.space is not None and self._map > self.space.upto and not self.space.reserve(self._map):
+                        raise self._no_room(self._map - self.space.upto)   # a map adopted while the disk was full
                     with self.env.begin(write=True) as txn:
                         result = func(txn)
                         evicted = self.budget.enforce(txn, size) if self.budget is not None else None
@@ -288,14 +333,59 @@ class Lmdb:
                 return result
             except lmdb.MapResizedError:
                 with self._resize:
-                    self.env.set_mapsize(0)
+                    self._adopt()
             except lmdb.MapFullError:
                 if attempt == 2:
                     raise
                 with self._resize:
-                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
-                log.warning("grew the LMDB map to %d bytes", self.env.info()["map_size"])
+                    self._grow(size)
         raise lmdb.MapResizedError("map kept changing size")
+
+    def _adopt(self) -> None:
+        """Take on the map another process grew (MapResizedError): a writemap store maps the whole file,
+        allocated where the disk allows (else its writes wait for room: `write_now`)."""
+        if self.space is None:
+            self.env.set_mapsize(0)
+            return
+        with self.space.locked():
+            size = max(self.space.length(), self._map)
+            self.space.reserve(size)
+            self.env.set_mapsize(size)
+            self._map = self.env.info()["map_size"]
+
+    def _grow(self, size: int | None) -> None:
+        """A commit found the map full: double it (pwrite), or grow a writemap store's, allocated first."""
+        if self.space is None:
+            self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            log.warning("sidecar: grew the state store's map to %d bytes", self.env.info()["map_size"])
+            return
+        with self.space.locked():
+            length = self.space.length()
+            wanted, least = self._grown(size)
+            new = next((n for n in (max(wanted, length), max(least, length)) if self.space.reserve(n)), None)
+            if new is None:   # not even the room this commit needs
+                raise self._no_room(least - self._map)
+            self.env.set_mapsize(new)
+            self._map = self.env.info()["map_size"]
+        log.warning("sidecar: grew the state store's map to %d bytes", self._map)
+
+    def _grown(self, size: int | None) -> tuple[int, int]:
+        """The next map of a writemap store, and the least this commit needs (room for twice its bytes):
+        half as large again (an eighth past the budget), held within the budget while the data fits;
+        whole megabytes."""
+        info, old, within = self.env.info(), self._map, self.writemap_within
+        least = max((info["last_pgno"] + 1) * self.env.stat()["psize"] + 2 * (size or MB), old) + MB
+        new = max(old + (old // 2 if old < within else old // 8), least)
+        if old < within:
+            new = max(min(new, within), least)
+        return -(-new // MB) * MB, -(-least // MB) * MB
+
+    def _no_room(self, short: int) -> StoreError:
+        error = StoreError(f"the state store at {self.path} is full and its disk has no {max(1, short // MB)} MB "
+                           f"to grow it by; free disk space there (caching resumes by itself) or lower "
+                           f"[state] max_mb")
+        error.short = short
+        return error
 
     def submit(self, func: Callable[[lmdb.Transaction], T], size: int | None = None) -> asyncio.Future:
         """Queue one of the proxy's writes; its future gives func's result once committed. Every write
@@ -385,12 +475,13 @@ class Lmdb:
                 done.set_exception(value)
 
     def _has_room(self) -> bool:
-        """Whether the file system of the store has RESUME_FREE bytes free (a recovery, not a flap)."""
+        """Whether the file system of the store has RESUME_FREE bytes free, or the room the failed write
+        lacked (a writemap store's commits pass within its map on a full disk): a recovery, not a flap."""
         try:
             st = os.statvfs(self.path)
         except OSError:
             return True
-        return st.f_bavail * st.f_frsize >= RESUME_FREE
+        return st.f_bavail * st.f_frsize >= max(RESUME_FREE, getattr(self.failing, "short", 0))
 
     def close(self) -> None:
         self._closed = True
@@ -407,15 +498,20 @@ class Lmdb:
             self.env.sync(True)
         except lmdb.Error as exc:   # a full disk: what is committed is in the page cache all the same
             log.warning("could not sync the state store at %s: %s", self.path, exc)
-        self.env.close()
-        self.env = None
+        self._discard()
+
+
+def budget_of(config) -> int:
+    """The bytes the state may take: its budget, or the cache's limit."""
+    return int((config.state.max_mb or config.cache.max_size_mb) * 1024 * 1024)
 
 
 def map_size_of(config) -> int:
     """A map comfortably above the state's budget (or the cache's limit): address space, not disk."""
-    return 2 * int((config.state.max_mb or config.cache.max_size_mb) * 1024 * 1024) + (256 << 20)
+    return 2 * budget_of(config) + (256 << 20)
 
 
-def open_lmdb(config) -> Lmdb:
-    """The state store of a config."""
-    return Lmdb(config.state_dir, map_size=map_size_of(config), durable=config.state.durable)
+def open_lmdb(config, writemap: bool = False) -> Lmdb:
+    """The state store of a config; `writemap` for the proxy's own (the CLI's writes are few: pwrite)."""
+    return Lmdb(config.state_dir, map_size=map_size_of(config), durable=config.state.durable,
+                writemap_within=budget_of(config) if writemap else None)

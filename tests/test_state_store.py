@@ -102,13 +102,16 @@ class Rig:
                               capture_output=True, timeout=60)
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
+@pytest.fixture(params=[5, 24], ids=["pwrite", "writemap"])
+def tmpfs(tmp_path, request):
+    """5 MB: no room for a first writemap map, the store uses pwrite(); 24 MB: a writemap store, its 16 MB map
+    reserved before the disk fills."""
     mount = tmp_path / "small"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}m", "tmpfs", str(mount)],
+                          capture_output=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a 5 MB tmpfs here ({done.stderr.decode().strip()}); needs root")
+        pytest.skip(f"cannot mount a {request.param} MB tmpfs here ({done.stderr.decode().strip()}); needs root")
     try:
         yield mount
     finally:
@@ -122,9 +125,10 @@ def test_full_disk(tmp_path, tmpfs):
         filler = tmpfs / "filler"
         with filler.open("wb") as out:   # all but about 1.5 MB of the file system
             out.write(b"\0" * (int(os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize) - (3 << 19)))
+        calls = 120   # enough to fill a reserved map too
         with ThreadPoolExecutor(8) as pool:   # under load: 8 calls at once
-            answered = list(pool.map(lambda i: rig.call(f"full disk {i}")[0], range(40)))
-        assert answered == [200] * 40
+            answered = list(pool.map(lambda i: rig.call(f"full disk {i}")[0], range(calls)))
+        assert answered == [200] * calls
         assert rig.proc.poll() is None, rig.log.read_text()
         overview = rig.overview()
         assert "store_unavailable" in overview["active_events"], overview
@@ -132,7 +136,7 @@ def test_full_disk(tmp_path, tmpfs):
         assert [e["state"] for e in raised] == ["raised"], raised
         assert "free disk space" in raised[0]["fix"]
         stored = overview["cache"]["entries"]
-        assert stored < 40
+        assert stored < calls
 
         filler.unlink()   # space returns: the next answer is stored
         assert rig.call("after the disk was freed")[0] == 200
