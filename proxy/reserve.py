@@ -3,18 +3,23 @@
 With writemap, LMDB stores pages straight into a shared mapping of data.mdb and sets the file's length
 to the map's (ftruncate): past the data, a sparse file. A store into a hole needs a block, and on a full
 disk the kernel has none: the process gets SIGBUS and dies. So a store opened with writemap has every
-byte of its map allocated first (posix_fallocate), and its map grows only once the growth is allocated;
-where that is refused, the write fails as on a full disk (an error) and the process lives. Only file
-systems that rewrite blocks in place keep such an allocation (IN_PLACE); on copy-on-write ones (btrfs,
-zfs) and overlays a rewrite needs new blocks, so a store there is written with pwrite().
+byte of its map allocated first (the fallocate system call), and its map grows only once the growth is
+allocated; where that is refused, the write fails as on a full disk (an error) and the process lives.
+Only where a block once allocated is rewritten in place does that hold (IN_PLACE: ext4 with extents,
+tmpfs). Not on copy-on-write file systems (btrfs, zfs, xfs's reflinks) or overlays, and not where
+fallocate is emulated (ext2/3, ext4 without extents: glibc's posix_fallocate writes zeros there, over
+what other processes write meanwhile), so the real system call is used and a store elsewhere is written
+with pwrite().
 
 A writemap open or map change sets the file's length, so each runs under an exclusive flock of
 data.mdb (`Space.locked`) and never makes the file shorter than it is: another sidecar's larger map on
-the same store keeps its bytes.
+the same store keeps its bytes. A store written with pwrite() lengthens the file as it commits, so it
+commits under a shared flock (`Space.shared`): no map change cuts a commit's pages short.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 from contextlib import contextmanager
@@ -23,26 +28,29 @@ from typing import Iterator
 
 import psutil
 
-IN_PLACE = frozenset({"ext2", "ext3", "ext4", "xfs", "tmpfs"})
+IN_PLACE = frozenset({"ext4", "tmpfs"})
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 def in_place(path: Path) -> bool:
     """Whether the file system holding `path` keeps a file's allocated blocks when they are rewritten."""
     real = os.path.realpath(path)
-    best = None
+    found = None
     try:
         partitions = psutil.disk_partitions(all=True)
     except OSError:
         return False
-    for part in partitions:
+    for part in partitions:   # the longest mount point holding the path; of equal ones the last (on top)
         mount = part.mountpoint.rstrip("/") or "/"
-        if (real == mount or real.startswith(mount.rstrip("/") + "/")) and (best is None or len(mount) > len(best[0])):
-            best = (mount, part.fstype)
-    return best is not None and best[1] in IN_PLACE
+        if (real == mount or real.startswith(mount.rstrip("/") + "/")) and (found is None or len(mount) >= len(found[0])):
+            found = (mount, part.fstype)
+    return found is not None and found[1] in IN_PLACE
 
 
 class Space:
-    """data.mdb's own descriptor: for its lock and its reservation (`upto`: bytes known allocated)."""
+    """data.mdb's own descriptor: for its locks and its reservation (`upto`: bytes known allocated)."""
 
     def __init__(self, data: Path):
         self.fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -56,17 +64,37 @@ class Space:
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
     def length(self) -> int:
         return os.fstat(self.fd).st_size
 
+    def is_file(self, data: Path) -> bool:
+        """Whether `data` is still the file this descriptor holds (`sidecar cache clear` moves it aside)."""
+        try:
+            st, own = os.stat(data), os.fstat(self.fd)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
     def reserve(self, size: int) -> bool:
-        """Allocate the file's first `size` bytes (holes included); False where the disk refuses (full,
-        a quota, an I/O error): the store then does without what it needed them for."""
+        """Allocate the file's first `size` bytes (holes included); False where the disk refuses (too little
+        free, a quota, an I/O error, no real fallocate): the store then does without what it needed them for."""
         if size <= self.upto:
             return True
-        try:   # what this descriptor allocated stays allocated: only the rest
-            os.posix_fallocate(self.fd, self.upto, size - self.upto)
+        try:
+            st = os.fstatvfs(self.fd)
         except OSError:
+            return False
+        if st.f_bavail * st.f_frsize < size - self.upto:   # refused up front: a failed fallocate keeps a part
+            return False
+        if _fallocate(self.fd, 0, self.upto, size - self.upto) != 0:   # what this descriptor allocated stays so
             return False
         self.upto = size
         return True

@@ -47,6 +47,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -109,7 +110,8 @@ class Lmdb:
         # Write through the map where the disk allows it, the map (all of it allocated) held within this many
         # bytes (the state budget) while the data fits; None: pwrite() (the CLI's, and tests' default).
         self.writemap_within = writemap_within
-        self.space: Space | None = None   # a writemap store's lock and reservation (reserve.py)
+        self.space: Space | None = None   # data.mdb's locks, and a writemap store's reservation (reserve.py)
+        self.writemap = False              # whether this store is written through its map
         self._map = 0                      # a writemap store's map size, as this process last set it
         self.env = None
         self.db: dict = dict.fromkeys((name.decode() for name in self.DATABASES), None)
@@ -140,42 +142,62 @@ class Lmdb:
             # included); durable=true adds an fsync per commit, for power loss too.
             options = dict(max_dbs=len(self.DATABASES) + 2, max_readers=512, readahead=False, lock=True,
                            sync=durable, metasync=durable)
-            writemap = self.writemap_within is not None and not durable and in_place(self.path)
+            self.space = self._space_of(data)
+            writemap = self.space is not None and self.writemap_within is not None and not durable \
+                and in_place(self.path)
             if not (writemap and self._open_writemap(data, options)):
                 self.env = lmdb.open(str(self.path), map_size=map_size, **options)
             self.db = {name.decode(): self.env.open_db(name) for name in self.DATABASES}
-            self._check_version()
+            try:
+                self._check_version()
+            except lmdb.MapFullError:
+                if not self.writemap:
+                    raise
+                with self._resize:   # an upgrade may copy every row: room for all of them again
+                    self._grow((self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"])
+                self._check_version()
         except BROKEN as exc:
             self._discard()
             raise broken(self.path, f"is not a readable sidecar store ({exc})") from None
         except StoreError:
             self._discard()
             raise
-        except lmdb.Error as exc:
+        except (lmdb.Error, OSError) as exc:
             self._discard()
             raise StoreError(f"cannot open the state store at {self.path}: {exc}; check permissions and free "
                              f"disk space, or point [state] dir / SIDECAR_STATE_DIR elsewhere") from None
+        except BaseException:
+            self._discard()
+            raise
         finally:
             os.umask(old_umask)
 
+    def _space_of(self, data: Path) -> Space | None:
+        """data.mdb's descriptor for the locks and the reservation; None where it cannot be opened so (the
+        open that follows then says why)."""
+        try:
+            return Space(data)
+        except OSError:
+            return None
+
     def _open_writemap(self, data: Path, options: dict) -> bool:
         """Open with writemap, the whole map allocated on disk; False (nothing open) where it cannot be."""
-        space = Space(data)
+        space, env = self.space, None
         try:
             with space.locked():   # never shorter than the file: another sidecar's map may reach its end
                 size = max(space.length(), min(START_MAP, self.writemap_within))
                 env = lmdb.open(str(self.path), map_size=size, writemap=True, **options)
                 size = env.info()["map_size"]   # at least the data's extent
-                if space.reserve(size):
-                    self.env, self.space, self._map = env, space, size
+                if space.is_file(data) and space.reserve(size):   # the very file LMDB maps
+                    self.env, self._map, self.writemap = env, size, True
                     return True
+        except OSError:
+            pass
+        finally:
+            if env is not None and not self.writemap:
                 env.close()
-        except BaseException:
-            space.close()
-            raise
-        space.close()
-        log.info("sidecar: no room to reserve %d MB for the state store at %s: it is written with pwrite()",
-                 size // MB, self.path)
+        log.info("sidecar: could not reserve the map of the state store at %s on its disk: it is written "
+                 "with pwrite()", self.path)
         return False
 
     def _discard(self) -> None:
@@ -185,6 +207,7 @@ class Lmdb:
         if self.space is not None:
             self.space.close()
             self.space = None
+        self.writemap = False
         self.db = dict.fromkeys(self.db, None)
 
     @classmethod
@@ -196,7 +219,7 @@ class Lmdb:
         self.path, self.env, self.report, self.failing, self.budget = state_dir / "lmdb", None, None, None, None
         self.db = dict.fromkeys((name.decode() for name in cls.DATABASES), None)
         self.durable, self.map_size = durable, max(map_size, MIN_MAP)
-        self.writemap_within, self.space, self._map = writemap_within, None, 0
+        self.writemap_within, self.space, self.writemap, self._map = writemap_within, None, False, 0
         self._resize, self._swap, self._writer, self._queued = threading.RLock(), threading.Lock(), None, []
         self.riders = []
         self._last_try, self._closed = (time.monotonic(), self._file_id()), False
@@ -323,9 +346,11 @@ class Lmdb:
                 with self._swap:
                     if self.env is None:
                         raise StoreError(f"the state store at {self.path} is unavailable")
-                    if self.space is not None and self._map > self.space.upto and not self.space.reserve(self._map):
+                    if self.writemap and self._map > self.space.upto and not self.space.reserve(self._map):
                         raise self._no_room(self._map - self.space.upto)   # a map adopted while the disk was full
-                    with self.env.begin(write=True) as txn:
+                    # pwrite() lengthens the file: under the shared lock, so no writemap store's map change cuts it
+                    with self.space.shared() if self.space is not None and not self.writemap else nullcontext(), \
+                            self.env.begin(write=True) as txn:
                         result = func(txn)
                         evicted = self.budget.enforce(txn, size) if self.budget is not None else None
                 if evicted:   # committed: now it can be said
@@ -344,7 +369,7 @@ class Lmdb:
     def _adopt(self) -> None:
         """Take on the map another process grew (MapResizedError): a writemap store maps the whole file,
         allocated where the disk allows (else its writes wait for room: `write_now`)."""
-        if self.space is None:
+        if not self.writemap:
             self.env.set_mapsize(0)
             return
         with self.space.locked():
@@ -355,7 +380,7 @@ class Lmdb:
 
     def _grow(self, size: int | None) -> None:
         """A commit found the map full: double it (pwrite), or grow a writemap store's, allocated first."""
-        if self.space is None:
+        if not self.writemap:
             self.env.set_mapsize(self.env.info()["map_size"] * 2)
             log.warning("sidecar: grew the state store's map to %d bytes", self.env.info()["map_size"])
             return
@@ -364,7 +389,7 @@ class Lmdb:
             wanted, least = self._grown(size)
             new = next((n for n in (max(wanted, length), max(least, length)) if self.space.reserve(n)), None)
             if new is None:   # not even the room this commit needs
-                raise self._no_room(least - self._map)
+                raise self._no_room(max(least, length) - self.space.upto)
             self.env.set_mapsize(new)
             self._map = self.env.info()["map_size"]
         log.warning("sidecar: grew the state store's map to %d bytes", self._map)

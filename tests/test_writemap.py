@@ -7,8 +7,11 @@
   that needs more with an error naming the fix, lives, and writes again once space returns.
 - test_two_sidecars_never_shorten_the_file: a second writemap store opened on a larger one's file keeps
   the file's length; the first then writes to its map's end, and the second adopts the first's growth.
-- test_no_reservation_no_writemap: where the disk cannot hold the first map, the store is written with
-  pwrite(); in the proxy (`sidecar serve`) the store is a writemap one on a file system that allows it.
+- test_no_reservation_no_writemap: where the disk cannot hold the first map, or has no real fallocate
+  (ext4 without extents), or the mount on top is another kind (ramfs over tmpfs), the store is written
+  with pwrite(); in the proxy (`sidecar serve`) the store is a writemap one where a file system allows it.
+- test_a_large_old_store_is_upgraded_through_a_grown_map: an upgrade that rewrites more than the first map
+  holds grows it (it failed with MDB_MAP_FULL, and the proxy ran uncached).
 Real processes where a failure would be a signal; tmpfs mounts are skipped where mount is not permitted.
 """
 
@@ -42,7 +45,7 @@ tag, n = b"#" + sys.argv[3].encode() + b"-", 0
 
 def state(**more):
     st = os.stat(env.path / "data.mdb")
-    return {"writemap": env.space is not None, "length": st.st_size, "allocated": st.st_blocks * 512,
+    return {"writemap": env.writemap, "length": st.st_size, "allocated": st.st_blocks * 512,
             "map": env.env.info()["map_size"], **more}
 
 print(json.dumps(state()), flush=True)
@@ -143,7 +146,7 @@ def test_the_map_is_all_allocated_disk(in_place_dir):
     env = Lmdb(in_place_dir / "state", 1 << 20, writemap_within=48 * MB)
     data = env.path / "data.mdb"
     try:
-        assert env.space is not None, "a writemap store on a file system that keeps allocations"
+        assert env.writemap, "a writemap store on a file system that keeps allocations"
         assert data.stat().st_size == START_MAP
         lengths = []
         for n in range(40):   # 40 MB in commits of 1 MB: the map grows, within the budget
@@ -203,7 +206,7 @@ def test_no_reservation_no_writemap(tmp_path, tmpfs):
     fill(mount, 4 * MB)   # less than a first map
     env = Lmdb(mount / "state", 1 << 20, writemap_within=1 << 30)
     try:
-        assert env.space is None
+        assert not env.writemap and env.space is not None   # pwrite, under the shared lock
         env.write_now(lambda txn: txn.put(b"k", b"v" * 1000), 1000)
         assert env.read(lambda txn: txn.get(b"k")) == b"v" * 1000
     finally:
@@ -221,3 +224,81 @@ def test_the_proxys_store_is_a_writemap_one(tmp_path, in_place_dir):
         assert rig.call("one question")[1].get("x-sidecar-cache") == "hit"
     finally:
         rig.close()
+
+
+def test_a_ramfs_over_a_tmpfs_is_not_in_place(tmp_path, tmpfs):
+    mount = tmpfs(8)
+    assert in_place(mount)
+    assert subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mount)], capture_output=True).returncode == 0
+    try:
+        assert not in_place(mount) and not in_place(mount / "state")
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture
+def ext4(tmp_path):
+    """A 32 MB ext4 file system in a file, mounted: ext4(features) makes one (e.g. "^extent")."""
+    mounts: list[Path] = []
+
+    def make(features: str = "") -> Path:
+        image, mount = tmp_path / f"ext4-{len(mounts)}.img", tmp_path / f"ext4-{len(mounts)}"
+        mount.mkdir()
+        made = subprocess.run(["mkfs.ext4", "-q", "-F", *(["-O", features] if features else []), str(image), "32M"],
+                              capture_output=True)
+        if made.returncode != 0 or subprocess.run(["mount", "-o", "loop", str(image), str(mount)],
+                                                  capture_output=True).returncode != 0:
+            pytest.skip("cannot make and mount an ext4 image here (needs mkfs.ext4, loop devices and root)")
+        mounts.append(mount)
+        return mount
+    yield make
+    for mount in mounts:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_ext4_without_extents_has_no_real_fallocate(ext4):
+    mount = ext4("^extent,^flex_bg,^huge_file,^64bit")   # as ext3 is: glibc would fake fallocate with writes
+    assert in_place(mount)   # ext4 by name; its fallocate is what tells
+    env = Lmdb(mount / "state", 1 << 20, writemap_within=1 << 30)
+    try:
+        assert not env.writemap
+        env.write_now(lambda txn: txn.put(b"k", b"v"), 1)
+    finally:
+        env.close()
+
+
+def test_a_refused_reservation_takes_no_space(ext4):
+    from agent_sidecar.proxy.reserve import Space
+    mount = ext4()
+    space = Space(mount / "data.mdb")
+    try:
+        assert space.reserve(4 * MB) and os.stat(mount / "data.mdb").st_blocks * 512 >= 4 * MB
+        before = os.statvfs(mount).f_bavail
+        assert not space.reserve(200 * MB)   # more than the disk has
+        assert os.statvfs(mount).f_bavail == before and space.length() == 4 * MB and space.upto == 4 * MB
+    finally:
+        space.close()
+
+
+def test_a_large_old_store_is_upgraded_through_a_grown_map(in_place_dir):
+    from test_state_versions import write_format_1
+    import lmdb
+    import struct
+    state = in_place_dir / "old"
+    write_format_1(state)
+    env = lmdb.open(str(state / "lmdb"), map_size=64 << 20, max_dbs=9)
+    db = {name: env.open_db(name.encode()) for name in ("responses", "access", "lru")}
+    with env.begin(write=True) as txn:   # 28 MB more of format-1 entries: more than a first map
+        for n in range(600):
+            key, used = b"old-%04d" % n, struct.pack(">d", 1e9 + n)
+            txn.put(key, os.urandom(48_000), db=db["responses"])
+            txn.put(key, used + struct.pack(">Q", 48_000), db=db["access"])
+            txn.put(used + key, b"", db=db["lru"])
+    env.close()
+    store = Lmdb(state, 1 << 20, writemap_within=1 << 30)
+    try:
+        assert store.writemap
+        assert store.read(lambda txn: txn.stat(store.db["responses"])["entries"]) == 0   # keyed in form 1: dropped
+        assert store.read(lambda txn: txn.get(b"s:conv-old", db=store.db["sessions"])) is not None
+    finally:
+        store.close()
