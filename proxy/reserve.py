@@ -14,7 +14,7 @@ with pwrite().
 A writemap open or map change sets the file's length, so each runs under an exclusive flock of
 data.mdb (`Space.locked`) and never makes the file shorter than it is: another sidecar's larger map on
 the same store keeps its bytes. A store written with pwrite() lengthens the file as it commits, so it
-commits under a shared flock (`Space.shared`): no map change cuts a commit's pages short.
+commits under a shared flock (`Space.locked(shared=True)`): no map change cuts a commit's pages short.
 """
 
 from __future__ import annotations
@@ -57,16 +57,9 @@ class Space:
         self.upto = 0
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        fcntl.flock(self.fd, fcntl.LOCK_SH)
+    def locked(self, shared: bool = False) -> Iterator[None]:
+        """The flock: exclusive for a change of the file's length, shared for a pwrite() commit."""
+        fcntl.flock(self.fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:

@@ -349,7 +349,7 @@ class Lmdb:
                     if self.writemap and self._map > self.space.upto and not self.space.reserve(self._map):
                         raise self._no_room(self._map - self.space.upto)   # a map adopted while the disk was full
                     # pwrite() lengthens the file: under the shared lock, so no writemap store's map change cuts it
-                    with self.space.shared() if self.space is not None and not self.writemap else nullcontext(), \
+                    with self.space.locked(shared=True) if self.space is not None and not self.writemap else nullcontext(), \
                             self.env.begin(write=True) as txn:
                         result = func(txn)
                         evicted = self.budget.enforce(txn, size) if self.budget is not None else None
