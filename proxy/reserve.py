@@ -20,6 +20,7 @@ commits under a shared flock (`Space.locked(shared=True)`): no map change cuts a
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 from contextlib import contextmanager
@@ -29,9 +30,9 @@ from typing import Iterator
 import psutil
 
 IN_PLACE = frozenset({"ext4", "tmpfs"})
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate = getattr(ctypes.CDLL(None, use_errno=True), "fallocate", None)   # Linux's; None: no reservation
+if _fallocate is not None:
+    _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 def in_place(path: Path) -> bool:
@@ -55,6 +56,7 @@ class Space:
     def __init__(self, data: Path):
         self.fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.upto = 0
+        self.lacking = 0   # the disk space the last refused reservation lacked
 
     @contextmanager
     def locked(self, shared: bool = False) -> Iterator[None]:
@@ -81,14 +83,21 @@ class Space:
         free, a quota, an I/O error, no real fallocate): the store then does without what it needed them for."""
         if size <= self.upto:
             return True
+        if _fallocate is None:
+            return False
         try:
-            st = os.fstatvfs(self.fd)
+            st, disk = os.fstat(self.fd), os.fstatvfs(self.fd)
         except OSError:
             return False
-        if st.f_bavail * st.f_frsize < size - self.upto:   # refused up front: a failed fallocate keeps a part
+        # refused up front, as a failed fallocate keeps a part: what the file lacks (blocks already allocated,
+        # by this process before or by another sidecar, need no room)
+        self.lacking = max(0, size - st.st_blocks * 512 - disk.f_bavail * disk.f_frsize)
+        if self.lacking:
             return False
-        if _fallocate(self.fd, 0, self.upto, size - self.upto) != 0:   # what this descriptor allocated stays so
-            return False
+        while _fallocate(self.fd, 0, self.upto, size - self.upto) != 0:   # what this descriptor allocated stays so
+            if ctypes.get_errno() != errno.EINTR:   # (tmpfs stops at a pending signal)
+                self.lacking = size - self.upto
+                return False
         self.upto = size
         return True
 

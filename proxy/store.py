@@ -149,13 +149,18 @@ class Lmdb:
                 self.env = lmdb.open(str(self.path), map_size=map_size, **options)
             self.db = {name.decode(): self.env.open_db(name) for name in self.DATABASES}
             try:
-                self._check_version()
+                with self._pwrite_lock():
+                    self._check_version()
             except lmdb.MapFullError:
                 if not self.writemap:
                     raise
-                with self._resize:   # an upgrade may copy every row: room for all of them again
-                    self._grow((self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"])
-                self._check_version()
+                # an upgrade that outgrows the first map: done with pwrite (no more room than it takes), the
+                # map then written through from the next start on
+                self.env.close()
+                self.writemap, self.env = False, lmdb.open(str(self.path), map_size=map_size, **options)
+                self.db = {name.decode(): self.env.open_db(name) for name in self.DATABASES}
+                with self._pwrite_lock():
+                    self._check_version()
         except BROKEN as exc:
             self._discard()
             raise broken(self.path, f"is not a readable sidecar store ({exc})") from None
@@ -188,7 +193,10 @@ class Lmdb:
                 size = max(space.length(), min(START_MAP, self.writemap_within))
                 env = lmdb.open(str(self.path), map_size=size, writemap=True, **options)
                 size = env.info()["map_size"]   # at least the data's extent
-                if space.is_file(data) and space.reserve(size):   # the very file LMDB maps
+                if not space.is_file(data):   # moved aside meanwhile: pwrite, its lock no longer this file's
+                    space.close()
+                    self.space = None
+                elif space.reserve(size):
                     self.env, self._map, self.writemap = env, size, True
                     return True
         except OSError:
@@ -347,10 +355,8 @@ class Lmdb:
                     if self.env is None:
                         raise StoreError(f"the state store at {self.path} is unavailable")
                     if self.writemap and self._map > self.space.upto and not self.space.reserve(self._map):
-                        raise self._no_room(self._map - self.space.upto)   # a map adopted while the disk was full
-                    # pwrite() lengthens the file: under the shared lock, so no writemap store's map change cuts it
-                    with self.space.locked(shared=True) if self.space is not None and not self.writemap else nullcontext(), \
-                            self.env.begin(write=True) as txn:
+                        raise self._no_room(self.space.lacking)   # a map adopted while the disk was full
+                    with self._pwrite_lock(), self.env.begin(write=True) as txn:
                         result = func(txn)
                         evicted = self.budget.enforce(txn, size) if self.budget is not None else None
                 if evicted:   # committed: now it can be said
@@ -365,6 +371,11 @@ class Lmdb:
                 with self._resize:
                     self._grow(size)
         raise lmdb.MapResizedError("map kept changing size")
+
+    def _pwrite_lock(self):
+        """pwrite() lengthens the file: its commits hold the shared flock, so no writemap store's map change
+        (under the exclusive one) cuts them short."""
+        return self.space.locked(shared=True) if self.space is not None and not self.writemap else nullcontext()
 
     def _adopt(self) -> None:
         """Take on the map another process grew (MapResizedError): a writemap store maps the whole file,
@@ -389,7 +400,7 @@ class Lmdb:
             wanted, least = self._grown(size)
             new = next((n for n in (max(wanted, length), max(least, length)) if self.space.reserve(n)), None)
             if new is None:   # not even the room this commit needs
-                raise self._no_room(max(least, length) - self.space.upto)
+                raise self._no_room(self.space.lacking)
             self.env.set_mapsize(new)
             self._map = self.env.info()["map_size"]
         log.warning("sidecar: grew the state store's map to %d bytes", self._map)

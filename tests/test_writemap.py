@@ -10,8 +10,10 @@
 - test_no_reservation_no_writemap: where the disk cannot hold the first map, or has no real fallocate
   (ext4 without extents), or the mount on top is another kind (ramfs over tmpfs), the store is written
   with pwrite(); in the proxy (`sidecar serve`) the store is a writemap one where a file system allows it.
-- test_a_large_old_store_is_upgraded_through_a_grown_map: an upgrade that rewrites more than the first map
-  holds grows it (it failed with MDB_MAP_FULL, and the proxy ran uncached).
+- test_a_large_old_store_is_upgraded_with_pwrite: an upgrade that rewrites more than the first map holds
+  is done with pwrite() (it failed with MDB_MAP_FULL, and the proxy ran uncached); the next open maps it.
+- test_allocated_blocks_need_no_room: on a nearly full disk, a store whose map is allocated already opens
+  as a writemap one again, and a sidecar adopts another's growth that is allocated already.
 Real processes where a failure would be a signal; tmpfs mounts are skipped where mount is not permitted.
 """
 
@@ -280,7 +282,7 @@ def test_a_refused_reservation_takes_no_space(ext4):
         space.close()
 
 
-def test_a_large_old_store_is_upgraded_through_a_grown_map(in_place_dir):
+def test_a_large_old_store_is_upgraded_with_pwrite(in_place_dir):
     from test_state_versions import write_format_1
     import lmdb
     import struct
@@ -297,8 +299,32 @@ def test_a_large_old_store_is_upgraded_through_a_grown_map(in_place_dir):
     env.close()
     store = Lmdb(state, 1 << 20, writemap_within=1 << 30)
     try:
-        assert store.writemap
+        assert not store.writemap   # the upgrade needed more than the first map: pwrite
         assert store.read(lambda txn: txn.stat(store.db["responses"])["entries"]) == 0   # keyed in form 1: dropped
         assert store.read(lambda txn: txn.get(b"s:conv-old", db=store.db["sessions"])) is not None
     finally:
         store.close()
+    store = Lmdb(state, 1 << 20, writemap_within=1 << 30)
+    try:
+        assert store.writemap   # upgraded: the next open writes through the map
+        assert store.read(lambda txn: txn.get(b"s:conv-old", db=store.db["sessions"])) is not None
+    finally:
+        store.close()
+
+
+def test_allocated_blocks_need_no_room(tmp_path, tmpfs):
+    mount = tmpfs(64)
+    state = mount / "state"
+    first = Driven(state, 1 << 30, "first")
+    second = Driven(state, 1 << 30, "second")
+    grown = second("put 24")   # the second grows the map well past the first's
+    assert grown["error"] is None and grown["map"] > first.opened["map"], grown
+    fill(mount, 4 * MB)   # less free than either map
+    adopted = first("put 1")
+    assert adopted["error"] is None and adopted["map"] == grown["length"], adopted
+    first.close()
+    second.close()
+    again = Driven(state, 1 << 30, "again")   # a restart on the nearly full disk
+    assert again.opened["writemap"] and again.opened["map"] == grown["length"], again.opened
+    assert again("put 1")["error"] is None
+    again.close()
