@@ -5,7 +5,7 @@ tests/test_state_store.py starts them, with SIDECAR_STATE_DIR naming the one sta
 runs through WRAP, which makes its map 1 MB (there is no setting for it: `map_size_of` adds 256 MB to any
 budget, a writemap store starts at 16 MB), so a few MB of answers grow it several times. Both ways a store
 is written: through its map (writemap, the proxy's on this file system; grown by half) and with pwrite()
-(where the file system cannot hold a reservation; doubled).
+(where the file system cannot hold a reservation, or durable; doubled), and one sidecar of each.
 - test_two_sidecars_grow_one_map: sidecar A stores 160 large answers (about 45 KB each) while sidecar B
   answers small calls of its own all along; every call through both is answered, the map grown from 1 MB
   at least three times (the logs say so) and the data file is 8 times the first map; B serves as hits,
@@ -61,7 +61,11 @@ def get(url: str) -> tuple[int, dict]:
         return reply.status, json.loads(reply.read())
 
 
-@pytest.mark.parametrize("writes", ["writemap", "pwrite"])
+MODES = {"writemap": ("writemap", "writemap"), "pwrite": ("pwrite", "pwrite"),
+         "mixed": ("writemap", "pwrite")}   # mixed: A through its map, B with pwrite (a durable one, say)
+
+
+@pytest.mark.parametrize("writes", list(MODES))
 def test_two_sidecars_grow_one_map(tmp_path, writes):
     state = tmp_path / "state"
     config = tmp_path / "config.toml"
@@ -76,8 +80,9 @@ def test_two_sidecars_grow_one_map(tmp_path, writes):
     procs: dict[str, subprocess.Popen] = {}
     try:
         urls = {}
-        for name in ("a", "b"):   # one after the other: A makes the store (and its partition secret), B opens it
-            procs[name], urls[name] = start(["-c", WRAP, writes, "serve", "--port", "0"], logs[name], "serving on ", env)
+        for name, mode in zip(("a", "b"), MODES[writes]):   # one after the other: A makes the store (and its
+            # partition secret), B opens it
+            procs[name], urls[name] = start(["-c", WRAP, mode, "serve", "--port", "0"], logs[name], "serving on ", env)
         a, b = urls["a"] + "/a/alpha", urls["b"] + "/a/beta"
         data = state / "lmdb" / "data.mdb"
         assert data.stat().st_size <= FIRST_MAP
