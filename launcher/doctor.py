@@ -175,6 +175,7 @@ def store_check(state_dir: Path) -> Check:
             with env.begin() as txn:
                 meta = env.open_db(b"meta", txn=txn, create=False)
                 found = txn.get(b"format", db=meta)
+            in_use = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
         finally:
             env.close()
     except lmdb.Error as exc:
@@ -185,7 +186,9 @@ def store_check(state_dir: Path) -> Check:
         return Check("FAIL", "store", f"{data} has format {shown!r}, this sidecar reads {CURRENT} (and upgrades older)",
                      FIX.format(dir=data.parent))
     upgrade = f" (the next run upgrades it to format {CURRENT})" if version < CURRENT else ""
-    return Check("ok", "store", f"{data}, format {version}{upgrade}, {human_bytes(data.stat().st_size)}")
+    # in use, and on disk: a writemap store's whole map is allocated (proxy/reserve.py)
+    return Check("ok", "store", f"{data}, format {version}{upgrade}, {human_bytes(in_use)} in use, "
+                                f"{human_bytes(data.stat().st_blocks * 512)} on disk")
 
 
 def redis_check(config: Config) -> Check:

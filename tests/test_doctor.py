@@ -4,6 +4,7 @@ fail, nothing lasting started or created."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -62,9 +63,10 @@ async def test_a_sound_setup_passes_and_creates_nothing(mock, fake_agents, tmp_p
 
 async def test_an_existing_store_shows_its_format(mock, tmp_path, isolated_env):
     from agent_sidecar.proxy.store import Lmdb
-    Lmdb(isolated_env, map_size=64 << 20).close()
+    Lmdb(isolated_env, map_size=64 << 20, writemap_within=1 << 30).close()   # the proxy's kind: a 16 MB map
     rows = checks(doctor("--offline", cwd=tmp_path))
     assert rows["store"][0] == "ok" and "format 2" in rows["store"][1] and rows["state dir"][0] == "ok"
+    assert re.search(r"[\d.]+ KB in use, [\d.]+ (MB|KB) on disk", rows["store"][1]), rows["store"]   # pages, blocks
 
 
 def test_what_would_fail_is_one_line_each_with_its_fix(tmp_path, isolated_env):
