@@ -56,7 +56,7 @@ class Space:
     def __init__(self, data: Path):
         self.fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.upto = 0
-        self.lacking = 0   # the disk space the last refused reservation lacked
+        self.lacking = 0   # the free space the last refused reservation needed
 
     @contextmanager
     def locked(self, shared: bool = False) -> Iterator[None]:
@@ -89,10 +89,11 @@ class Space:
             st, disk = os.fstat(self.fd), os.fstatvfs(self.fd)
         except OSError:
             return False
-        # refused up front, as a failed fallocate keeps a part: what the file lacks (blocks already allocated,
-        # by this process before or by another sidecar, need no room)
-        self.lacking = max(0, size - st.st_blocks * 512 - disk.f_bavail * disk.f_frsize)
-        if self.lacking:
+        # refused up front, as a failed fallocate keeps a part: the room the file lacks (blocks already
+        # allocated, by this process before or by another sidecar, need none)
+        need = max(0, size - st.st_blocks * 512)
+        if need > disk.f_bavail * disk.f_frsize:
+            self.lacking = need
             return False
         while _fallocate(self.fd, 0, self.upto, size - self.upto) != 0:   # what this descriptor allocated stays so
             if ctypes.get_errno() != errno.EINTR:   # (tmpfs stops at a pending signal)

@@ -24,7 +24,7 @@ and for the CLI, pages are written with pwrite().
 The proxy's writes (`Lmdb.submit`, `Lmdb.write`) fail open: a failing store is
 reported once through `report` (the `store_unavailable` event) and cleared by
 the next commit that succeeds with RESUME_FREE bytes free on its file system,
-or the room the failed one lacked (on a nearly full disk small commits still
+or the room the failed one needed (on a nearly full disk small commits still
 pass between failing large ones: the event does not flap). A store that cannot be
 opened raises `StoreError` naming the file and the fix; the proxy then runs
 on `Lmdb.unavailable`, where reads find nothing and writes keep nothing,
@@ -72,7 +72,7 @@ BROKEN = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.I
 class StoreError(Exception):
     """The state store cannot be opened or read; the message names the file and says what to do."""
 
-    short = 0   # bytes of disk a write lacked, when that was why: the room its store waits for
+    short = 0   # free bytes a write needed and did not find, when that was why: the room its store waits for
 
 
 FIX = ("run 'sidecar cache clear' (it sets the broken store aside and starts afresh: cache, sessions and call "
