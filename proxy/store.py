@@ -512,7 +512,7 @@ class Lmdb:
 
     def _has_room(self) -> bool:
         """Whether the file system of the store has RESUME_FREE bytes free, or the room the failed write
-        lacked (a writemap store's commits pass within its map on a full disk): a recovery, not a flap."""
+        needed (a writemap store's commits pass within its map on a full disk): a recovery, not a flap."""
         try:
             st = os.statvfs(self.path)
         except OSError:
