@@ -59,12 +59,13 @@ def _mapped(pid: int, suffix: str = ".mdb") -> float | None:
 def _in_use_mb(lmdb_dir: Path) -> float | None:
     """MB of data.mdb's pages in use (its extent, as last committed), read as one more reader of the store."""
     import lmdb
+    from agent_sidecar.proxy.reserve import extent
     try:
         env = lmdb.open(str(lmdb_dir), readonly=True, max_dbs=16)
     except lmdb.Error:
         return None
     try:
-        return (env.info()["last_pgno"] + 1) * env.stat()["psize"] / MB
+        return extent(env) / MB
     finally:
         env.close()
 

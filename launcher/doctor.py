@@ -165,6 +165,7 @@ def state_checks(config: Config):
 def store_check(state_dir: Path) -> Check:
     import lmdb
     from agent_sidecar.proxy.migrations import CURRENT
+    from agent_sidecar.proxy.reserve import extent
     from agent_sidecar.proxy.store import FIX
     data = state_dir / "lmdb" / "data.mdb"
     if not data.exists():
@@ -175,7 +176,7 @@ def store_check(state_dir: Path) -> Check:
             with env.begin() as txn:
                 meta = env.open_db(b"meta", txn=txn, create=False)
                 found = txn.get(b"format", db=meta)
-            in_use = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+            in_use = extent(env)
         finally:
             env.close()
     except lmdb.Error as exc:

@@ -27,9 +27,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import lmdb
 import psutil
 
 IN_PLACE = frozenset({"ext4", "tmpfs"})
+MB = 1 << 20
 _fallocate = getattr(ctypes.CDLL(None, use_errno=True), "fallocate", None)   # Linux's; None: no reservation
 if _fallocate is not None:
     _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -50,12 +52,20 @@ def in_place(path: Path) -> bool:
     return found is not None and found[1] in IN_PLACE
 
 
+def extent(env: lmdb.Environment, psize: int | None = None) -> int:
+    """Bytes of data.mdb's pages in use, as last committed (its page size, when known already)."""
+    return (env.info()["last_pgno"] + 1) * (psize or env.stat()["psize"])
+
+
 class Space:
-    """data.mdb's own descriptor: for its locks and its reservation (`upto`: bytes known allocated)."""
+    """data.mdb's own descriptor: for its locks and its reservation (`upto`: bytes known allocated), and the
+    map of a store written through it (`map`: its size, as this process last set it)."""
 
     def __init__(self, data: Path):
+        self.data = data
         self.fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.upto = 0
+        self.map = 0
         self.lacking = 0   # the free space the last refused reservation needed
 
     @contextmanager
@@ -70,10 +80,10 @@ class Space:
     def length(self) -> int:
         return os.fstat(self.fd).st_size
 
-    def is_file(self, data: Path) -> bool:
-        """Whether `data` is still the file this descriptor holds (`sidecar cache clear` moves it aside)."""
+    def is_file(self) -> bool:
+        """Whether data.mdb is still the file this descriptor holds (`sidecar cache clear` moves it aside)."""
         try:
-            st, own = os.stat(data), os.fstat(self.fd)
+            st, own = os.stat(self.data), os.fstat(self.fd)
         except OSError:
             return False
         return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
@@ -101,6 +111,59 @@ class Space:
                 return False
         self.upto = size
         return True
+
+    def covered(self) -> bool:
+        """Whether the whole map is allocated (a map adopted while the disk was full may not be yet)."""
+        return self.map <= self.upto or self.reserve(self.map)
+
+    def open_mapped(self, path: Path, first: int, options: dict) -> lmdb.Environment | None:
+        """lmdb.open with writemap and a map of at least `first` bytes (never shorter than the file: another
+        sidecar's map may reach its end), all of it allocated; None, with nothing open, where it cannot be."""
+        env = None
+        try:
+            with self.locked():
+                env = lmdb.open(str(path), map_size=max(self.length(), first), writemap=True, **options)
+                size = env.info()["map_size"]   # at least the data's extent
+                if self.is_file() and self.reserve(size):   # the very file LMDB maps
+                    self.map = size
+                    return env
+        except OSError:
+            pass
+        if env is not None:
+            env.close()
+        return None
+
+    def adopt(self, env: lmdb.Environment) -> None:
+        """Take on the map another process grew (MapResizedError): the whole file, allocated where the disk
+        allows (else writes wait for room: `covered`)."""
+        with self.locked():
+            size = max(self.length(), self.map)
+            self.reserve(size)
+            env.set_mapsize(size)
+            self.map = env.info()["map_size"]
+
+    def grow(self, env: lmdb.Environment, size: int | None, within: int) -> bool:
+        """A commit of `size` bytes (if known) found the map full: grow it, allocated first; False (`lacking`
+        says the room needed) where the disk has not even the room this commit needs."""
+        with self.locked():
+            length = self.length()
+            wanted, least = self._next(env, size, within)
+            new = next((n for n in (max(wanted, length), max(least, length)) if self.reserve(n)), None)
+            if new is None:
+                return False
+            env.set_mapsize(new)
+            self.map = env.info()["map_size"]
+        return True
+
+    def _next(self, env: lmdb.Environment, size: int | None, within: int) -> tuple[int, int]:
+        """The next map, and the least this commit needs (room for twice its bytes): half as large again (an
+        eighth past `within`, the budget), held within the budget while the data fits; whole megabytes."""
+        old = self.map
+        least = max(extent(env) + 2 * (size or MB), old) + MB
+        new = max(old + (old // 2 if old < within else old // 8), least)
+        if old < within:
+            new = max(min(new, within), least)
+        return -(-new // MB) * MB, -(-least // MB) * MB
 
     def close(self) -> None:
         os.close(self.fd)

@@ -29,6 +29,7 @@ from typing import Callable
 import lmdb
 
 from .migrations import STAMP
+from .reserve import extent
 
 log = logging.getLogger("sidecar")
 TARGET = 0.8              # share of the budget the pages in use are kept under (measured: the file then stays within)
@@ -63,7 +64,7 @@ class StateBudget:
         if self._psize is None:
             self._psize = txn.stat(self.lmdb.db["meta"])["psize"]
         psize = self._psize
-        file_size = (self.lmdb.env.info()["last_pgno"] + 1) * psize
+        file_size = extent(self.lmdb.env, psize)
         if written is not None and file_size + 2 * written + 16 * psize <= self.max_bytes * TARGET:
             return []   # (2x and 16 pages: the B-tree pages a write may split or copy, beside its bytes)
         # a file past the budget: less data, so what comes fits in the file (never below half the budget: a

@@ -55,13 +55,13 @@ import lmdb
 
 from . import migrations
 from .cache_key import KEY_VERSION
-from .reserve import Space, in_place
+from .reserve import MB, Space, in_place
 
 log = logging.getLogger("sidecar")
 T = TypeVar("T")
 MIN_MAP = 256 << 20
-MB = 1 << 20
 START_MAP = 16 << 20   # a writemap store's first map (allocated on disk): grown as the data needs
+NO_LOCK = nullcontext()   # a writemap store's commits take no flock (reusable: it holds nothing)
 RESUME_FREE = 1 << 20   # bytes free the file system needs before a failing store counts as written again
 REOPEN_GAP = 30.0   # seconds between tries to open a store that could not be opened, unless its file changed
 # What a broken file raises: the store is not readable (as opposed to a full disk or a busy reader table).
@@ -110,9 +110,8 @@ class Lmdb:
         # Write through the map where the disk allows it, the map (all of it allocated) held within this many
         # bytes (the state budget) while the data fits; None: pwrite() (the CLI's, and tests' default).
         self.writemap_within = writemap_within
-        self.space: Space | None = None   # data.mdb's locks, and a writemap store's reservation (reserve.py)
+        self.space: Space | None = None   # data.mdb's locks, and a writemap store's map and reservation (reserve.py)
         self.writemap = False              # whether this store is written through its map
-        self._map = 0                      # a writemap store's map size, as this process last set it
         self.env = None
         self.db: dict = dict.fromkeys((name.decode() for name in self.DATABASES), None)
         self.report: Callable[[BaseException | None], None] | None = None   # the proxy's store_unavailable
@@ -143,14 +142,12 @@ class Lmdb:
             options = dict(max_dbs=len(self.DATABASES) + 2, max_readers=512, readahead=False, lock=True,
                            sync=durable, metasync=durable)
             self.space = self._space_of(data)
-            writemap = self.space is not None and self.writemap_within is not None and not durable \
-                and in_place(self.path)
-            if not (writemap and self._open_writemap(data, options)):
+            if self.space is not None and self.writemap_within is not None and not durable and in_place(self.path):
+                self._open_writemap(options)
+            if not self.writemap:
                 self.env = lmdb.open(str(self.path), map_size=map_size, **options)
-            self.db = {name.decode(): self.env.open_db(name) for name in self.DATABASES}
             try:
-                with self._pwrite_lock():
-                    self._check_version()
+                self._ready()
             except lmdb.MapFullError:
                 if not self.writemap:
                     raise
@@ -158,9 +155,7 @@ class Lmdb:
                 # map then written through from the next start on
                 self.env.close()
                 self.writemap, self.env = False, lmdb.open(str(self.path), map_size=map_size, **options)
-                self.db = {name.decode(): self.env.open_db(name) for name in self.DATABASES}
-                with self._pwrite_lock():
-                    self._check_version()
+                self._ready()
         except BROKEN as exc:
             self._discard()
             raise broken(self.path, f"is not a readable sidecar store ({exc})") from None
@@ -185,28 +180,23 @@ class Lmdb:
         except OSError:
             return None
 
-    def _open_writemap(self, data: Path, options: dict) -> bool:
-        """Open with writemap, the whole map allocated on disk; False (nothing open) where it cannot be."""
-        space, env = self.space, None
-        try:
-            with space.locked():   # never shorter than the file: another sidecar's map may reach its end
-                size = max(space.length(), min(START_MAP, self.writemap_within))
-                env = lmdb.open(str(self.path), map_size=size, writemap=True, **options)
-                size = env.info()["map_size"]   # at least the data's extent
-                if not space.is_file(data):   # moved aside meanwhile: pwrite, its lock no longer this file's
-                    space.close()
-                    self.space = None
-                elif space.reserve(size):
-                    self.env, self._map, self.writemap = env, size, True
-                    return True
-        except OSError:
-            pass
-        finally:
-            if env is not None and not self.writemap:
-                env.close()
+    def _open_writemap(self, options: dict) -> None:
+        """Open with writemap, the whole map allocated on disk, where it can be (else nothing is open)."""
+        env = self.space.open_mapped(self.path, min(START_MAP, self.writemap_within), options)
+        if env is not None:
+            self.env, self.writemap = env, True
+            return
+        if not self.space.is_file():   # moved aside meanwhile: pwrite, its lock no longer this file's
+            self.space.close()
+            self.space = None
         log.info("sidecar: could not reserve the map of the state store at %s on its disk: it is written "
                  "with pwrite()", self.path)
-        return False
+
+    def _ready(self) -> None:
+        """The databases opened, the format checked (upgraded, stamped)."""
+        self.db = {name.decode(): self.env.open_db(name) for name in self.DATABASES}
+        with self._pwrite_lock():
+            self._check_version()
 
     def _discard(self) -> None:
         if self.env is not None:
@@ -227,7 +217,7 @@ class Lmdb:
         self.path, self.env, self.report, self.failing, self.budget = state_dir / "lmdb", None, None, None, None
         self.db = dict.fromkeys((name.decode() for name in cls.DATABASES), None)
         self.durable, self.map_size = durable, max(map_size, MIN_MAP)
-        self.writemap_within, self.space, self.writemap, self._map = writemap_within, None, False, 0
+        self.writemap_within, self.space, self.writemap = writemap_within, None, False
         self._resize, self._swap, self._writer, self._queued = threading.RLock(), threading.Lock(), None, []
         self.riders = []
         self._last_try, self._closed = (time.monotonic(), self._file_id()), False
@@ -354,7 +344,7 @@ class Lmdb:
                 with self._swap:
                     if self.env is None:
                         raise StoreError(f"the state store at {self.path} is unavailable")
-                    if self.writemap and self._map > self.space.upto and not self.space.reserve(self._map):
+                    if self.writemap and not self.space.covered():
                         raise self._no_room(self.space.lacking)   # a map adopted while the disk was full
                     with self._pwrite_lock(), self.env.begin(write=True) as txn:
                         result = func(txn)
@@ -375,46 +365,22 @@ class Lmdb:
     def _pwrite_lock(self):
         """pwrite() lengthens the file: its commits hold the shared flock, so no writemap store's map change
         (under the exclusive one) cuts them short."""
-        return self.space.locked(shared=True) if self.space is not None and not self.writemap else nullcontext()
+        return self.space.locked(shared=True) if self.space is not None and not self.writemap else NO_LOCK
 
     def _adopt(self) -> None:
-        """Take on the map another process grew (MapResizedError): a writemap store maps the whole file,
-        allocated where the disk allows (else its writes wait for room: `write_now`)."""
-        if not self.writemap:
+        """Take on the map another process grew (MapResizedError)."""
+        if self.writemap:
+            self.space.adopt(self.env)
+        else:
             self.env.set_mapsize(0)
-            return
-        with self.space.locked():
-            size = max(self.space.length(), self._map)
-            self.space.reserve(size)
-            self.env.set_mapsize(size)
-            self._map = self.env.info()["map_size"]
 
     def _grow(self, size: int | None) -> None:
         """A commit found the map full: double it (pwrite), or grow a writemap store's, allocated first."""
         if not self.writemap:
             self.env.set_mapsize(self.env.info()["map_size"] * 2)
-            log.warning("sidecar: grew the state store's map to %d bytes", self.env.info()["map_size"])
-            return
-        with self.space.locked():
-            length = self.space.length()
-            wanted, least = self._grown(size)
-            new = next((n for n in (max(wanted, length), max(least, length)) if self.space.reserve(n)), None)
-            if new is None:   # not even the room this commit needs
-                raise self._no_room(self.space.lacking)
-            self.env.set_mapsize(new)
-            self._map = self.env.info()["map_size"]
-        log.warning("sidecar: grew the state store's map to %d bytes", self._map)
-
-    def _grown(self, size: int | None) -> tuple[int, int]:
-        """The next map of a writemap store, and the least this commit needs (room for twice its bytes):
-        half as large again (an eighth past the budget), held within the budget while the data fits;
-        whole megabytes."""
-        info, old, within = self.env.info(), self._map, self.writemap_within
-        least = max((info["last_pgno"] + 1) * self.env.stat()["psize"] + 2 * (size or MB), old) + MB
-        new = max(old + (old // 2 if old < within else old // 8), least)
-        if old < within:
-            new = max(min(new, within), least)
-        return -(-new // MB) * MB, -(-least // MB) * MB
+        elif not self.space.grow(self.env, size, self.writemap_within):
+            raise self._no_room(self.space.lacking)
+        log.warning("sidecar: grew the state store's map to %d bytes", self.env.info()["map_size"])
 
     def _no_room(self, short: int) -> StoreError:
         error = StoreError(f"the state store at {self.path} is full and its disk has no {max(1, short // MB)} MB "
